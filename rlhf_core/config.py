@@ -1,0 +1,406 @@
+"""One dataclass per phase. Every field carries a help string (it becomes ``rlhf PHASE --help``).
+
+A config file (JSON or YAML) holds one section per phase (``pretrain``, ``sft``, ``reward``,
+``ppo``) plus top-level ``seed`` and ``preset``; command-line overrides are dotted
+(``--sft.learning_rate 1e-4``). ``validate()`` raises :class:`ConfigError` with one clear line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (lists/dicts get a factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+class ConfigBase:
+    """Shared machinery: from_dict with unknown-key errors, typed overrides, help text."""
+
+    _section: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config"):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key '{cls._section}.{unknown[0]}' "
+                              f"(known: {', '.join(sorted(names))})")
+        types = cls.field_types()
+        return cls(**{k: coerce(v, types[k], f"{source}: {cls._section}.{k}") for k, v in data.items()})
+
+    def override(self, key: str, raw: str, source: str = "command line"):
+        """Return a copy with ``key`` set from the string ``raw`` parsed by the field's type."""
+        types = self.field_types()
+        if key not in types:
+            raise ConfigError(f"{source}: unknown key '{self._section}.{key}'")
+        value = coerce(parse_literal(raw), types[key], f"{source}: {self._section}.{key}")
+        return dataclasses.replace(self, **{key: value})  # type: ignore[type-var]
+
+    @classmethod
+    def help_lines(cls) -> list[tuple[str, Any, str]]:
+        return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),  # type: ignore[misc]
+                 f.metadata.get("help", "")) for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    def check(self, ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self._section}.{key}={getattr(self, key)!r}: expected {expected}")
+
+    def validate(self) -> None:  # overridden per phase
+        pass
+
+
+def parse_literal(raw: str) -> Any:
+    """Parse a command-line value: JSON when it parses (numbers, true/false, null, lists), else the string."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, ValueError):
+        return raw
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [coerce(v, args[0], where) for v in value] if args else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TinyModelConfig(ConfigBase):
+    """Shape of the random-init Llama-style model of the ``tiny`` preset (q/v projections for LoRA)."""
+    _section = "model"
+    vocab_size: int = opt(512, "BPE vocabulary size of the locally trained tokenizer")
+    hidden_size: int = opt(64, "width of the residual stream")
+    num_layers: int = opt(2, "number of decoder layers")
+    num_heads: int = opt(4, "attention heads (hidden_size must divide evenly)")
+    intermediate_size: int = opt(192, "MLP inner width")
+    max_position_embeddings: int = opt(256, "longest sequence the model sees")
+
+    def validate(self) -> None:
+        for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+            self.check(getattr(self, k) > 0, k, "a positive integer")
+        self.check(self.hidden_size % self.num_heads == 0, "hidden_size", "a multiple of num_heads")
+
+
+@dataclass
+class TaskConfig(ConfigBase):
+    """The embedded offline task: sizes of each generated split."""
+    _section = "task"
+    n_corpus: int = opt(3000, "raw domain documents for phase 0")
+    n_sft: int = opt(1500, "prompt/completion pairs for phase 1")
+    n_preferences: int = opt(3000, "prompt/chosen/rejected triples for phase 2")
+    n_prompts: int = opt(512, "PPO training prompts")
+    n_eval_prompts: int = opt(64, "held-out prompts on which the gold reward is measured")
+    label_noise: float = opt(0.1, "probability a preference label is flipped (the RM never sees the gold scorer)")
+
+    def validate(self) -> None:
+        for k in ("n_corpus", "n_sft", "n_preferences", "n_prompts", "n_eval_prompts"):
+            self.check(getattr(self, k) > 0, k, "a positive integer")
+        self.check(0.0 <= self.label_noise < 0.5, "label_noise", "a probability in [0, 0.5)")
+
+
+@dataclass
+class TrainCommon(ConfigBase):
+    """Fields every supervised phase shares."""
+    learning_rate: float = opt(1e-3, "peak AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    batch_size: int = opt(16, "sequences per optimizer step")
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)")
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear LR warm-up")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    eval_fraction: float = opt(0.1, "fraction of records held out for evaluation")
+    seed: int = opt(0, "seed for init, shuffling and dropout")
+    log_every: int = opt(10, "log metrics every N optimizer steps")
+
+    def validate(self) -> None:
+        self.check(self.learning_rate > 0, "learning_rate", "a positive number")
+        self.check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        self.check(self.batch_size > 0, "batch_size", "a positive integer")
+        self.check(self.epochs > 0, "epochs", "a positive number")
+        self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "a fraction in [0, 1)")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+        self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
+        self.check(self.log_every > 0, "log_every", "a positive integer")
+
+
+@dataclass
+class LoraFields(ConfigBase):
+    """LoRA/QLoRA settings; defaults reproduce the second seed (r=8, alpha=32, dropout 0.05, q/v)."""
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] = opt(["q_proj", "v_proj"], "module names that get adapters")
+
+    def validate_lora(self) -> None:
+        self.check(self.lora_r > 0, "lora_r", "a positive integer")
+        self.check(0 <= self.lora_dropout < 1, "lora_dropout", "a probability in [0, 1)")
+
+
+@dataclass
+class PretrainConfig(TrainCommon):
+    """Phase 0: domain causal-LM pretraining on raw text cut into fixed blocks."""
+    _section = "pretrain"
+    model: str = opt("tiny", "'tiny' (random init from the model section) or a local HF model folder")
+    tokenizer: str = opt("", "tokenizer folder (default: the model's; with 'tiny': trained on the data)")
+    data: str = opt("", "text data: JSONL/parquet with a 'text' field, or a datasets folder (default: embedded task)")
+    block_size: int = opt(64, "tokens per training block (group_texts)")
+    learning_rate: float = opt(3e-3, "peak AdamW learning rate")
+    epochs: float = opt(2.0, "passes over the grouped blocks")
+
+    def validate(self) -> None:
+        super().validate()
+        self.check(self.block_size > 1, "block_size", "an integer > 1")
+
+
+@dataclass
+class SFTConfig(TrainCommon, LoraFields):
+    """Phase 1: supervised fine-tuning with the loss on response tokens only."""
+    _section = "sft"
+    model: str = opt("", "base model folder (default in the pipeline: phase 0's output)")
+    data: str = opt("", "prompt/completion or messages data (default: embedded task)")
+    mode: str = opt("full", "'full', 'lora' or 'qlora' (4-bit nf4, double quant, bf16 compute)")
+    max_length: int = opt(96, "longest prompt+response in tokens; longer records are truncated")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (on by default under qlora)")
+    merge_adapter: bool = opt(True, "merge LoRA weights into the base when saving (qlora saves the adapter)")
+    learning_rate: float = opt(1e-3, "peak AdamW learning rate")
+    epochs: float = opt(2.0, "passes over the SFT pairs")
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_lora()
+        self.check(self.mode in ("full", "lora", "qlora"), "mode", "one of full, lora, qlora")
+        self.check(self.max_length > 1, "max_length", "an integer > 1")
+
+
+@dataclass
+class RewardConfig(TrainCommon, LoraFields):
+    """Phase 2: a scalar reward model trained with the pairwise Bradley-Terry loss."""
+    _section = "reward"
+    model: str = opt("", "backbone folder (default in the pipeline: phase 0's output)")
+    tokenizer: str = opt("", "the reward model's own tokenizer folder (default: the backbone's)")
+    data: str = opt("", "prompt/chosen/rejected data (default: embedded task)")
+    mode: str = opt("full", "'full' or 'lora' (the score head is always trained)")
+    max_length: int = opt(96, "longest prompt+response in tokens")
+    learning_rate: float = opt(1e-3, "peak AdamW learning rate")
+    epochs: float = opt(2.0, "passes over the preference triples")
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_lora()
+        self.check(self.mode in ("full", "lora"), "mode", "one of full, lora")
+        self.check(self.max_length > 1, "max_length", "an integer > 1")
+
+
+@dataclass
+class PPOConfig(LoraFields):
+    """Phase 3: PPO with a value head and a KL-penalized reward (defaults sized for the tiny preset)."""
+    _section = "ppo"
+    policy: str = opt("", "SFT policy folder (default in the pipeline: phase 1's output)")
+    reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function'")
+    prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
+    seed: int = opt(0, "seed for sampling, shuffling and init")
+    num_iterations: int = opt(40, "rollout + update iterations")
+    batch_size: int = opt(32, "prompts (episodes) per rollout")
+    num_mini_batches: int = opt(2, "minibatches per PPO epoch (batch_size must divide evenly)")
+    micro_batch_size: int = opt(0, "gradient-accumulation micro-batch (0: the whole minibatch)")
+    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    response_length: int = opt(24, "max new tokens per response")
+    max_prompt_length: int = opt(32, "prompts longer than this (tokens) are truncated from the left")
+    temperature: float = opt(1.0, "sampling temperature (logprobs are computed at the same temperature)")
+    top_k: int = opt(0, "top-k sampling (0: off)")
+    top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
+    learning_rate: float = opt(1e-4, "peak AdamW learning rate")
+    lr_schedule: str = opt("linear", "'constant', 'linear' decay or 'cosine'")
+    warmup_steps: int = opt(0, "optimizer steps of linear warm-up")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    kl_coef: float = opt(0.05, "initial KL penalty coefficient beta")
+    kl_estimator: str = opt("k1", "per-token KL in the reward: 'k1', 'k2', 'k3' or 'exact' (full vocabulary)")
+    adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = opt(1.0, "target sequence KL for the adaptive controller")
+    kl_horizon: int = opt(10000, "adaptive controller horizon in episodes")
+    clip_range: float = opt(0.2, "PPO ratio clip epsilon")
+    clip_range_value: float = opt(0.2, "value clip epsilon around the old values")
+    vf_coef: float = opt(0.1, "value loss weight")
+    ent_coef: float = opt(0.0, "entropy bonus weight")
+    gamma: float = opt(1.0, "discount factor")
+    lam: float = opt(0.95, "GAE lambda")
+    whiten_rewards: bool = opt(False, "whiten per-token rewards before GAE")
+    advantage_estimator: str = opt("gae", "registered estimator: 'gae' or 'rloo' (group leave-one-out)")
+    group_size: int = opt(1, "samples per prompt (rloo needs >= 2)")
+    target_kl: float = opt(0.0, "stop the PPO epochs of an iteration when approx KL exceeds this (0: off)")
+    missing_eos_penalty: float = opt(0.0, "subtracted from the score of responses with no EOS (0: off)")
+    value_model: str = opt("shared", "'shared' (head on the policy trunk) or 'separate' (own network)")
+    value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
+    use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
+    kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
+    eval_every: int = opt(10, "measure the gold reward on held-out prompts every N iterations (0: end only)")
+    log_every: int = opt(1, "log metrics every N iterations")
+    trace: bool = opt(False, "dump every tensor of the first iteration to trace.json (docs/how_ppo_works.md)")
+
+    def validate(self) -> None:
+        self.validate_lora()
+        for k in ("num_iterations", "batch_size", "num_mini_batches", "ppo_epochs", "response_length",
+                  "max_prompt_length", "group_size"):
+            self.check(getattr(self, k) > 0, k, "a positive integer")
+        self.check(self.batch_size % self.num_mini_batches == 0, "batch_size",
+                   f"divisible by num_mini_batches={self.num_mini_batches}")
+        mb = self.batch_size // self.num_mini_batches
+        self.check(self.micro_batch_size >= 0 and (self.micro_batch_size == 0 or mb % self.micro_batch_size == 0),
+                   "micro_batch_size", f"0 or a divisor of the minibatch size {mb}")
+        self.check(self.batch_size % self.group_size == 0, "batch_size", f"divisible by group_size={self.group_size}")
+        self.check(self.learning_rate > 0, "learning_rate", "a positive number")
+        self.check(self.temperature > 0, "temperature", "a positive number")
+        self.check(self.top_k >= 0, "top_k", "an integer >= 0")
+        self.check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        self.check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine")
+        self.check(self.kl_coef >= 0, "kl_coef", "a number >= 0")
+        self.check(self.kl_estimator in ("k1", "k2", "k3", "exact"), "kl_estimator", "k1, k2, k3 or exact")
+        self.check(self.kl_target > 0, "kl_target", "a positive number")
+        self.check(self.kl_horizon > 0, "kl_horizon", "a positive integer")
+        self.check(self.clip_range > 0, "clip_range", "a positive number")
+        self.check(self.clip_range_value > 0, "clip_range_value", "a positive number")
+        self.check(self.vf_coef >= 0, "vf_coef", "a number >= 0")
+        self.check(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")
+        self.check(0 <= self.lam <= 1, "lam", "a number in [0, 1]")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+        self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
+        self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
+        self.check(self.advantage_estimator != "rloo" or self.group_size >= 2, "group_size",
+                   ">= 2 with advantage_estimator=rloo")
+
+
+PHASES: dict[str, type[ConfigBase]] = {
+    "pretrain": PretrainConfig, "sft": SFTConfig, "reward": RewardConfig, "ppo": PPOConfig,
+}
+
+
+@dataclass
+class PipelineConfig:
+    """The whole run: top-level seed and preset plus one section per phase."""
+    seed: int = 0
+    preset: str = "tiny"
+    model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    SECTIONS = ("model", "task", "pretrain", "sft", "reward", "ppo")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PipelineConfig":
+        known = {"seed", "preset", *cls.SECTIONS}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        out = cls()
+        for name in cls.SECTIONS:
+            if name in data:
+                if not isinstance(data[name], dict):
+                    raise ConfigError(f"{source}: section '{name}' must be a mapping")
+                section_cls = type(getattr(out, name))
+                setattr(out, name, section_cls.from_dict(data[name], source))
+        if "seed" in data:
+            out.seed = coerce(data["seed"], int, f"{source}: seed")
+        if "preset" in data:
+            out.preset = coerce(data["preset"], str, f"{source}: preset")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "preset": self.preset,
+                **{name: getattr(self, name).to_dict() for name in self.SECTIONS}}
+
+    def apply_override(self, dotted: str, raw: str) -> None:
+        if dotted in ("seed", "preset"):
+            setattr(self, dotted, coerce(parse_literal(raw) if dotted == "seed" else raw,
+                                         int if dotted == "seed" else str, f"--{dotted}"))
+            return
+        section, _, key = dotted.partition(".")
+        if section not in self.SECTIONS or not key:
+            raise ConfigError(f"--{dotted}: unknown override (use --SECTION.FIELD, sections: {', '.join(self.SECTIONS)})")
+        setattr(self, section, getattr(self, section).override(key, raw, f"--{dotted}"))
+
+    def validate(self) -> None:
+        for name in self.SECTIONS:
+            getattr(self, name).validate()
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a dict; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text) if text.strip() else {}
+    except Exception as e:  # yaml and json raise different types
+        raise ConfigError(f"{p}: cannot parse config: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    return data

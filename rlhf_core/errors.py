@@ -1,0 +1,29 @@
+"""Errors a user can cause (data, config, paths): one typed exception, one clear line.
+
+The CLI prints ``str(err)`` alone and exits with code 2 (a traceback only with ``--debug``).
+"""
+
+
+class RLHFError(Exception):
+    """Base class for every error a user can cause and fix."""
+
+
+class ConfigError(RLHFError):
+    """An invalid configuration value, unknown key or bad override."""
+
+
+class DataError(RLHFError):
+    """A bad input file or record: message names the file, record number and field."""
+
+    def __init__(self, path, problem: str, record: int | None = None, field: str | None = None):
+        where = str(path)
+        if record is not None:
+            where += f":{record}"
+        if field is not None:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {problem}")
+        self.path, self.record, self.field, self.problem = path, record, field, problem
+
+
+class RewardError(RLHFError):
+    """A reward source that raised, returned non-finite values or the wrong number of scores."""

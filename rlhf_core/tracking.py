@@ -1,0 +1,64 @@
+"""Metrics JSONL, progress bars with ETA, and the run's summary.
+
+Metric names are namespaced (``loss/policy``, ``objective/kl``, ``perf/tokens_per_s``) and carry
+the phase: every JSONL line is ``{"phase": ..., "step": ..., "time": ..., **metrics}``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from .checkpoint import write_json_atomic
+
+T = TypeVar("T")
+
+
+class MetricsLogger:
+    """Append-only JSONL metrics file shared by all phases of a run (None path: memory only)."""
+
+    def __init__(self, path: str | Path | None, echo: bool = False):
+        self.path = Path(path) if path is not None else None
+        self.echo = echo
+        self.records: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, phase: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        rec = {"phase": phase, "step": int(step), "time": round(time.time() - self.t0, 3)}
+        for k, v in metrics.items():
+            v = float(v) if hasattr(v, "item") or isinstance(v, (int, float)) else v
+            rec[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        self.records.append(rec)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        if self.echo:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "time")
+            print(f"[{phase} {step}] {shown}", file=sys.stderr)
+        return rec
+
+    def series(self, phase: str, key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in self.records if r["phase"] == phase and r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
+    """tqdm progress bar with ETA on stderr; silent when RLHF_NO_PROGRESS=1 or not a terminal in CI."""
+    disable = os.environ.get("RLHF_NO_PROGRESS") == "1" or (os.environ.get("CI") == "true")
+    from tqdm.auto import tqdm
+    return iter(tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False))
+
+
+def update_summary(path: str | Path, phase: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``values`` under ``phase`` into summary.json (written atomically) and return it."""
+    path = Path(path)
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary.setdefault(phase, {}).update(values)
+    write_json_atomic(path, summary)
+    return summary
