@@ -48,9 +48,10 @@ class ConfigBase:
     def override(self, key: str, raw: str, source: str = "command line"):
         """Return a copy with ``key`` set from the string ``raw`` parsed by the field's type."""
         types = self.field_types()
-        if key not in types:
+        if key not in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
             raise ConfigError(f"{source}: unknown key '{self._section}.{key}'")
-        value = coerce(parse_literal(raw), types[key], f"{source}: {self._section}.{key}")
+        where = source if source.startswith("--") else f"{source}: {self._section}.{key}"
+        value = coerce(parse_literal(raw), types[key], where)
         return dataclasses.replace(self, **{key: value})  # type: ignore[type-var]
 
     @classmethod
@@ -211,7 +212,7 @@ class PretrainConfig(TrainCommon):
 
 
 @dataclass
-class SFTConfig(TrainCommon, LoraFields):
+class SFTConfig(LoraFields, TrainCommon):
     """Phase 1: supervised fine-tuning with the loss on response tokens only."""
     _section = "sft"
     model: str = opt("", "base model folder (default in the pipeline: phase 0's output)")
@@ -231,7 +232,7 @@ class SFTConfig(TrainCommon, LoraFields):
 
 
 @dataclass
-class RewardConfig(TrainCommon, LoraFields):
+class RewardConfig(LoraFields, TrainCommon):
     """Phase 2: a scalar reward model trained with the pairwise Bradley-Terry loss."""
     _section = "reward"
     model: str = opt("", "backbone folder (default in the pipeline: phase 0's output)")

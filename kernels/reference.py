@@ -1,0 +1,262 @@
+"""Torch reference for logprob / entropy / KL computed from hidden states.
+
+Two flavours of the same math, both used by tests and benchmarks:
+
+* ``logprobs_naive`` / ``kl_naive`` materialize the full ``[N, V]`` logits (what HF/TRL do).
+  Tests call them in float64 as the ground truth.
+* ``chunked_logprobs`` / ``chunked_kl`` walk over row chunks so that at most ``chunk * V``
+  logits exist at once, in forward *and* backward (the backward recomputes each chunk's
+  logits instead of saving them). This is the CPU fallback the PPO code runs.
+
+Math (z = hidden @ weight.T / T, one row):
+    lse      = log Σ_j exp(z_j)
+    logprob  = z_target - lse
+    entropy  = lse - Σ_j p_j z_j,             p = softmax(z)
+    KL(p‖q)  = Σ_j p_j (z_j - zq_j) - lse + lse_q
+References: Cut Cross-Entropy (Wijmans et al. 2024) for the recompute-in-backward idea;
+Schulman, "Approximating KL divergence" for why the exact KL is worth having.
+"""
+from __future__ import annotations
+
+import torch
+
+# ~4M fp32 logits (16 MB) per chunk: small next to the weight, big enough for an efficient GEMM.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+    """Rows per chunk so that one chunk of logits holds about CHUNK_ELEMENTS values."""
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return max(1, min(chunk_size, max(n_rows, 1)))
+
+
+def _logits(hidden: torch.Tensor, weight32: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """fp32 logits of one chunk: (hidden @ weight.T) / T."""
+    return (hidden.float() @ weight32.T).mul_(inv_t)  # (c, V)
+
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """Chunked logprob (+ entropy); reproduces, row by row,
+
+        z = (hidden @ weight.T).float() / T
+        logprob = z.log_softmax(-1).gather(-1, target)     # 0 where target == ignore_index
+        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, ignore_index, chunk_size):
+        n, v = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / temperature
+        w32 = weight.float()  # (V, H) no copy for fp32 inputs
+        valid = targets != ignore_index  # (N,)
+        safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()  # (N,)
+        lse = hidden.new_empty(n, dtype=torch.float32)  # (N,)
+        spz = hidden.new_zeros(n, dtype=torch.float32)  # (N,) Σ p z, saved for the entropy grad
+        logprobs = hidden.new_empty(n, dtype=torch.float32)  # (N,)
+        c = _chunk_rows(n, v, chunk_size)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            z = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+            lse[s:e] = torch.logsumexp(z, dim=-1)
+            logprobs[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1) - lse[s:e]
+            if return_entropy:
+                p = (z - lse[s:e, None]).exp_()  # (c, V)
+                spz[s:e] = torch.linalg.vecdot(p, z)
+        logprobs = torch.where(valid, logprobs, 0.0)
+        entropy = torch.where(valid, lse - spz, 0.0) if return_entropy else logprobs.new_empty(0)
+        if not return_entropy:
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, safe_t, valid, lse, spz)
+        ctx.inv_t, ctx.chunk = inv_t, c
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, safe_t, valid, lse, spz = ctx.saved_tensors
+        inv_t, c = ctx.inv_t, ctx.chunk
+        n = hidden.shape[0]
+        w32 = weight.float()  # (V, H)
+        vmask = valid.float()  # (N,) ignored rows get no gradient
+        g_lp = (g_lp.float() if g_lp is not None else torch.zeros_like(lse)) * vmask  # (N,)
+        use_ent = g_ent is not None and g_ent.numel() == n
+        g_ent = g_ent.float() * vmask if use_ent else None  # (N,)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        d_weight = torch.zeros_like(w32) if need_w else None  # (V, H) fp32 accumulator
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            z = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+            p = (z - lse[s:e, None]).exp_()  # (c, V)
+            # dlogprob/dz = onehot - p ; dentropy/dz = -p (z - Σ p z)
+            if g_ent is not None:
+                dz = z.sub_(spz[s:e, None]).mul_(-g_ent[s:e, None]).sub_(g_lp[s:e, None]).mul_(p)
+            else:
+                dz = p.mul_(-g_lp[s:e, None])  # (c, V)
+            dz.scatter_add_(1, safe_t[s:e, None], g_lp[s:e, None])
+            dz.mul_(inv_t)  # chain rule through z = logits / T
+            if need_h:
+                d_hidden[s:e] = dz @ w32
+            if need_w:
+                d_weight.addmm_(dz.T, hidden[s:e].float())
+        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
+        d_weight = d_weight.to(weight.dtype) if need_w else None
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Chunked exact KL(π‖π_ref); reproduces, row by row,
+
+        lp, lq = (h @ W.T / T).log_softmax(-1), (h_ref @ W_ref.T / T).log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+    Gradients flow to the policy side only (hidden, weight); the reference side is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, chunk_size):
+        n, v = hidden.shape[0], weight.shape[0]
+        inv_t = 1.0 / temperature
+        w32, rw32 = weight.float(), ref_weight.float()  # (V, H) each
+        lse_p = hidden.new_empty(n, dtype=torch.float32)  # (N,)
+        lse_q = hidden.new_empty(n, dtype=torch.float32)  # (N,)
+        kl = hidden.new_empty(n, dtype=torch.float32)  # (N,)
+        c = _chunk_rows(n, v, chunk_size)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+            zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
+            lse_p[s:e] = torch.logsumexp(zp, dim=-1)
+            lse_q[s:e] = torch.logsumexp(zq, dim=-1)
+            p = (zp - lse_p[s:e, None]).exp_()  # (c, V)
+            kl[s:e] = torch.linalg.vecdot(p, zp.sub_(zq)) - lse_p[s:e] + lse_q[s:e]
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl)
+        ctx.inv_t, ctx.chunk = inv_t, c
+        return kl
+
+    @staticmethod
+    def backward(ctx, g_kl):
+        hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl = ctx.saved_tensors
+        inv_t, c = ctx.inv_t, ctx.chunk
+        n = hidden.shape[0]
+        w32, rw32 = weight.float(), ref_weight.float()  # (V, H) each
+        g = g_kl.float()  # (N,)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        d_weight = torch.zeros_like(w32) if need_w else None  # (V, H)
+        for s in range(0, n, c):
+            e = min(s + c, n)
+            zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+            zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
+            p = (zp - lse_p[s:e, None]).exp_()  # (c, V)
+            # dKL/dz_j = p_j ((z_j - zq_j) - (lse - lse_q) - KL)
+            shift = (lse_p[s:e] - lse_q[s:e] + kl[s:e])[:, None]  # (c, 1)
+            dz = zp.sub_(zq).sub_(shift).mul_(p).mul_(g[s:e, None] * inv_t)  # (c, V)
+            if need_h:
+                d_hidden[s:e] = dz @ w32
+            if need_w:
+                d_weight.addmm_(dz.T, hidden[s:e].float())
+        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
+        d_weight = d_weight.to(weight.dtype) if need_w else None
+        return d_hidden, d_weight, None, None, None, None
+
+
+def chunked_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token logprob (and entropy) from hidden states, never holding more than chunk×V logits.
+
+    Formula: z = hidden @ weight.T / T; logprob = z[target] - logsumexp(z);
+    entropy = logsumexp(z) - Σ softmax(z)·z. Accumulates in float32.
+
+    Args:
+        hidden: final hidden states (any float dtype, any strides).
+        weight: LM-head weight.
+        targets: token ids; rows equal to ``ignore_index`` give 0 (logprob and entropy) and no gradient.
+        temperature: sampling temperature T (> 0) dividing the logits.
+        return_entropy: also return the entropy of softmax(z).
+        ignore_index: target value marking rows to skip.
+        chunk_size: rows per chunk (default: about 4M logits per chunk).
+    Shapes:
+        hidden [N, H], weight [V, H], targets [N] -> logprobs [N], entropy [N]
+    Returns:
+        float32 ``logprobs`` or ``(logprobs, entropy)``; differentiable w.r.t. hidden and weight
+        (backward recomputes each chunk's logits, so its memory is also O(chunk×V)).
+    """
+    lp, ent = _ChunkedLogprob.apply(
+        hidden, weight, targets, float(temperature), return_entropy, ignore_index, chunk_size
+    )
+    return (lp, ent) if return_entropy else lp
+
+
+def chunked_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Exact per-token KL(π‖π_ref) over the full vocabulary, chunked over rows.
+
+    Formula: KL = Σ_j p_j (z_j - zq_j) - lse(z) + lse(zq), z = hidden @ weight.T / T,
+    zq = ref_hidden @ ref_weight.T / T, p = softmax(z). Accumulates in float32.
+
+    Args:
+        hidden, weight: policy hidden states and LM head (differentiable).
+        ref_hidden, ref_weight: reference-model hidden states and LM head (treated as constants).
+        temperature: T dividing both sides' logits.
+        chunk_size: rows per chunk (default: about 4M logits per chunk).
+    Shapes:
+        hidden/ref_hidden [N, H] (H may differ between the two), weight/ref_weight [V, H] -> kl [N]
+    Returns:
+        float32 ``kl`` [N]; gradients flow to ``hidden`` and ``weight`` only.
+    """
+    return _ChunkedKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature), chunk_size)
+
+
+def logprobs_naive(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialized-logits logprob and entropy (plain autograd) — the ground truth for tests.
+
+    Computes in ``promote(dtype, float32)``: float64 in gives float64 out.
+    Shapes: hidden [N, H], weight [V, H], targets [N] -> (logprobs [N], entropy [N]).
+    Returns: (logprobs, entropy); both 0 on rows where target == ignore_index.
+    """
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden.to(dt) @ weight.to(dt).T) / temperature  # (N, V)
+    logp = logits.log_softmax(-1)  # (N, V)
+    valid = targets != ignore_index  # (N,)
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()  # (N,)
+    lp = logp.gather(1, safe_t[:, None]).squeeze(1)  # (N,)
+    ent = -(logp.exp() * logp).sum(-1)  # (N,)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def kl_naive(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Materialized-logits exact KL(π‖π_ref) = Σ p (log p - log q) — the ground truth for tests.
+
+    Computes in ``promote(dtype, float32)``; the reference side is detached (a constant).
+    Shapes: hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'] -> kl [N].
+    """
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    logp = ((hidden.to(dt) @ weight.to(dt).T) / temperature).log_softmax(-1)  # (N, V)
+    with torch.no_grad():
+        logq = ((ref_hidden.to(dt) @ ref_weight.to(dt).T) / temperature).log_softmax(-1)  # (N, V)
+    return (logp.exp() * (logp - logq)).sum(-1)

@@ -1,0 +1,119 @@
+"""`rlhf pretrain|sft|reward|ppo|pipeline` — a config file plus dotted overrides.
+
+Every config field is a flag (`--sft.learning_rate 1e-4`), listed with its help text by
+`rlhf PHASE --help`. Errors a user can cause print one line and exit with code 2
+(`--debug` shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import PHASES, ConfigBase, PipelineConfig, load_config_file
+from .errors import ConfigError, RLHFError
+
+# Shortcut flags for the common paths: --model, --data, ... map to the phase's own field.
+SHORTCUTS: dict[str, dict[str, str]] = {
+    "pretrain": {"model": "model", "data": "data", "tokenizer": "tokenizer"},
+    "sft": {"model": "model", "data": "data"},
+    "reward": {"model": "model", "data": "data", "tokenizer": "tokenizer"},
+    "ppo": {"policy": "policy", "reward": "reward", "prompts": "prompts"},
+}
+DESCRIPTIONS = {
+    "pretrain": "Phase 0: domain causal-LM pretraining (group_texts blocks, held-out perplexity).",
+    "sft": "Phase 1: supervised fine-tuning (full, LoRA or QLoRA), loss on response tokens only.",
+    "reward": "Phase 2: pairwise Bradley-Terry reward model, held-out accuracy and margin.",
+    "ppo": "Phase 3: PPO with a value head and a KL-penalized reward.",
+    "pipeline": "Phases 0 -> 1 -> 2 -> 3 on the embedded task (or your data), each output the next's input.",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "").upper()
+
+
+def _add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type[ConfigBase]) -> None:
+    group = parser.add_argument_group(f"{section} settings (--{section}.FIELD VALUE)")
+    types = cls.field_types()
+    for name, default, help_text in cls.help_lines():
+        group.add_argument(f"--{section}.{name}", dest=f"override:{section}.{name}", default=argparse.SUPPRESS,
+                           metavar=_type_name(types[name]), help=f"{help_text} (default: {default!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in ("pretrain", "sft", "reward", "ppo", "pipeline"):
+        p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--config", help="JSON or YAML file with sections seed, preset, model, task, pretrain, sft, reward, ppo")
+        p.add_argument("--output-dir", required=True, help="folder for checkpoints, metrics.jsonl, summary.json")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output dir made by rlhf")
+        p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+        p.add_argument("--seed", default=argparse.SUPPRESS, help="seed for every phase (overrides the sections' seeds)")
+        if command == "pipeline":
+            p.add_argument("--preset", default="tiny", help="model/data preset: 'tiny' (random init, local tokenizer)")
+            p.add_argument("--stop-after", choices=["pretrain", "sft", "reward", "ppo"], default="ppo",
+                           help="last phase to run")
+            sections = PipelineConfig.SECTIONS
+        else:
+            for flag, field_name in SHORTCUTS[command].items():
+                p.add_argument(f"--{flag}", dest=f"override:{command}.{field_name}", default=argparse.SUPPRESS,
+                               metavar="PATH", help=f"same as --{command}.{field_name}")
+            sections = ("model", command) if command == "pretrain" else (command,)
+        for section in sections:
+            _add_section_flags(p, section, type(getattr(PipelineConfig(), section)))
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    """File (if any) → overrides from flags → validate."""
+    data = load_config_file(args.config) if args.config else {}
+    cfg = PipelineConfig.from_dict(data, source=args.config or "config")
+    if getattr(args, "preset", None):
+        cfg.preset = args.preset
+    if hasattr(args, "seed"):
+        cfg.apply_override("seed", args.seed)
+        for phase in PHASES:
+            cfg.apply_override(f"{phase}.seed", args.seed)
+    for key, raw in vars(args).items():
+        if key.startswith("override:"):
+            cfg.apply_override(key.split(":", 1)[1], raw)
+    if cfg.preset != "tiny":
+        raise ConfigError(f"preset '{cfg.preset}': unknown (available: tiny)")
+    cfg.validate()
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        from .pipeline import run_phase_command, run_pipeline, prepare_output_dir
+
+        out = prepare_output_dir(Path(args.output_dir), overwrite=args.overwrite)
+        t0 = time.time()
+        if args.command == "pipeline":
+            summary = run_pipeline(cfg, out, stop_after=args.stop_after)
+        else:
+            summary = run_phase_command(args.command, cfg, out)
+        print(f"done in {time.time() - t0:.1f}s: {out}/summary.json", file=sys.stderr)
+        for phase, values in summary.items():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+            print(f"  {phase}: {shown}", file=sys.stderr)
+        return 0
+    except RLHFError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The run report: report.md with the summary table and one PNG of curves per phase."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Curves worth a panel, in the order they are drawn; other namespaced keys follow if room is left.
+PREFERRED = ("loss/train", "loss/eval", "eval/perplexity", "eval/accuracy", "eval/margin",
+             "objective/scores", "eval/gold_reward", "objective/kl", "objective/rlhf_reward",
+             "loss/policy", "loss/value", "policy/clipfrac", "val/explained_variance")
+PREFIXES = ("loss/", "eval/", "objective/", "policy/", "val/")
+MAX_PANELS = 6
+
+
+def _keys(records: list[dict[str, Any]]) -> list[str]:
+    present = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k.startswith(PREFIXES)}
+    ordered = [k for k in PREFERRED if k in present] + sorted(present - set(PREFERRED))
+    return ordered[:MAX_PANELS]
+
+
+def plot_phase(phase: str, records: list[dict[str, Any]], path: Path) -> bool:
+    """One figure with a panel per metric; False when the phase logged nothing to draw."""
+    keys = _keys(records)
+    if not keys:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("iteration" if phase == "ppo" else "step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(phase)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    lines = ["# Run report", "", f"Folder: `{out}`", "", "## Summary", "", "| phase | key | value |", "|---|---|---|"]
+    for phase, values in summary.items():
+        for k, v in values.items():
+            lines.append(f"| {phase} | {k} | {_fmt(v)} |")
+    lines += ["", "## Curves", ""]
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        png = out / "plots" / f"{phase}.png"
+        if plot_phase(phase, [r for r in records if r["phase"] == phase], png):
+            lines += [f"### {phase}", "", f"![{phase}](plots/{phase}.png)", ""]
+    samples = out / "ppo" / "samples.md"
+    if samples.exists():
+        lines += ["## Sample generations", "", samples.read_text()]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
