@@ -1,0 +1,124 @@
+"""Fused logprob / entropy / exact-KL ops from hidden states, without a [N, V] logits tensor.
+
+Dispatch: Triton kernels on CUDA tensors, the chunked torch reference elsewhere
+(``backend="triton"`` on CPU tensors runs the kernels under the Triton interpreter — slow,
+for tests). This package never imports ``rlhf_core``. It is not the Hugging Face ``kernels``
+package: the distribution is ``rlhf-core`` and it exports none of that package's API.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+from kernels._dispatch import KernelBackendError, load_triton, resolve_backend
+from kernels.reference import chunked_kl, chunked_logprobs, kl_naive, logprobs_naive
+
+__all__ = [
+    "fused_logprobs",
+    "fused_kl",
+    "chunked_logprobs",
+    "chunked_kl",
+    "logprobs_naive",
+    "kl_naive",
+    "KernelBackendError",
+]
+
+
+def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{what}: expected hidden [N, H] and weight [V, H], "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    ignore_index: int = -100,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` (and entropy) under softmax(hidden @ weight.T / T).
+
+    Formula: z = hidden @ weight.T / T; logprob = z[target] - logsumexp(z);
+    entropy = logsumexp(z) - Σ_j softmax(z)_j z_j. Never materializes [N, V] logits.
+
+    Args:
+        hidden: final hidden states, fp32/fp16/bf16, any strides.
+        weight: LM-head weight (same dtype family as hidden).
+        targets: token ids (int). Rows equal to ``ignore_index`` give 0 (logprob and entropy)
+            and no gradient. Ids outside [0, V) are not checked (undefined result on Triton).
+        temperature: T > 0 dividing the logits (the sampling temperature).
+        return_entropy: also return the per-row entropy.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton", or "torch".
+        ignore_index: target value marking rows to skip.
+    Shapes:
+        hidden [N, H], weight [V, H], targets [N] -> logprobs [N], entropy [N]
+    Returns:
+        ``logprobs`` or ``(logprobs, entropy)``, float32 for fp32/fp16/bf16 inputs (float64 inputs
+        stay float64 on the torch backend); differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    _check_shapes(hidden, weight, "fused_logprobs")
+    if temperature <= 0:
+        raise ValueError(f"fused_logprobs: temperature must be > 0, got {temperature}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_logprobs: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    # an empty batch needs no kernel launch (a grid of 0 programs is an error in Triton)
+    if resolve_backend(backend, hidden, weight, targets) == "torch" or hidden.shape[0] == 0:
+        return chunked_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
+    mod = load_triton("fused_logprob", hidden.device)
+    return mod.triton_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
+
+
+def fused_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Exact per-token KL(π‖π_ref) over the full vocabulary, from both models' hidden states.
+
+    Formula: with z = hidden @ weight.T / T, zq = ref_hidden @ ref_weight.T / T, p = softmax(z),
+    KL = Σ_j p_j (z_j - zq_j) - logsumexp(z) + logsumexp(zq)  (= Σ p log(p/q), ≥ 0).
+
+    Args:
+        hidden, weight: policy hidden states and LM head — gradients flow here.
+        ref_hidden, ref_weight: reference model's; treated as constants (no gradient).
+        temperature: T > 0 dividing both sides' logits.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "triton", or "torch".
+    Shapes:
+        hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'] -> kl [N]
+    Returns:
+        float32 ``kl`` [N] for fp32/fp16/bf16 inputs (float64 stays float64 on the torch backend).
+    """
+    _check_shapes(hidden, weight, "fused_kl")
+    _check_shapes(ref_hidden, ref_weight, "fused_kl (ref)")
+    if ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError("fused_kl: policy and reference must share N and V")
+    if temperature <= 0:
+        raise ValueError(f"fused_kl: temperature must be > 0, got {temperature}")
+    if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight) == "torch" or hidden.shape[0] == 0:
+        return chunked_kl(hidden, weight, ref_hidden, ref_weight, temperature)
+    mod = load_triton("fused_kl", hidden.device)
+    return mod.triton_kl(hidden, weight, ref_hidden, ref_weight, temperature)
+
+
+class _Package(types.ModuleType):
+    """Keeps ``kernels.fused_kl`` the function once ``kernels/fused_kl.py`` (the Triton module) is
+    imported: the import system would otherwise rebind the package attribute to the submodule.
+    Reach the submodule itself with ``importlib.import_module("kernels.fused_kl")``."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

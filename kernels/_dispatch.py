@@ -1,0 +1,79 @@
+"""Backend choice and lazy loading of the Triton modules.
+
+Why lazy: ``triton.jit`` decides *at decoration time* whether a kernel is compiled for a GPU or
+run by the CPU interpreter (``TRITON_INTERPRET=1``). Importing ``kernels`` must therefore not
+import the Triton modules; the first call that needs them sets the interpreter flag when the
+tensors live on the CPU, then imports them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_MODULES = ("kernels.fused_logprob", "kernels.fused_kl")
+
+
+class KernelBackendError(RuntimeError):
+    """The requested backend cannot run on these tensors (bad name, or wrong Triton mode)."""
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map ``backend`` to "triton" or "torch".
+
+    Args:
+        backend: "auto" (Triton when the tensors are on CUDA, else torch), "triton" or "torch".
+        tensors: the op's inputs; all must share one device.
+    Returns:
+        "triton" or "torch".
+    """
+    if backend not in BACKENDS:
+        raise KernelBackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise KernelBackendError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    if backend == "auto":
+        return "triton" if tensors[0].is_cuda else "torch"
+    return backend
+
+
+def _is_interpreted(module: ModuleType) -> bool:
+    """True when the module's kernels were decorated under TRITON_INTERPRET=1."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(getattr(module, "KERNELS")[0], InterpretedFunction)
+
+
+def load_triton(name: str, device: torch.device) -> ModuleType:
+    """Import ``kernels.<name>`` so that its kernels can run on ``device``.
+
+    On a CPU device the interpreter is switched on before the first import. If the module was
+    already imported in the other mode, raise a clear error instead of crashing inside Triton.
+    """
+    full = f"kernels.{name}"
+    cpu = device.type == "cpu"
+    if cpu and not any(m in sys.modules for m in _TRITON_MODULES):
+        os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.import_module(full)
+    interpreted = _is_interpreted(module)
+    if cpu and not interpreted:
+        raise KernelBackendError(
+            f"{full} was imported without TRITON_INTERPRET=1, so its kernels need a GPU; "
+            "CPU tensors need the interpreter: set TRITON_INTERPRET=1 before the first "
+            "backend='triton' call (or use backend='torch')"
+        )
+    if not cpu and interpreted:
+        raise KernelBackendError(
+            f"{full} runs under the Triton interpreter (TRITON_INTERPRET=1) but got {device} tensors; "
+            "unset TRITON_INTERPRET in a fresh process to use the GPU kernels"
+        )
+    return module
+
+
+def empty(*shape: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Allocate a kernel output buffer. Tests replace this to poison outputs with NaN."""
+    return torch.empty(*shape, device=device, dtype=dtype)
