@@ -258,7 +258,7 @@ class PPOConfig(LoraFields):
     reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function'")
     prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
     seed: int = opt(0, "seed for sampling, shuffling and init")
-    num_iterations: int = opt(40, "rollout + update iterations")
+    num_iterations: int = opt(100, "rollout + update iterations")
     batch_size: int = opt(32, "prompts (episodes) per rollout")
     num_mini_batches: int = opt(2, "minibatches per PPO epoch (batch_size must divide evenly)")
     micro_batch_size: int = opt(0, "gradient-accumulation micro-batch (0: the whole minibatch)")
@@ -292,9 +292,11 @@ class PPOConfig(LoraFields):
     value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
     use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
-    eval_every: int = opt(10, "measure the gold reward on held-out prompts every N iterations (0: end only)")
+    eval_every: int = opt(20, "measure the gold reward on held-out prompts every N iterations (0: end only)")
     log_every: int = opt(1, "log metrics every N iterations")
     trace: bool = opt(False, "dump every tensor of the first iteration to trace.json (docs/how_ppo_works.md)")
+    num_threads: int = opt(0, "torch CPU threads (0: auto = 1 for models narrower than 256, where thread sync "
+                              "costs more than the math, else every core)")
 
     def validate(self) -> None:
         self.validate_lora()
@@ -324,6 +326,7 @@ class PPOConfig(LoraFields):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
+        self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.advantage_estimator != "rloo" or self.group_size >= 2, "group_size",
                    ">= 2 with advantage_estimator=rloo")
 

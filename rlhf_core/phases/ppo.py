@@ -1,0 +1,126 @@
+"""Phase 3: PPO on the SFT policy against a reward source, measured by the task's gold judge.
+
+Reads ``cfg.policy`` (an HF causal-LM folder with its tokenizer), ``cfg.reward`` (see
+``rlhf_core.ppo.reward_sources``) and the prompts (``cfg.prompts`` or the embedded task's);
+evaluation prompts are the task's held-out ones. Writes ``output_dir`` atomically: the PPO policy
+(safetensors + tokenizer; LoRA merged), ``value_head.safetensors`` and, with ``cfg.trace``,
+``trace.json`` holding every tensor of the first iteration (docs/how_ppo_works.md uses it).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import atomic_dir, write_json_atomic
+from ..config import PPOConfig, TaskConfig, TinyModelConfig
+from ..errors import ConfigError
+from ..tracking import MetricsLogger
+from .common import setup_torch
+
+
+def load_prompts(cfg: PPOConfig, task: Any) -> list[str]:
+    """Training prompts from ``cfg.prompts`` ({"prompt"} records) or the embedded task."""
+    from ..data.loaders import load_or_default
+    records = load_or_default(cfg.prompts, "prompt", [{"prompt": p} for p in task.prompts])
+    return [r["prompt"] for r in records]
+
+
+def build_policy(cfg: PPOConfig, model: torch.nn.Module) -> Any:
+    """Wrap ``model`` in a PolicyWithValue; the separate value trunk comes from the reward model
+    (``value_init_from_reward``, same vocabulary required) or a full copy of the policy folder."""
+    from ..models import load_causal_lm, load_reward_model
+    from ..ppo.policy import PolicyWithValue
+    backbone = None
+    if cfg.value_model == "separate" and cfg.value_init_from_reward:
+        backbone, _ = load_reward_model(cfg.reward)
+        if backbone.get_input_embeddings().num_embeddings != model.get_input_embeddings().num_embeddings:
+            raise ConfigError("ppo.value_init_from_reward=true: the reward model's vocabulary differs from "
+                              "the policy's (the value model reads the policy's token ids)")
+    elif cfg.value_model == "separate" and cfg.use_lora:
+        backbone = load_causal_lm(cfg.policy, mode="full")  # the adapter-wrapped trunk is not a full copy
+    torch.manual_seed(cfg.seed)  # value-head init
+    return PolicyWithValue(model, value_model=cfg.value_model, value_backbone=backbone)
+
+
+def trace_to_json(trace: dict[str, Any]) -> dict[str, Any]:
+    """Tensors to nested lists (rounded to 6 digits) so the trace reads as plain JSON."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return (v.float().round(decimals=6) if v.is_floating_point() else v).tolist()
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [convert(x) for x in v]
+        return v
+    return {k: convert(v) for k, v in trace.items()}
+
+
+def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, Any] | None = None) -> None:
+    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json), atomically."""
+    from safetensors.torch import save_file
+    model = policy.model
+    if policy.is_lora:
+        model = copy.deepcopy(model).merge_and_unload()
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file(policy.value_state_dict(), str(tmp / "value_head.safetensors"))
+        if trace:
+            write_json_atomic(tmp / "trace.json", trace_to_json(trace))
+
+
+def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = None) -> dict[str, Any]:
+    """Train the policy with PPO and save it; return the phase summary.
+
+    Returns: ``gold_reward_before/after`` (mean gold score on the held-out prompts, SFT vs PPO
+    policy, responses sampled at ``cfg.temperature``), ``scores_before/after`` (the reward source's
+    mean there), ``kl_to_ref`` (mean over responses of the summed exact per-token KL of the final
+    policy to the reference), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it).
+    """
+    from ..data.task import generate_task, gold_reward
+    from ..models import load_causal_lm, load_tokenizer
+    from ..ppo.reward_sources import make_reward_fn
+    from ..ppo.trainer import PPOTrainer
+    t0 = time.perf_counter()
+    cfg.validate()
+    setup_torch(cfg.seed)
+    task = task if task is not None else generate_task(TaskConfig(), seed=cfg.seed)
+    tokenizer = load_tokenizer(cfg.policy)
+    model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
+    hidden = model.get_output_embeddings().weight.shape[1]
+    torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
+    reward_fn = make_reward_fn(cfg.reward, tokenizer)
+    policy = build_policy(cfg, model)
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task), task.eval_prompts,
+                         logger, gold_fn=gold_reward)
+    result = trainer.train()
+    save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None)
+    return {
+        "gold_reward_before": result.get("gold_reward_before"),
+        "gold_reward_after": result.get("gold_reward_after"),
+        "scores_before": result.get("scores_before"),
+        "scores_after": result.get("scores_after"),
+        "kl_to_ref": result.get("kl_to_ref_after"),
+        "episodes_per_s": result["episodes_per_s"],
+        "skipped_steps": result["skipped_steps"],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+def tiny_setup(seed: int = 0, n_prompts: int = 64, n_eval_prompts: int = 64,
+               model_cfg: TinyModelConfig | None = None) -> tuple[Any, torch.nn.Module, Any]:
+    """A random-init tiny policy for tests and examples: (tokenizer, model, task), all offline.
+
+    The tokenizer is trained on a 400-document slice of the task corpus (under a second).
+    """
+    from ..data.task import generate_task
+    from ..data.tokenizer import train_tokenizer
+    from ..models import build_tiny_model
+    task = generate_task(TaskConfig(n_corpus=400, n_sft=1, n_preferences=1, n_prompts=n_prompts,
+                                    n_eval_prompts=n_eval_prompts), seed=seed)
+    tokenizer = train_tokenizer(task.corpus, vocab_size=512)
+    return tokenizer, build_tiny_model(tokenizer, model_cfg or TinyModelConfig(), seed), task

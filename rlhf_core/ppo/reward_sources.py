@@ -1,0 +1,127 @@
+"""Reward sources: anything that maps (prompts, responses) to one float per response.
+
+``make_reward_fn(spec, policy_tokenizer)`` accepts
+- a Python callable ``(list[str], list[str]) -> list[float]`` (used as is);
+- ``"gold"``: the embedded task's judge (:func:`rlhf_core.data.task.gold_reward`);
+- ``"path/to/file.py:function"``: a function in the user's own Python file;
+- a folder holding a reward model or any HF sequence classifier (``num_labels=1``) with its
+  *own* tokenizer: the policy's text is decoded, then re-encoded with the reward model's
+  tokenizer, so the two need not share a vocabulary (TRL issues #1979, #3595).
+
+:func:`checked_reward` wraps any source so that an exception, a NaN/inf or a wrong number of
+scores becomes a one-line :class:`RewardError` naming the batch — raised before the update, so
+the weights stay unchanged.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError, RewardError
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardModelScorer:
+    """A sequence classifier as a reward: text in, the scalar logit out.
+
+    Encoding is the reward phase's own (``rlhf_core.phases.reward_model.score``: the text
+    ``prompt + response`` in the reward model's tokenizer, EOS appended, right padded), so PPO
+    scores exactly what the reward model was trained on.
+
+    Args:
+        model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
+        tokenizer: the reward model's own tokenizer.
+        batch_size: texts per forward pass.
+        max_length: longest input in the reward model's tokens (longer ones keep their start).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64, max_length: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """Scores of ``prompt + response`` for each pair."""
+        from ..phases.reward_model import score
+        return score(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size).tolist()
+
+
+def load_user_function(spec: str) -> RewardFn:
+    """Import ``function`` from ``file.py`` given ``"file.py:function"`` (the user's own code)."""
+    path_str, _, name = spec.rpartition(":")
+    path = Path(path_str)
+    if not path.is_file():
+        raise ConfigError(f"reward '{spec}': file {path} not found")
+    module_spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+    try:
+        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:
+        raise ConfigError(f"reward '{spec}': importing {path} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward '{spec}': {path} has no function '{name}'")
+    return fn
+
+
+def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",
+                   batch_size: int = 64) -> RewardFn:
+    """Turn a reward spec into a callable ``(prompts, responses) -> list[float]``.
+
+    Args:
+        spec: a callable, ``"gold"``, ``"file.py:function"``, or a reward-model / classifier folder.
+        policy_tokenizer: the policy's tokenizer (kept for sources that need it; a reward model
+            always uses its own).
+        device: where a reward model runs.
+    Raises:
+        ConfigError: an empty spec, a missing file/function or a folder that is not a model.
+    """
+    if callable(spec):
+        return spec
+    if not spec:
+        raise ConfigError("ppo.reward is empty: give a reward-model folder, 'gold' or 'file.py:function'")
+    if spec == "gold":
+        from ..data.task import gold_reward
+        return gold_reward
+    path_part = spec.rpartition(":")[0]
+    if path_part.endswith(".py"):
+        return load_user_function(spec)
+    from ..models import load_reward_model
+    model, tokenizer = load_reward_model(spec)
+    return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size)
+
+
+def checked_reward(fn: RewardFn) -> Callable[..., torch.Tensor]:
+    """Wrap a reward source: returns a float32 (B,) tensor or raises a one-line RewardError.
+
+    The wrapper takes ``(prompts, responses, batch_index=0)``; the index (the PPO iteration or
+    the evaluation batch) is named in the error so a user can find the offending rollout.
+    """
+    def call(prompts: list[str], responses: list[str], batch_index: int = 0) -> torch.Tensor:
+        try:
+            raw = fn(prompts, responses)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"reward batch {batch_index}: the reward raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        try:
+            values = [float(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw)]
+        except (TypeError, ValueError):
+            raise RewardError(f"reward batch {batch_index}: expected a list of floats, "
+                              f"got {type(raw).__name__}") from None
+        if len(values) != len(responses):
+            raise RewardError(f"reward batch {batch_index}: expected {len(responses)} scores, got {len(values)}")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise RewardError(f"reward batch {batch_index}: non-finite score {values[bad[0]]} for response "
+                              f"{bad[0]} ({len(bad)} of {len(values)} non-finite)")
+        return torch.tensor(values, dtype=torch.float32)  # (B,)
+
+    return call

@@ -1,0 +1,199 @@
+"""Rollout: sample responses with a KV cache, then score them into an :class:`Experience`.
+
+``generate`` is a plain sampling loop (no ``model.generate``): one trunk forward over the
+left-padded prompts fills the cache, then one token per step, with logits only for the last
+position (B, V). ``score`` runs one no-grad forward of the policy (logprobs + values) and one of
+the reference, through the fused logprob kernel — never a [B, T, V] tensor.
+
+References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (left padding,
+position ids, truncation without EOS, the missing-EOS penalty).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+
+from kernels import fused_kl, fused_logprobs
+
+from .experience import Experience
+from .policy import CausalLMView, PolicyWithValue, position_ids_for, response_hidden, response_logprobs
+
+
+def encode_prompts(tokenizer: Any, prompts: list[str], max_prompt_length: int,
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize and left-pad prompts (longer ones keep their last ``max_prompt_length`` tokens).
+
+    Left padding puts every prompt's last token in the last column, so the first sampled token
+    of every row comes from the same position.
+    Returns: (query_ids (B, Lq), query_mask (B, Lq)).
+    """
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts]
+    length = max(len(r) for r in rows)
+    query_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)  # (B, Lq)
+    query_mask = torch.zeros((len(rows), length), dtype=torch.long)  # (B, Lq)
+    for i, r in enumerate(rows):
+        query_ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
+        query_mask[i, length - len(r):] = 1
+    return query_ids.to(device), query_mask.to(device)
+
+
+def decode_responses(tokenizer: Any, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Text of each response's valid tokens, special tokens (the EOS) dropped."""
+    return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+            for r, m in zip(response_ids.cpu(), mask.cpu())]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
+    """Draw one token per row from last-position logits.  (B, V) -> (B,)
+
+    Top-k keeps the k largest logits; top-p keeps the smallest set whose mass reaches p (the
+    most likely token always survives).
+    """
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        probs = sorted_logits.softmax(-1)  # (B, V)
+        drop = probs.cumsum(-1) - probs > top_p  # (B, V) mass before this token already >= p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int = 1,
+             pad_token_id: int = 0, generator: torch.Generator | None = None, greedy: bool = False,
+             use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses to left-padded prompts, stopping each row at its EOS.
+
+    Shapes: query_ids, query_mask (B, Lq).
+    Returns:
+        response_ids (B, T): sampled tokens, ``pad_token_id`` after a row's EOS; T ≤ max_new_tokens
+            (trimmed to the longest row).
+        mask (B, T): 1 on the response through its EOS (inclusive); a row without EOS is
+            truncated at ``max_new_tokens`` and its mask covers all T tokens.
+        has_eos (B,): True where the row emitted EOS.
+    ``use_cache=False`` recomputes the whole sequence every step (a test oracle for the cache).
+    """
+    b = query_ids.shape[0]
+    weight = policy.lm_head_weight  # (V, H)
+    attention = query_mask.long()  # (B, Lq)
+    positions = position_ids_for(attention)  # (B, Lq)
+    cache = DynamicCache() if use_cache else None
+    hidden, cache = policy.forward_hidden(query_ids, attention, positions, cache, use_cache=True)
+    done = torch.zeros(b, dtype=torch.bool, device=query_ids.device)  # (B,)
+    tokens, valid = [], []
+    for _ in range(max_new_tokens):
+        logits = hidden[:, -1] @ weight.T  # (B, V) last position only
+        nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        tokens.append(nxt)
+        valid.append(~done)
+        done = done | (nxt == eos_token_id)
+        if bool(done.all()):
+            break
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (B, L+1)
+        step_pos = positions[:, -1:] + 1  # (B, 1)
+        positions = torch.cat([positions, step_pos], dim=1)  # (B, L+1)
+        if use_cache:
+            hidden, cache = policy.forward_hidden(nxt[:, None], attention, step_pos, cache, use_cache=True)
+        else:
+            seq = torch.cat([query_ids, torch.stack(tokens, 1)], dim=1)  # (B, L+1)
+            hidden = policy.forward_hidden(seq, attention, positions)  # (B, L+1, H)
+    response_ids = torch.stack(tokens, dim=1)  # (B, T)
+    mask = torch.stack(valid, dim=1).long()  # (B, T)
+    return response_ids, mask, done
+
+
+def compute_scores(reward_fn: Callable[..., torch.Tensor], prompts: list[str], responses: list[str],
+                   has_eos: torch.Tensor, missing_eos_penalty: float = 0.0, batch_index: int = 0
+                   ) -> torch.Tensor:
+    """Scores (B,) from the reward, minus ``missing_eos_penalty`` for truncated responses.
+
+    ``reward_fn`` is a validated source (see ``reward_sources.checked_reward``) returning (B,).
+    """
+    scores = reward_fn(prompts, responses, batch_index).float()  # (B,)
+    if missing_eos_penalty:
+        # Truncated text can still read well; without a penalty PPO learns to never stop.
+        scores = scores - missing_eos_penalty * (~has_eos.cpu()).float()
+    return scores
+
+
+@torch.no_grad()
+def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
+          response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
+          temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto") -> Experience:
+    """Logprobs, values (policy), ref_logprobs and per-token KL (reference) of a rollout.
+
+    With ``kl_estimator="exact"`` ``kl`` is the full-vocabulary KL(π‖π_ref) per token from
+    ``kernels.fused_kl`` on both models' hidden states; otherwise None (the estimator is applied
+    in ``kl_penalized_rewards``).
+    Shapes: query (B, Lq); response/mask (B, T); scores (B,).
+    Returns: an Experience with rewards/advantages/returns left empty (filled by the trainer).
+    """
+    if kl_estimator != "exact":
+        logprobs, values, _ = response_logprobs(policy, query_ids, query_mask, response_ids, mask,
+                                                temperature, backend, with_values=True)
+        with policy.reference() as ref:
+            ref_logprobs, _, _ = response_logprobs(ref, query_ids, query_mask, response_ids, mask,
+                                                   temperature, backend)
+        kl = None  # the trainer's kl_penalized_rewards applies the k1/k2/k3 estimator
+    else:
+        hidden, ids, attn = response_hidden(policy, query_ids, query_mask, response_ids, mask)  # (B, T, H)
+        with policy.reference() as ref:
+            ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H)
+            ref_weight = ref.lm_head_weight
+        b, t, h = hidden.shape
+        targets = response_ids.reshape(-1)  # (B·T,)
+        logprobs = fused_logprobs(hidden.reshape(b * t, h), policy.lm_head_weight, targets,
+                                  temperature, backend=backend).view(b, t) * mask  # (B, T)
+        ref_logprobs = fused_logprobs(ref_hidden.reshape(b * t, h), ref_weight, targets,
+                                      temperature, backend=backend).view(b, t) * mask  # (B, T)
+        kl = fused_kl(hidden.reshape(b * t, h), policy.lm_head_weight, ref_hidden.reshape(b * t, h),
+                      ref_weight, temperature, backend=backend).view(b, t) * mask  # (B, T)
+        values = policy.response_values(hidden, ids, attn) * mask  # (B, T)
+    return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
+                      logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+                      scores=scores.to(logprobs.device), kl=kl)
+
+
+@torch.no_grad()
+def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: list[str], reward_fn: Callable[..., torch.Tensor],
+             gold_fn: Callable[..., torch.Tensor] | None = None, *, max_new_tokens: int,
+             max_prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, backend: str = "auto", batch_size: int = 64) -> dict[str, float]:
+    """Held-out evaluation: sample one response per prompt and average what it earns.
+
+    Sampling uses the training temperature (what PPO optimizes) with a generator re-seeded from
+    ``seed`` on every call, so two evaluations of different policies share their random draws.
+    Returns ``eval/scores`` (the reward source), ``eval/gold_reward`` (``gold_fn``, if given),
+    ``eval/kl_to_ref`` (mean over responses of Σ_t exact KL(π‖π_ref)) and ``eval/response_length``.
+    """
+    device = policy.lm_head_weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums = {"eval/scores": 0.0, "eval/gold_reward": 0.0, "eval/kl_to_ref": 0.0, "eval/response_length": 0.0}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        query_ids, query_mask = encode_prompts(tokenizer, batch, max_prompt_length, device)
+        response_ids, mask, _ = generate(policy, query_ids, query_mask, max_new_tokens, temperature, top_k,
+                                         top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        texts = decode_responses(tokenizer, response_ids, mask)
+        sums["eval/scores"] += float(reward_fn(batch, texts, start // batch_size).sum())
+        if gold_fn is not None:
+            sums["eval/gold_reward"] += float(gold_fn(batch, texts, start // batch_size).sum())
+        exp = score(policy, query_ids, query_mask, response_ids, mask, torch.zeros(len(batch)),
+                    temperature, kl_estimator="exact", backend=backend)
+        sums["eval/kl_to_ref"] += float(exp.kl.sum())  # type: ignore[union-attr]
+        sums["eval/response_length"] += float(mask.sum())
+    out = {k: v / len(prompts) for k, v in sums.items()}
+    if gold_fn is None:
+        del out["eval/gold_reward"]
+    return out

@@ -1,0 +1,282 @@
+"""PPO for language models: the whole loop, one iteration per ``step()``.
+
+Every formula lives in the functional core (rewards, advantages, losses, buffer, rollout); this
+file only orders the calls, the way CleanRL's ppo.py reads. To change the loss, pass
+``loss_fn=`` (same signature as :func:`ppo_loss`); to change the advantages, register an
+estimator (``register_advantage_estimator``) and name it in ``config.advantage_estimator``.
+
+References: Schulman et al. 2017 (PPO); Ziegler et al. 2019 (KL-penalized RLHF, adaptive KL);
+Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered steps below).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from ..config import PPOConfig
+from ..errors import ConfigError, DataError
+from ..tracking import MetricsLogger, progress
+from .advantages import get_advantage_estimator, masked_whiten
+from .buffer import RolloutBuffer, accumulation_weights, micro_batches
+from .experience import Experience
+from .losses import entropy_bonus, explained_variance, policy_loss, value_loss
+from .policy import PolicyWithValue, response_logprobs
+from .reward_sources import RewardFn, checked_reward
+from .rewards import AdaptiveKLController, FixedKLController, kl_penalized_rewards
+from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, score
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def ppo_loss(*, logprobs: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor, exp: Experience,
+             config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The default loss: policy_loss + vf_coef·value_loss − ent_coef·entropy (token-mean).
+
+    Args: current ``logprobs``/``values``/``entropy`` (B, T) with grad; ``exp`` the minibatch's
+    rollout (old logprobs/values, advantages, returns, mask). A custom ``loss_fn`` gets the same
+    keywords and returns (loss, stats) with the stats as 0-dim tensors.
+    """
+    pg, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, config.clip_range)
+    vf, vf_stats = value_loss(values, exp.values, exp.returns, exp.mask, config.clip_range_value)
+    ent, ent_stats = entropy_bonus(entropy, exp.mask)
+    return pg + config.vf_coef * vf - config.ent_coef * ent, {**stats, **vf_stats, **ent_stats}
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warm-up, then constant / linear / cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = min(1.0, (step - warmup) / max(1, total - warmup))
+        return {"constant": 1.0, "linear": 1.0 - done, "cosine": 0.5 * (1 + math.cos(math.pi * done))}[schedule]
+    return factor
+
+
+class MeanMetrics:
+    """Sum and count per key, so a mean only averages values that were written (TRL #7012)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict[str, float]:
+        return {k: s / self.counts[k] for k, s in self.sums.items()}
+
+
+class PPOTrainer:
+    """PPO with a KL-penalized reward on an HF causal LM wrapped in :class:`PolicyWithValue`.
+
+    Args:
+        config: PPOConfig (validated here).
+        policy: the trained policy; its ``reference()`` supplies π_ref.
+        tokenizer: the policy's tokenizer (pad distinct from EOS).
+        reward_fn: ``(prompts, responses) -> list[float]`` (see ``reward_sources.make_reward_fn``).
+        prompts / eval_prompts: training prompts, held-out prompts for evaluation.
+        logger: MetricsLogger (metrics go under phase "ppo"); gold_fn: the true judge, if known.
+        loss_fn: replaces :func:`ppo_loss` (same keywords) without copying this class.
+    """
+
+    def __init__(self, config: PPOConfig, policy: PolicyWithValue, tokenizer: Any, reward_fn: RewardFn,
+                 prompts: list[str], eval_prompts: list[str] | None = None, logger: MetricsLogger | None = None,
+                 gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None):
+        config.validate()
+        if not prompts:
+            raise DataError("ppo.prompts", "no training prompts")
+        try:
+            self.estimator = get_advantage_estimator(config.advantage_estimator)
+        except ValueError as e:
+            raise ConfigError(f"ppo.advantage_estimator: {e}") from None
+        self.cfg, self.policy, self.tokenizer = config, policy, tokenizer
+        self.reward = checked_reward(reward_fn)
+        self.gold = checked_reward(gold_fn) if gold_fn is not None else None
+        self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
+        self.logger = logger or MetricsLogger(None)
+        self.loss_fn = loss_fn or ppo_loss
+        self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                       if config.adaptive_kl else FixedKLController(config.kl_coef))
+        self.device = policy.lm_head_weight.device
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed)  # generation
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
+        self.params = policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=1e-5)
+        total = config.num_iterations * config.ppo_epochs * config.num_mini_batches
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config.lr_schedule, config.warmup_steps, total))
+        self.iteration, self.skipped_steps, self.episodes = 0, 0, 0
+        self._order: list[int] = []
+        self.trace: dict[str, Any] = {}
+
+    def next_prompts(self) -> list[str]:
+        """batch_size / group_size prompts from a seeded reshuffle, each repeated group_size times."""
+        n = self.cfg.batch_size // self.cfg.group_size
+        while len(self._order) < n:
+            self._order += torch.randperm(len(self.prompts), generator=self.shuffle_gen).tolist()
+        picked, self._order = self._order[:n], self._order[n:]
+        return [self.prompts[i] for i in picked for _ in range(self.cfg.group_size)]  # contiguous groups
+
+    def step(self) -> dict[str, float]:
+        """One PPO iteration: rollout, rewards, advantages, PPO epochs. Returns its metrics."""
+        cfg, policy = self.cfg, self.policy
+        self.iteration += 1
+        t_start = time.perf_counter()
+        # 1. sample a prompt batch (group_size samples per prompt, contiguous)
+        prompts = self.next_prompts()
+        query_ids, query_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
+        # 2. generate responses with the KV cache (no grad)
+        response_ids, mask, has_eos = generate(
+            policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen)
+        t_generate = time.perf_counter()
+        # 3. score: the reward (validated before any weight changes), logprobs, ref_logprobs, values
+        texts = decode_responses(self.tokenizer, response_ids, mask)
+        scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
+        exp = score(policy, query_ids, query_mask, response_ids, mask, scores, cfg.temperature,
+                    cfg.kl_estimator, cfg.kernel_backend)
+        t_score = time.perf_counter()
+        # 4. compute rewards: −β·KL per token, the score on each row's last valid token (its EOS)
+        estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator
+        rewards, kl = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask,
+                                           self.kl_ctl.value, estimator, kl=exp.kl)
+        # 5. whiten rewards (scale only: shifting the mean would change the objective)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        # 6. compute advantages with the registered estimator, then whiten them over the batch
+        advantages, returns = self.estimator(rewards=rewards, values=exp.values, mask=mask, scores=exp.scores,
+                                             gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
+        exp = replace(exp, rewards=rewards, kl=kl, advantages=masked_whiten(advantages, mask), returns=returns)
+        if cfg.trace and self.iteration == 1:
+            self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
+                          "raw_advantages": advantages, **{k: v for k, v in vars(exp).items()}}
+        t_rollout = time.perf_counter()
+        # 7. put the experience in the buffer
+        buffer = RolloutBuffer()
+        buffer.add(exp)
+        # 8. PPO epochs over shuffled minibatches
+        update = self.update(buffer)
+        t_update = time.perf_counter()
+        # 9. adapt the KL coefficient to the observed sequence KL
+        seq_kl = float(kl.sum(1).mean())
+        self.kl_ctl.update(seq_kl, cfg.batch_size)
+        # 10. metrics, computed once here (update stats are means over minibatch steps)
+        self.episodes += cfg.batch_size
+        elapsed = t_update - t_start
+        seq_reward = float(rewards.sum(1).mean()) if not cfg.whiten_rewards else float(
+            (exp.scores - self.kl_ctl.value * kl.sum(1)).mean())
+        return {
+            **update,
+            "objective/kl": seq_kl,
+            "objective/scores": float(exp.scores.mean()),
+            "objective/rlhf_reward": seq_reward,
+            "objective/kl_coef": self.kl_ctl.value,
+            "val/explained_variance": float(explained_variance(exp.values, returns, mask)),
+            "response/length": float(mask.sum(1).float().mean()),
+            "response/eos_fraction": float(has_eos.float().mean()),
+            "lr": self.scheduler.get_last_lr()[0],
+            "perf/episodes_per_s": cfg.batch_size / elapsed,
+            "perf/tokens_per_s": float(mask.sum()) / elapsed,
+            "perf/skipped_steps": self.skipped_steps,
+            "time/generate": t_generate - t_start,
+            "time/score": t_score - t_generate,
+            "time/rollout": t_rollout - t_start,
+            "time/update": t_update - t_rollout,
+        }
+
+    def update(self, buffer: RolloutBuffer) -> dict[str, float]:
+        """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
+        cfg = self.cfg
+        metrics = MeanMetrics()
+        for _ in range(cfg.ppo_epochs):
+            for minibatch in buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen):
+                stats = self.minibatch_step(minibatch)
+                if stats is None:
+                    continue
+                metrics.add(stats)
+                if cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
+                    return {**metrics.mean(), "policy/early_stop": 1.0}
+        return {**metrics.mean(), "policy/early_stop": 0.0}
+
+    def minibatch_step(self, minibatch: Experience) -> dict[str, float] | None:
+        """One optimizer step on a minibatch, accumulated over micro-batches.
+
+        Each micro-batch loss is scaled by its share of the minibatch's valid tokens (see
+        ``buffer.accumulation_weights``), so the gradient equals the un-accumulated one. A
+        non-finite loss or gradient skips the step: weights and optimizer state stay untouched.
+        """
+        cfg = self.cfg
+        size = cfg.micro_batch_size or len(minibatch)
+        weights = accumulation_weights(minibatch.mask, size)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats_sum: dict[str, float] = {}
+        finite = True
+        for weight, part in zip(weights, micro_batches(minibatch, size)):
+            if weight == 0:
+                continue
+            logprobs, values, entropy = response_logprobs(
+                self.policy, part.query_ids, part.query_mask, part.response_ids, part.mask, cfg.temperature,
+                cfg.kernel_backend, with_values=True, with_entropy=True)
+            loss, stats = self.loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=cfg)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            (loss * weight).backward()
+            if self.trace and self.iteration == 1:  # for docs: what each update step saw
+                self.trace.setdefault("updates", []).append(
+                    {"response_ids": part.response_ids, "logprobs": logprobs.detach(), "values": values.detach(),
+                     **{k: v.detach() for k, v in stats.items()}})
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        if not finite or not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        return {**stats_sum, "policy/grad_norm": float(grad_norm)}
+
+    def evaluate(self) -> dict[str, float]:
+        """Gold reward, reward-source score and KL to the reference on the held-out prompts."""
+        cfg = self.cfg
+        return evaluate(self.policy, self.tokenizer, self.eval_prompts, self.reward, self.gold,
+                        max_new_tokens=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                        seed=cfg.seed + 7919, backend=cfg.kernel_backend)
+
+    def train(self) -> dict[str, float]:
+        """Run ``num_iterations`` iterations with evaluation before, every eval_every, and at the end.
+
+        Returns: a summary: eval metrics ``*_before`` / ``*_after``, ``episodes_per_s`` (episodes over
+        training wall time, evaluation excluded), ``wall_seconds`` (everything), skipped steps.
+        """
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        before = self.evaluate() if self.eval_prompts else {}
+        if before:
+            self.logger.log("ppo", 0, before)
+        train_seconds, last = 0.0, {}
+        for it in progress(range(1, cfg.num_iterations + 1), total=cfg.num_iterations, desc="ppo"):
+            t_it = time.perf_counter()
+            metrics = self.step()
+            train_seconds += time.perf_counter() - t_it
+            final = it == cfg.num_iterations
+            evaluated = bool(self.eval_prompts) and (final or (cfg.eval_every > 0 and it % cfg.eval_every == 0))
+            if evaluated:
+                last = self.evaluate()
+                metrics.update(last)
+            if evaluated or final or it % cfg.log_every == 0:
+                self.logger.log("ppo", it, metrics)
+        summary = {f"{k.split('/')[1]}_before": v for k, v in before.items()}
+        summary.update({f"{k.split('/')[1]}_after": v for k, v in last.items()})
+        summary.update({"episodes_per_s": self.episodes / max(train_seconds, 1e-9),
+                        "wall_seconds": time.perf_counter() - t0, "skipped_steps": self.skipped_steps,
+                        "iterations": self.iteration})
+        return summary
