@@ -1,0 +1,245 @@
+"""Side-by-side CPU benchmark of rlhf_core's PPO against TRL 1.12's (``trl.experimental.ppo``).
+
+Method (docs/benchmarks.md explains each choice):
+1. per scale, one seed builds the tokenizer and the policy / reward / value weights, saved once;
+   every run loads those same folders (the reference is the policy folder loaded again);
+2. rows run alternately — TRL, ours in TRL's structure, ours best; TRL, ... — ``--repeats``
+   times, each in a fresh subprocess, so peak RSS is per run and no run warms another's caches;
+3. per row: medians of episodes/s, tokens/s, CPU seconds per episode, phase times, peak RSS,
+   and the ratios ours/TRL of those medians;
+4. learning curves: both trainers from the same briefly supervised tiny policy, rewarded by the
+   embedded task's gold judge, same prompts and seed; mean gold score per rollout batch.
+Writes ``<out>.json`` (every run, raw), ``<out>.md`` (tables) and ``<out>.png`` (curves).
+
+    python benchmarks/bench_ppo_vs_trl.py                      # the full CPU run
+    python benchmarks/bench_ppo_vs_trl.py --scales tiny --repeats 1 --curve-iterations 0   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import HParams, cpu_name  # noqa: E402
+
+ROWS = ("trl", "ours-trl-structure", "ours-best")
+# Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the run ≲ 10 min.
+SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scales", default="tiny,gpt2-10m", help="comma-separated: tiny, gpt2-10m")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every row (>= 3 for medians)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per run (1: on a shared 2-core VM, 2 threads spin-wait)")
+    p.add_argument("--curve-iterations", type=int, default=12, help="PPO iterations per learning curve (0: skip)")
+    p.add_argument("--curve-seeds", default="0,1,2", help="comma-separated seeds for the learning curves")
+    p.add_argument("--warm-steps", type=int, default=300, help="supervised steps before the learning curves")
+    p.add_argument("--profile-scale", default="gpt2-10m", help="scale of the cProfile'd runs ('' to skip)")
+    p.add_argument("--out", default=str(HERE / "results" / "ppo_vs_trl_cpu"), help="output path stem")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one run, JSON to --result
+    p.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    p.add_argument("--result", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker: one run in this (fresh) process
+# ----------------------------------------------------------------------------------------------
+def install_profiler(row: str):
+    """cProfile around the training loop only (TRL's train(), our step()), not model loading."""
+    import cProfile
+    if row == "trl":
+        from trl.experimental.ppo import PPOTrainer as cls
+        name = "train"
+    else:
+        from rlhf_core.ppo.trainer import PPOTrainer as cls
+        name = "step"
+    prof, orig = cProfile.Profile(), getattr(cls, name)
+
+    def profiled(self, *a, **k):
+        prof.enable()
+        try:
+            return orig(self, *a, **k)
+        finally:
+            prof.disable()
+    setattr(cls, name, profiled)
+    return prof
+
+
+def top_functions(prof, n: int = 12) -> list[dict]:
+    """The n functions with the most self time: what dominates the loop."""
+    import pstats
+    st = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    total = sum(v[2] for v in st.values())
+    rows = sorted(st.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    return [{"function": f"{Path(f).name}:{line}({fn})" if f != "~" else fn, "calls": v[1],
+             "self_s": v[2], "share": v[2] / total} for (f, line, fn), v in rows]
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    torch.set_num_threads(args.threads)
+    spec = json.loads(args.spec)
+    hp = HParams(**spec["hp"])
+    prof = install_profiler(args.worker) if spec.get("profile") else None
+    cpu0 = time.process_time()
+    if args.worker == "trl":
+        from trl_runner import run_trl
+        rec = run_trl(spec["paths"], hp, spec["scale"], "trl", spec["reward"], spec.get("prompts"))
+    else:
+        from ours_runner import run_ours
+        rec = run_ours(spec["paths"], hp, spec["scale"], args.worker, spec["reward"], spec.get("prompts"))
+    rec["process_cpu_s"] = time.process_time() - cpu0  # includes model loading; see cpu_s_train
+    if prof is not None:
+        rec["profile"] = top_functions(prof)
+    Path(args.result).write_text(json.dumps(rec))
+
+
+def spawn(row: str, spec: dict, threads: int) -> dict:
+    """Run one row in a fresh interpreter and return its record (raises with its stderr tail)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result = f.name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row, "--spec", json.dumps(spec),
+           "--result", result, "--threads", str(threads)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{row} failed:\n{proc.stderr[-3000:]}")
+    rec = json.loads(Path(result).read_text())
+    os.unlink(result)
+    rec["subprocess_wall_s"] = time.perf_counter() - t0
+    rec["loadavg_after"] = os.getloadavg()[0]
+    print(f"  {rec['scale']:9s} {row:19s} {rec['episodes_per_s']:7.2f} ep/s  cpu {rec['cpu_s_train']:6.1f} s  "
+          f"wall {rec['wall_s']:6.1f} s  rss {rec['peak_rss_mb']:6.0f} MB  load {rec['loadavg_after']:.1f}", flush=True)
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+# ----------------------------------------------------------------------------------------------
+def throughput(scales: list[str], repeats: int, threads: int, work: Path) -> tuple[list[dict], dict]:
+    from common import n_params, prepare_artifacts
+    runs, sizes = [], {}
+    for scale in scales:
+        paths = prepare_artifacts(scale, work / scale)
+        sizes[scale] = n_params(paths["policy"])
+        spec = {"paths": paths, "scale": scale, "reward": "model", "hp": HParams(**SCALE_HP[scale]).to_dict()}
+        for r in range(repeats):
+            for row in ROWS:  # A B C A B C ...: slow drifts of the machine hit every row alike
+                runs.append({**spawn(row, spec, threads), "repeat": r})
+    return runs, sizes
+
+
+def profiles(scale: str, threads: int, work: Path) -> list[dict]:
+    """One extra cProfile'd run of TRL and of ours-best (profiling slows runs: not in the timings)."""
+    from common import prepare_artifacts
+    paths = prepare_artifacts(scale, work / f"profile-{scale}")
+    spec = {"paths": paths, "scale": scale, "reward": "model", "profile": True,
+            "hp": HParams(**SCALE_HP[scale]).to_dict()}
+    return [spawn(row, spec, threads) for row in ("trl", "ours-best")]
+
+
+def curves(iterations: int, seeds: list[int], warm_steps: int, threads: int, work: Path) -> list[dict]:
+    import torch
+    from common import prepare_artifacts, task_prompts, warm_start_policy
+    torch.set_num_threads(threads)
+    out = []
+    base = prepare_artifacts("tiny", work / "curve-init")
+    state = warm_start_policy(base["policy"], base["tokenizer"], warm_steps)
+    paths = prepare_artifacts("tiny", work / "curve", policy_state=state)
+    # Learning-rate and epochs large enough to move a tiny policy in a dozen iterations.
+    hp = dict(iterations=iterations, lr=3e-4, ppo_epochs=4, temperature=1.0, response_length=20)
+    for seed in seeds:
+        prompts = task_prompts(iterations * HParams().batch_size, seed)[0]
+        spec = {"paths": paths, "scale": "tiny", "reward": "gold", "prompts": prompts,
+                "hp": HParams(**hp, seed=seed).to_dict()}
+        for row in ("trl", "ours-best"):
+            out.append(spawn(row, spec, threads))
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians per (scale, row) and ratios ours/TRL of the medians."""
+    table: dict = {}
+    for scale in sorted({r["scale"] for r in runs}):
+        for row in ROWS:
+            rs = [r for r in runs if r["scale"] == scale and r["row"] == row]
+            if not rs:
+                continue
+            med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+            table.setdefault(scale, {})[row] = {
+                "n": len(rs), "episodes_per_s": med(lambda r: r["episodes_per_s"]),
+                "tokens_per_s": med(lambda r: r["tokens_per_s"]),
+                "cpu_s_per_episode": med(lambda r: r["cpu_s_train"] / r["episodes"]),
+                "generation_s": med(lambda r: r["time"]["generation"]), "scoring_s": med(lambda r: r["time"]["scoring"]),
+                "update_s": med(lambda r: r["time"]["update"]),
+                "gc_s": med(lambda r: r["time"].get("gc", 0.0)), "wall_s": med(lambda r: r["wall_s"]),
+                "peak_rss_mb": med(lambda r: r["peak_rss_mb"]),
+                "episodes_per_s_all": [round(r["episodes_per_s"], 3) for r in rs]}
+        trl = table[scale].get("trl")
+        for row, s in table[scale].items():
+            if trl and row != "trl":
+                s["ratio_vs_trl"] = {"episodes_per_s": s["episodes_per_s"] / trl["episodes_per_s"],
+                                     "cpu_s_per_episode": trl["cpu_s_per_episode"] / s["cpu_s_per_episode"],
+                                     "peak_rss_mb": s["peak_rss_mb"] / trl["peak_rss_mb"]}
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        scales = [s for s in args.scales.split(",") if s]
+        print(f"throughput: {scales}, {args.repeats} repeats, {args.threads} thread(s)", flush=True)
+        runs, sizes = throughput(scales, args.repeats, args.threads, work)
+        profile_runs = profiles(args.profile_scale, args.threads, work) if args.profile_scale else []
+        curve_runs = []
+        if args.curve_iterations > 0:
+            print("learning curves (gold reward)", flush=True)
+            curve_runs = curves(args.curve_iterations, [int(s) for s in args.curve_seeds.split(",")],
+                                args.warm_steps, args.threads, work)
+    import torch
+    import transformers
+    import trl
+    report = {
+        "command": command, "device": cpu_name(), "threads_per_run": args.threads,
+        "loadavg_1min_start": load0[0], "loadavg_1min_end": os.getloadavg()[0],
+        "total_wall_s": time.perf_counter() - t0,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "trl": trl.__version__},
+        "policy_params": sizes, "hparams": {s: HParams(**SCALE_HP[s]).to_dict() for s in sizes},
+        "summary": summarize(runs), "runs": runs, "curves": curve_runs,
+        "profiles": [{"row": r["row"], "scale": r["scale"], "wall_s": r["wall_s"], "top": r["profile"]}
+                     for r in profile_runs],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    from report_ppo_vs_trl import write_markdown, write_plot
+    write_markdown(report, out.with_suffix(".md"))
+    if curve_runs:
+        write_plot(curve_runs, out.with_suffix(".png"))
+    print(f"wrote {out}.json/.md{'/.png' if curve_runs else ''} in {report['total_wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
