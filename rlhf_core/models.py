@@ -1,0 +1,224 @@
+"""Build, load and save the models of every phase: tiny random-init Llama, LoRA/QLoRA, reward models.
+
+References: LoRA (Hu et al. 2021), QLoRA (Dettmers et al. 2023: nf4 + double quantization + bf16
+compute + gradient checkpointing), HF ``LlamaForSequenceClassification`` (reward = score head on
+the last non-pad token, found through ``config.pad_token_id``).
+
+Saved folders are plain HF folders (safetensors + tokenizer) that ``AutoModel*.from_pretrained``
+loads. A QLoRA run saves its *adapter* (a 4-bit merge would be lossy): the folder holds
+``adapter_config.json`` whose ``base_model_name_or_path`` is the absolute base folder, so
+``AutoModelForCausalLM.from_pretrained(adapter_dir)`` (transformers' PEFT integration) and
+:func:`load_causal_lm` both load base + adapter.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_dir
+from .config import LoraFields, TinyModelConfig
+from .errors import ConfigError
+
+# bitsandbytes probes a hub package that is also named `kernels`; ours is a different one.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+ADAPTER_FILE = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports/progress bars (expected when swapping heads), then restore."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_model_dir(path: str, what: str = "model") -> Path:
+    """Raise a one-line ConfigError unless ``path`` is a folder holding an HF model or adapter."""
+    p = Path(path) if path else None
+    if p is None or not p.is_dir():
+        raise ConfigError(f"{what} folder not found: '{path}' (expected a local HF model folder)")
+    if not (p / "config.json").is_file() and not (p / ADAPTER_FILE).is_file():
+        raise ConfigError(f"{p}: no config.json or {ADAPTER_FILE} — not a saved HF {what} folder")
+    return p
+
+
+def build_tiny_model(tokenizer: Any, model_cfg: TinyModelConfig, seed: int = 0) -> nn.Module:
+    """Random-init Llama-style causal LM sized by ``model_cfg`` (q_proj/v_proj exist for LoRA).
+
+    pad/eos/bos ids come from the tokenizer; the vocabulary is ``len(tokenizer)`` so added tokens fit.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model_cfg.validate()
+    config = LlamaConfig(
+        vocab_size=max(len(tokenizer), model_cfg.vocab_size),
+        hidden_size=model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_heads,
+        intermediate_size=model_cfg.intermediate_size,
+        max_position_embeddings=model_cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def load_tokenizer(path: str) -> Any:
+    """Load a tokenizer folder; ensure a pad token distinct from eos and right padding."""
+    from transformers import AutoTokenizer
+    p = Path(path) if path else None
+    if p is None or not p.is_dir():
+        raise ConfigError(f"tokenizer folder not found: '{path}'")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    # A pad equal to eos would mask the eos out of the loss and of the reward's last-token lookup.
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = "right"
+    return tok
+
+
+def lora_config(lora: LoraFields, task_type: str, modules_to_save: list[str] | None = None) -> Any:
+    """peft LoraConfig from the shared LoRA fields."""
+    from peft import LoraConfig
+    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=list(lora.lora_target_modules), task_type=task_type,
+                      modules_to_save=modules_to_save)
+
+
+def base_path_of(path: Path) -> str | None:
+    """The base folder an adapter folder points to (None for a plain model folder)."""
+    cfg = path / ADAPTER_FILE
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text())["base_model_name_or_path"]
+
+
+def load_causal_lm(path: str, mode: str = "full", lora: LoraFields | None = None,
+                   dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False) -> nn.Module:
+    """Load a causal LM folder for training.
+
+    Args:
+        mode: "full" (all weights train), "lora" (peft adapters on ``lora.lora_target_modules``)
+            or "qlora" (frozen nf4 base with double quantization and bf16 compute, gradient
+            checkpointing, then LoRA adapters).
+        lora: LoRA settings (defaults: r=8, alpha=32, dropout 0.05, q_proj/v_proj).
+    An adapter folder (a saved QLoRA run) loads as its base with the adapter attached.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if mode not in ("full", "lora", "qlora"):
+        raise ConfigError(f"mode={mode!r}: expected one of full, lora, qlora")
+    p = check_model_dir(path)
+    lora = lora or LoraFields()
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
+    if mode == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = "cpu" if not torch.cuda.is_available() else {"": 0}
+    if base_path_of(p) is not None and mode != "full":
+        raise ConfigError(f"{p}: is an adapter folder; merge it first or train it in mode 'full'")
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    if mode == "full":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    if mode == "qlora":
+        # bnb repacks 4-bit weights in place for CPU eval (avx512bf16 path); that layout fails on
+        # small shapes (RuntimeError: shape '[32, 0]') and alternates with training: keep one layout.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    return get_peft_model(model, lora_config(lora, "CAUSAL_LM"))
+
+
+def _seq_cls_from(path: Path, num_labels: int, pad_token_id: int | None) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, trust_remote_code=False, dtype=torch.float32)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def load_reward_model(path: str, num_labels: int = 1, tokenizer_path: str = "") -> tuple[nn.Module, Any]:
+    """(sequence classifier, its tokenizer) from a folder; ``config.pad_token_id`` set so the
+    score is read at the last non-pad token."""
+    p = check_model_dir(path, "reward model")
+    tok = load_tokenizer(tokenizer_path or str(p))
+    model = _seq_cls_from(p, num_labels, tok.pad_token_id)
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    return model, tok
+
+
+def build_reward_model_from_lm(path: str, mode: str = "full", lora: LoraFields | None = None,
+                               tokenizer: Any | None = None) -> nn.Module:
+    """``AutoModelForSequenceClassification(num_labels=1)`` from a causal-LM (or classifier) folder:
+    backbone weights loaded, a new scalar ``score`` head. mode "lora" trains adapters + the head."""
+    if mode not in ("full", "lora"):
+        raise ConfigError(f"mode={mode!r}: expected one of full, lora")
+    p = check_model_dir(path, "reward backbone")
+    model = _seq_cls_from(p, 1, tokenizer.pad_token_id if tokenizer is not None else None)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if mode == "lora":
+        from peft import get_peft_model
+        model = get_peft_model(model, lora_config(lora or LoraFields(), "SEQ_CLS", modules_to_save=["score"]))
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the (possibly peft-wrapped) model holds bitsandbytes 4/8-bit weights."""
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge: bool = True,
+               base_path: str | None = None) -> Path:
+    """Save safetensors + tokenizer into ``out_dir`` atomically.
+
+    A peft model is merged into a plain model when ``merge`` (LoRA); a quantized (QLoRA) model
+    always saves its adapter, whose config points at the absolute ``base_path``.
+    """
+    from peft import PeftModel
+    out_dir = Path(out_dir)
+    if isinstance(model, PeftModel):
+        if is_quantized(model) or not merge:
+            if base_path is not None:
+                for cfg in model.peft_config.values():
+                    cfg.base_model_name_or_path = str(Path(base_path).resolve())
+        else:
+            model = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp, quiet_transformers():
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir

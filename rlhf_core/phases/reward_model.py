@@ -1,0 +1,162 @@
+"""Phase 2: a scalar reward model trained on preference pairs with the Bradley-Terry loss.
+
+loss = −log σ(r(x, y_chosen) − r(x, y_rejected))   (Stiennon et al. 2020; Ouyang et al. 2022)
+
+The model is ``AutoModelForSequenceClassification(num_labels=1)``: a backbone plus a scalar
+``score`` head read at the last non-pad token (HF finds it through ``config.pad_token_id``, so
+the pad token must differ from EOS). The input is the text ``prompt + response`` tokenized with
+the reward model's own tokenizer (which may differ from the policy's), right padded, with the
+EOS appended when the tokenizer has one. :func:`encode_for_reward` / :func:`score` are the same
+encoding for PPO's reward calls.
+
+On the embedded task the held-out pairs are also judged against the gold scorer: the accuracy
+that matters is agreement with the true judge, not with the (noisy) labels.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RewardConfig
+from ..errors import ConfigError, DataError
+from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, save_model
+from ..tracking import MetricsLogger
+from .common import chunks, pad, setup_torch, split_eval, train_loop
+
+PHASE = "reward"
+
+
+def encode_for_reward(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                      max_length: int) -> list[list[int]]:
+    """Token ids of ``prompt + response`` (+ EOS) for each pair, truncated on the right to
+    ``max_length`` (the EOS is kept as the last token so the head reads the end of the text)."""
+    texts = [p + r for p, r in zip(prompts, responses)]
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, truncation=True, max_length=max_length - (eos is not None))["input_ids"]
+    return [s + [eos] if eos is not None and (not s or s[-1] != eos) else s for s in ids]
+
+
+def reward_forward(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Scalar rewards for token sequences (right padded in one batch).  Returns (B,) float."""
+    input_ids = pad(seqs, pad_id)                                   # (B, T)
+    attention_mask = pad([[1] * len(s) for s in seqs], 0)           # (B, T)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+          max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
+    """Reward-model scores of (prompt, response) pairs, the encoding used in training.  Returns (B,)."""
+    seqs = encode_for_reward(tokenizer, prompts, responses, max_length)
+    return torch.cat([reward_forward(model, [seqs[i] for i in idx], tokenizer.pad_token_id)
+                      for idx in chunks(len(seqs), batch_size)])
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry loss mean(−log σ(r_chosen − r_rejected)); logsigmoid keeps it finite."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def load_preferences(cfg: RewardConfig, task: Any | None = None) -> tuple[list[dict[str, str]], bool]:
+    """(prompt/chosen/rejected records, whether they come from the embedded task)."""
+    if cfg.data:
+        from ..data.loaders import load_records
+        return list(load_records(cfg.data, "preference")), False
+    if task is None:
+        from ..data.task import generate_task
+        task = generate_task(seed=cfg.seed)
+    return [dict(r) for r in task.preferences], True
+
+
+def encode_pairs(records: list[dict[str, str]], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) per record."""
+    prompts = [r["prompt"] for r in records]
+    chosen = encode_for_reward(tokenizer, prompts, [r["chosen"] for r in records], max_length)
+    rejected = encode_for_reward(tokenizer, prompts, [r["rejected"] for r in records], max_length)
+    return list(zip(chosen, rejected))
+
+
+def pair_rewards(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]],
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected together.  Returns (r_chosen (B,), r_rejected (B,))."""
+    r = reward_forward(model, [p[0] for p in pairs] + [p[1] for p in pairs], pad_id)   # (2B,)
+    return r[:len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int,
+             batch_size: int, gold: list[bool | None] | None = None) -> dict[str, float]:
+    """Held-out loss, accuracy vs labels (r_chosen > r_rejected), mean margin, and accuracy vs the
+    gold judge (``gold[i]``: True when gold prefers chosen, None on a gold tie: not counted)."""
+    was_training = model.training
+    model.eval()
+    rc, rr = zip(*[pair_rewards(model, [pairs[i] for i in idx], pad_id) for idx in chunks(len(pairs), batch_size)])
+    model.train(was_training)
+    chosen, rejected = torch.cat(rc), torch.cat(rr)
+    margin = chosen - rejected
+    out = {"loss": float(pairwise_loss(chosen, rejected)), "accuracy_labels": float((margin > 0).float().mean()),
+           "margin": float(margin.mean())}
+    if gold is not None:
+        hits = [bool(m > 0) == g for m, g in zip(margin.tolist(), gold) if g is not None]
+        out["accuracy_gold"] = sum(hits) / max(len(hits), 1)
+    return out
+
+
+def gold_labels(records: list[dict[str, str]]) -> list[bool | None]:
+    """Per record: does the gold judge prefer 'chosen'? (None on a tie)."""
+    from ..data.task import gold_score
+    out: list[bool | None] = []
+    for r in records:
+        c, j = gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])
+        out.append(None if c == j else c > j)
+    return out
+
+
+def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
+        **_: Any) -> dict[str, Any]:
+    """Train a reward model on preference pairs; save the classifier + its tokenizer to ``output_dir``.
+
+    Returns the summary: eval_accuracy (vs gold on the embedded task, else vs labels; named in
+    eval_accuracy_against), eval_accuracy_labels, eval_margin, eval_loss, train_loss, wall_seconds.
+    """
+    t0 = time.perf_counter()
+    cfg.validate()
+    generator = setup_torch(cfg.seed)
+    if not cfg.model:
+        raise ConfigError("reward.model is empty: expected a backbone folder (e.g. phase 0's output)")
+    path = check_model_dir(cfg.model, "reward backbone")
+    tokenizer = load_tokenizer(cfg.tokenizer or str(path))
+    model = build_reward_model_from_lm(str(path), mode=cfg.mode, lora=cfg, tokenizer=tokenizer)
+    records, embedded = load_preferences(cfg, task)
+    if len(records) < 2:
+        raise DataError(cfg.data or "embedded task", f"need at least 2 preference records, got {len(records)}")
+    train_recs, held_recs = split_eval(records, cfg.eval_fraction, cfg.seed)
+    train, held = encode_pairs(train_recs, tokenizer, cfg.max_length), encode_pairs(held_recs, tokenizer, cfg.max_length)
+    gold = gold_labels(held_recs) if embedded else None
+    pad_id, eval_bs = tokenizer.pad_token_id, 2 * cfg.batch_size
+
+    def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:
+        batch = [train[i] for i in idx]
+        chosen, rejected = pair_rewards(model, batch, pad_id)
+        return pairwise_loss(chosen, rejected), sum(len(c) + len(r) for c, r in batch)
+
+    def log_eval(step: int) -> dict[str, float]:
+        ev = evaluate(model, held, pad_id, eval_bs, gold)
+        logger.log(PHASE, step, {"loss/eval": ev["loss"], "eval/accuracy": ev.get("accuracy_gold", ev["accuracy_labels"]),
+                                 "eval/accuracy_labels": ev["accuracy_labels"], "eval/margin": ev["margin"]})
+        return ev
+
+    before = log_eval(0)
+    result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator)
+    ev = log_eval(result.steps)
+    save_model(model, tokenizer, output_dir, merge=True)
+    return {"eval_accuracy": ev.get("accuracy_gold", ev["accuracy_labels"]),
+            "eval_accuracy_against": "gold" if gold is not None else "labels",
+            "eval_accuracy_labels": ev["accuracy_labels"], "eval_margin": ev["margin"], "eval_loss": ev["loss"],
+            "eval_accuracy_before": before.get("accuracy_gold", before["accuracy_labels"]),
+            "train_loss": result.train_loss, "steps": result.steps,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "wall_seconds": time.perf_counter() - t0}
