@@ -48,6 +48,14 @@ def _is_interpreted(module: ModuleType) -> bool:
     return isinstance(getattr(module, "KERNELS")[0], InterpretedFunction)
 
 
+def _stdlib_interpreted() -> bool:
+    """True when triton.language's own @jit functions (tl.sum, tl.max, ...) run in the interpreter:
+    they are decorated when triton.language is first imported, whatever our modules do later."""
+    from triton.language import standard
+
+    return type(standard.sum).__name__ == "InterpretedFunction"
+
+
 def load_triton(name: str, device: torch.device) -> ModuleType:
     """Import ``kernels.<name>`` so that its kernels can run on ``device``.
 
@@ -58,6 +66,12 @@ def load_triton(name: str, device: torch.device) -> ModuleType:
     cpu = device.type == "cpu"
     if cpu and not any(m in sys.modules for m in _TRITON_MODULES):
         os.environ["TRITON_INTERPRET"] = "1"
+    if cpu and not _stdlib_interpreted():
+        raise KernelBackendError(
+            "triton.language was imported (e.g. by transformers) before TRITON_INTERPRET=1 was set, so its "
+            "library functions need a GPU; set TRITON_INTERPRET=1 at process start to run backend='triton' "
+            "on CPU tensors (or use backend='torch')"
+        )
     module = importlib.import_module(full)
     interpreted = _is_interpreted(module)
     if cpu and not interpreted:

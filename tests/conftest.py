@@ -3,3 +3,9 @@ import os
 # Tests never download: models come from configs, tokenizers are trained locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RLHF_NO_PROGRESS", "1")
+
+# The Triton kernels run in the interpreter on CPU. triton.jit picks compiled vs interpreted when a
+# function is decorated, and transformers imports triton.language early, so the switch must be set
+# before any test module imports anything (gpu_check.sh sets RLHF_TEST_DEVICE=cuda to skip this).
+if os.environ.get("RLHF_TEST_DEVICE", "cpu") == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
