@@ -1,6 +1,7 @@
 """real.py's task and gold judge: pure Python, runs without the weight packages."""
 from rlhf_core.config import TaskConfig
-from rlhf_core.real import (STYLE_WEIGHTS, generate_real_task, gold_parts, gold_score, preset_defaults,
+from rlhf_core.real import preset_defaults
+from rlhf_core.real_task import (STYLE_WEIGHTS, generate_real_task, gold_parts, gold_score,
                             question_of, rm_prompt)
 
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

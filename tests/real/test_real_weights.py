@@ -20,7 +20,8 @@ from rlhf_core.config import PPOConfig  # noqa: E402
 from rlhf_core.models import build_reward_model_from_lm, load_causal_lm, load_tokenizer, save_model  # noqa: E402
 from rlhf_core.ppo.policy import PolicyWithValue, response_logprobs  # noqa: E402
 from rlhf_core.ppo.rollout import decode_responses, encode_prompts, generate  # noqa: E402
-from rlhf_core.real import chat_prompt, convert_smollm2, minilm_path, question_reward  # noqa: E402
+from rlhf_core.real import convert_smollm2, minilm_path, question_reward  # noqa: E402
+from rlhf_core.real_task import chat_prompt  # noqa: E402
 
 QUESTIONS = ["What is 7 + 5?", "What is the capital of France?"]
 
