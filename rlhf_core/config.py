@@ -129,7 +129,7 @@ class TinyModelConfig(ConfigBase):
     _section = "model"
     vocab_size: int = opt(512, "BPE vocabulary size of the locally trained tokenizer")
     hidden_size: int = opt(64, "width of the residual stream")
-    num_layers: int = opt(2, "number of decoder layers")
+    num_layers: int = opt(4, "number of decoder layers (2 layers cannot learn negation well enough for the RM)")
     num_heads: int = opt(4, "attention heads (hidden_size must divide evenly)")
     intermediate_size: int = opt(192, "MLP inner width")
     max_position_embeddings: int = opt(256, "longest sequence the model sees")
@@ -170,8 +170,16 @@ class TrainCommon(ConfigBase):
     eval_fraction: float = opt(0.1, "fraction of records held out for evaluation")
     seed: int = opt(0, "seed for init, shuffling and dropout")
     log_every: int = opt(10, "log metrics every N optimizer steps")
+    save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps "
+                                       "(and at the end; 0: end only)")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
+    max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
+                                                "non-finite loss or gradient")
 
     def validate(self) -> None:
+        self.check(self.save_every >= 0, "save_every", "an integer >= 0")
+        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer")
+        self.check(self.max_skipped_steps > 0, "max_skipped_steps", "a positive integer")
         self.check(self.learning_rate > 0, "learning_rate", "a positive number")
         self.check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         self.check(self.batch_size > 0, "batch_size", "a positive integer")
@@ -241,7 +249,7 @@ class RewardConfig(LoraFields, TrainCommon):
     mode: str = opt("full", "'full' or 'lora' (the score head is always trained)")
     max_length: int = opt(96, "longest prompt+response in tokens")
     learning_rate: float = opt(1e-3, "peak AdamW learning rate")
-    epochs: float = opt(2.0, "passes over the preference triples")
+    epochs: float = opt(3.0, "passes over the preference triples")
 
     def validate(self) -> None:
         super().validate()
@@ -265,14 +273,18 @@ class PPOConfig(LoraFields):
     ppo_epochs: int = opt(4, "passes over each rollout batch")
     response_length: int = opt(24, "max new tokens per response")
     max_prompt_length: int = opt(32, "prompts longer than this (tokens) are truncated from the left")
+    on_long_prompt: str = opt("truncate", "a prompt longer than max_prompt_length: 'truncate' "
+                                          "(with a warning) or 'error'")
     temperature: float = opt(1.0, "sampling temperature (logprobs are computed at the same temperature)")
     top_k: int = opt(0, "top-k sampling (0: off)")
     top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
     learning_rate: float = opt(1e-4, "peak AdamW learning rate")
     lr_schedule: str = opt("linear", "'constant', 'linear' decay or 'cosine'")
+    weight_decay: float = opt(0.0, "AdamW weight decay (TRL's PPO uses 0)")
+    adam_eps: float = opt(1e-5, "AdamW epsilon (CleanRL's PPO uses 1e-5; TRL 1e-8)")
     warmup_steps: int = opt(0, "optimizer steps of linear warm-up")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    kl_coef: float = opt(0.05, "initial KL penalty coefficient beta")
+    kl_coef: float = opt(0.2, "initial KL penalty coefficient beta (TRL defaults to 0.05; 0.1 let seed 3 hack the tiny RM)")
     kl_estimator: str = opt("k1", "per-token KL in the reward: 'k1', 'k2', 'k3' or 'exact' (full vocabulary)")
     adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(1.0, "target sequence KL for the adaptive controller")
@@ -294,6 +306,10 @@ class PPOConfig(LoraFields):
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
     eval_every: int = opt(20, "measure the gold reward on held-out prompts every N iterations (0: end only)")
     log_every: int = opt(1, "log metrics every N iterations")
+    save_every: int = opt(10, "write a resumable checkpoint every N iterations (and at the end; 0: end only)")
+    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
+    max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
+                                                "non-finite loss or gradient")
     trace: bool = opt(False, "dump every tensor of the first iteration to trace.json (docs/how_ppo_works.md)")
     num_threads: int = opt(0, "torch CPU threads (0: auto = 1 for models narrower than 256, where thread sync "
                               "costs more than the math, else every core)")
@@ -327,6 +343,10 @@ class PPOConfig(LoraFields):
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
+        self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
+        self.check(self.save_every >= 0, "save_every", "an integer >= 0")
+        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer")
+        self.check(self.max_skipped_steps > 0, "max_skipped_steps", "a positive integer")
         self.check(self.advantage_estimator != "rloo" or self.group_size >= 2, "group_size",
                    ">= 2 with advantage_estimator=rloo")
 

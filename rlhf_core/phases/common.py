@@ -2,20 +2,24 @@
 
 The loops stay plain PyTorch: AdamW, linear warm-up then linear decay to 0, gradient clipping,
 seeded shuffling, tokens/s next to the loss (nanoGPT habit). Each phase supplies one function
-``loss_fn(indices) -> (loss, n_tokens)``; everything else (schedule, logging, progress) lives here.
+``loss_fn(indices) -> (loss, n_tokens)``; everything else (schedule, logging, progress, skipping
+non-finite steps, checkpoints and exact resume) lives here.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from ..checkpoint import NumericError, capture_state, restore_state, save_checkpoint
 from ..config import TrainCommon
 from ..tracking import MetricsLogger, progress
 
@@ -141,36 +145,84 @@ class LoopResult:
     seconds: float
 
 
+def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                    sched: Any, max_grad_norm: float) -> bool:
+    """backward, clip, step; False (weights, optimizer and schedule untouched) on a non-finite loss/grad."""
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        return False
+    opt.step()
+    sched.step()
+    return True
+
+
+def _resume_loop(checkpoint_dir: Any, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any,
+                 cfg: TrainCommon) -> dict[str, Any] | None:
+    """Load the newest valid checkpoint into params/optimizer/schedule/RNGs; its loop counters (None: none)."""
+    from ..checkpoint import CheckpointError, check_resume_config, latest_checkpoint, load_checkpoint
+    from ..errors import ConfigError
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    try:
+        check_resume_config(meta["config"], cfg.to_dict(), f"{cfg._section}.")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    restore_state(tensors, meta, params, opt, sched, {})
+    return meta["loop"]
+
+
 def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tensor, int]],
                n_train: int, cfg: TrainCommon, logger: MetricsLogger, phase: str,
-               generator: torch.Generator) -> LoopResult:
+               generator: torch.Generator, checkpoint_dir: str | Path | None = None,
+               resume: bool = False) -> LoopResult:
     """Run AdamW over seeded batches of ``n_train`` items until the step budget is spent.
 
     ``loss_fn(indices)`` returns (mean loss of the batch, tokens processed); metrics
-    ``loss/train``, ``lr``, ``perf/tokens_per_s`` are logged every ``cfg.log_every`` steps.
+    ``loss/train``, ``lr``, ``perf/tokens_per_s``, ``perf/skipped_steps`` are logged every
+    ``cfg.log_every`` steps. A non-finite loss or gradient skips the step (weights, optimizer and
+    schedule untouched); ``cfg.max_skipped_steps`` in a row raise NumericError. With
+    ``checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` steps and at the end;
+    ``resume`` loads the newest valid one first, and the batch order is replayed from the seeded
+    ``generator`` (used only here), so the resumed loop sees the batches the first run would have.
     """
     total = num_training_steps(n_train, cfg)
     opt, sched = make_optimizer(model, cfg, total)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.train()
-    t0 = time.perf_counter()
-    tokens, window, tail, last_log = 0, [], [], t0
+    loop = {"step": 0, "tokens": 0, "skipped": 0, "in_row": 0, "window": [], "tail": []}
+    if resume and checkpoint_dir is not None:
+        loop = _resume_loop(Path(checkpoint_dir), named, opt, sched, cfg) or loop
+    t0 = last_log = time.perf_counter()
     window_tokens = 0
-    batches = batch_indices(n_train, cfg.batch_size, total, generator)
-    for step, idx in enumerate(progress(batches, total=total, desc=phase), start=1):
+    batches = itertools.islice(batch_indices(n_train, cfg.batch_size, total, generator), loop["step"], None)
+    for step, idx in enumerate(progress(batches, total=total - loop["step"], desc=phase), start=loop["step"] + 1):
         loss, n_tok = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        window.append(float(loss.detach()))
-        tokens, window_tokens = tokens + n_tok, window_tokens + n_tok
+        if _optimizer_step(loss, list(named.values()), opt, sched, cfg.max_grad_norm):
+            loop["in_row"] = 0
+            loop["window"].append(float(loss.detach()))
+        else:
+            loop["skipped"], loop["in_row"] = loop["skipped"] + 1, loop["in_row"] + 1
+            if loop["in_row"] >= cfg.max_skipped_steps:
+                raise NumericError(f"{phase} step {step}: {loop['in_row']} optimizer steps in a row had a "
+                                   "non-finite loss or gradient; stopped (the last checkpoint is intact)")
+        loop["step"], loop["tokens"], window_tokens = step, loop["tokens"] + n_tok, window_tokens + n_tok
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
-            logger.log(phase, step, {"loss/train": sum(window) / len(window), "lr": sched.get_last_lr()[0],
+            logger.log(phase, step, {"loss/train": sum(loop["window"]) / max(len(loop["window"]), 1),
+                                     "lr": sched.get_last_lr()[0], "perf/skipped_steps": loop["skipped"],
                                      "perf/tokens_per_s": window_tokens / max(now - last_log, 1e-9)})
-            tail, window, window_tokens, last_log = window, [], 0, now
-    return LoopResult(train_loss=sum(tail) / max(len(tail), 1), steps=total, tokens=tokens,
+            loop["tail"], loop["window"], window_tokens, last_log = loop["window"], [], 0, now
+        if checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+            tensors, meta = capture_state(named, opt, sched, {})
+            save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},
+                            keep=cfg.keep_checkpoints)
+    tail = loop["tail"]
+    return LoopResult(train_loss=sum(tail) / max(len(tail), 1), steps=total, tokens=loop["tokens"],
                       seconds=time.perf_counter() - t0)

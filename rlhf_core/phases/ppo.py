@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,39 @@ import torch
 
 from ..checkpoint import atomic_dir, write_json_atomic
 from ..config import PPOConfig, TaskConfig, TinyModelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..tracking import MetricsLogger
 from .common import setup_torch
 
 
-def load_prompts(cfg: PPOConfig, task: Any) -> list[str]:
-    """Training prompts from ``cfg.prompts`` ({"prompt"} records) or the embedded task."""
+def load_prompts(cfg: PPOConfig, task: Any, tokenizer: Any = None) -> list[str]:
+    """Training prompts from ``cfg.prompts`` ({"prompt"} records) or the embedded task; with a
+    tokenizer, prompts over ``max_prompt_length`` tokens follow ``cfg.on_long_prompt``."""
     from ..data.loaders import load_or_default
     records = load_or_default(cfg.prompts, "prompt", [{"prompt": p} for p in task.prompts])
-    return [r["prompt"] for r in records]
+    prompts = [r["prompt"] for r in records]
+    if tokenizer is not None:
+        check_prompt_lengths(prompts, tokenizer, cfg)
+    return prompts
+
+
+def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> None:
+    """Raise DataError (on_long_prompt=error) or warn once (truncate) about over-long prompts.
+
+    Truncation keeps each prompt's last ``max_prompt_length`` tokens (``rollout.encode_prompts``).
+    """
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+    long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
+    if not long:
+        return
+    source, first = cfg.prompts or "embedded task", long[0]
+    if cfg.on_long_prompt == "error":
+        raise DataError(source, f"prompt has {lengths[first]} tokens, more than ppo.max_prompt_length="
+                                f"{cfg.max_prompt_length} (or pass --ppo.on_long_prompt truncate)",
+                        record=first + 1, field="prompt")
+    warnings.warn(f"{source}: {len(long)} of {len(prompts)} prompts exceed ppo.max_prompt_length="
+                  f"{cfg.max_prompt_length} tokens and are truncated from the left (first: record {first + 1})",
+                  stacklevel=2)
 
 
 def build_policy(cfg: PPOConfig, model: torch.nn.Module) -> Any:
@@ -73,13 +97,35 @@ def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, 
             write_json_atomic(tmp / "trace.json", trace_to_json(trace))
 
 
-def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = None) -> dict[str, Any]:
+def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
+    """Load the newest valid checkpoint under ``checkpoint_dir`` into ``trainer``; its iteration (0: none).
+
+    The configuration must match the one that wrote the checkpoint (bar logging/saving fields),
+    or the resumed run would not be the run that was interrupted.
+    """
+    from ..checkpoint import CheckpointError, check_resume_config, latest_checkpoint, load_checkpoint
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        return 0
+    tensors, meta = load_checkpoint(path)
+    try:
+        check_resume_config(meta.get("config", {}), cfg.to_dict(), "ppo.")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    trainer.load_state(tensors, meta)
+    return trainer.iteration
+
+
+def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = None,
+        checkpoint_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train the policy with PPO and save it; return the phase summary.
 
     Returns: ``gold_reward_before/after`` (mean gold score on the held-out prompts, SFT vs PPO
     policy, responses sampled at ``cfg.temperature``), ``scores_before/after`` (the reward source's
     mean there), ``kl_to_ref`` (mean over responses of the summed exact per-token KL of the final
     policy to the reference), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it).
+    With ``checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` iterations; with
+    ``resume`` the newest valid one there is loaded first and the run goes on from it.
     """
     from ..data.task import generate_task, gold_reward
     from ..models import load_causal_lm, load_tokenizer
@@ -88,16 +134,20 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
     t0 = time.perf_counter()
     cfg.validate()
     setup_torch(cfg.seed)
-    task = task if task is not None else generate_task(TaskConfig(), seed=cfg.seed)
+    # Only the prompt splits are needed (each split has its own stream: the others stay identical).
+    task = task if task is not None else generate_task(TaskConfig(n_corpus=1, n_sft=1, n_preferences=1),
+                                                       seed=cfg.seed)
     tokenizer = load_tokenizer(cfg.policy)
     model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
     hidden = model.get_output_embeddings().weight.shape[1]
     torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
     reward_fn = make_reward_fn(cfg.reward, tokenizer)
     policy = build_policy(cfg, model)
-    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task), task.eval_prompts,
-                         logger, gold_fn=gold_reward)
-    result = trainer.train()
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task, tokenizer),
+                         task.eval_prompts, logger, gold_fn=gold_reward)
+    if resume and checkpoint_dir is not None:
+        resume_trainer(trainer, cfg, Path(checkpoint_dir))
+    result = trainer.train(checkpoint_dir)
     save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None)
     return {
         "gold_reward_before": result.get("gold_reward_before"),

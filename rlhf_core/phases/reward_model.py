@@ -117,7 +117,7 @@ def gold_labels(records: list[dict[str, str]]) -> list[bool | None]:
 
 
 def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
-        **_: Any) -> dict[str, Any]:
+        checkpoint_dir: Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Train a reward model on preference pairs; save the classifier + its tokenizer to ``output_dir``.
 
     Returns the summary: eval_accuracy (vs gold on the embedded task, else vs labels; named in
@@ -151,7 +151,7 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
         return ev
 
     before = log_eval(0)
-    result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator)
+    result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     ev = log_eval(result.steps)
     save_model(model, tokenizer, output_dir, merge=True)
     return {"eval_accuracy": ev.get("accuracy_gold", ev["accuracy_labels"]),

@@ -89,7 +89,7 @@ def load_policy(cfg: SFTConfig) -> tuple[Any, Any]:
 
 
 def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
-        **_: Any) -> dict[str, Any]:
+        checkpoint_dir: Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on prompt/completion pairs; save to ``output_dir``.
 
     Returns the summary: eval_loss_before, eval_loss (mean response-token NLL on held-out pairs),
@@ -115,7 +115,7 @@ def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | Non
 
     before = eval_loss()
     logger.log(PHASE, 0, {"loss/eval": before})
-    result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator)
+    result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     after = eval_loss()
     logger.log(PHASE, result.steps, {"loss/eval": after})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ..checkpoint import NumericError, capture_state, restore_state, save_checkpoint
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
 from ..tracking import MetricsLogger, progress
@@ -107,12 +109,14 @@ class PPOTrainer:
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed)  # generation
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
         self.params = policy.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=1e-5)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
         total = config.num_iterations * config.ppo_epochs * config.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config.lr_schedule, config.warmup_steps, total))
-        self.iteration, self.skipped_steps, self.episodes = 0, 0, 0
-        self._order: list[int] = []
+        self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
+        self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
+        self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
         self.trace: dict[str, Any] = {}
 
     def next_prompts(self) -> list[str]:
@@ -237,8 +241,12 @@ class PPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+            self.skipped_steps, self.skipped_in_row = self.skipped_steps + 1, self.skipped_in_row + 1
+            if self.skipped_in_row >= cfg.max_skipped_steps:
+                raise NumericError(f"ppo iteration {self.iteration}: {self.skipped_in_row} optimizer steps in a row "
+                                   "had a non-finite loss or gradient; stopped (the last checkpoint is intact)")
             return None
+        self.skipped_in_row = 0
         self.optimizer.step()
         self.scheduler.step()
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
@@ -251,32 +259,58 @@ class PPOTrainer:
                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                         seed=cfg.seed + 7919, backend=cfg.kernel_backend)
 
-    def train(self) -> dict[str, float]:
-        """Run ``num_iterations`` iterations with evaluation before, every eval_every, and at the end.
+    RESUMED = ("iteration", "skipped_steps", "skipped_in_row", "episodes", "train_seconds", "evals", "_order")
+
+    def named_trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad and not n.startswith("ref_model.")}
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything an exact resume needs: trainable weights (full or adapter) and value head, optimizer,
+        LR schedule, KL controller, every RNG, the data cursor (``_order``) and the counters."""
+        gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
+        tensors, meta = capture_state(self.named_trainable(), self.optimizer, self.scheduler, gens)
+        meta.update(config=self.cfg.to_dict(), kl_ctl=self.kl_ctl.state_dict(),
+                    ppo={k: getattr(self, k) for k in self.RESUMED})
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Inverse of :meth:`state` (e.g. from ``checkpoint.load_checkpoint``)."""
+        gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
+        restore_state(tensors, meta, self.named_trainable(), self.optimizer, self.scheduler, gens)
+        self.kl_ctl.load_state_dict(meta["kl_ctl"])
+        for key in self.RESUMED:
+            setattr(self, key, meta["ppo"][key])
+
+    def train(self, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
+        """Run iterations up to ``num_iterations`` (from ``self.iteration``: a resumed trainer goes on)
+        with evaluation before, every eval_every and at the end, and a checkpoint under
+        ``checkpoint_dir`` every save_every iterations and at the end.
 
         Returns: a summary: eval metrics ``*_before`` / ``*_after``, ``episodes_per_s`` (episodes over
         training wall time, evaluation excluded), ``wall_seconds`` (everything), skipped steps.
         """
         cfg = self.cfg
         t0 = time.perf_counter()
-        before = self.evaluate() if self.eval_prompts else {}
-        if before:
-            self.logger.log("ppo", 0, before)
-        train_seconds, last = 0.0, {}
-        for it in progress(range(1, cfg.num_iterations + 1), total=cfg.num_iterations, desc="ppo"):
+        if self.iteration == 0 and self.eval_prompts:
+            self.evals["before"] = self.evaluate()
+            self.logger.log("ppo", 0, self.evals["before"])
+        todo = range(self.iteration + 1, cfg.num_iterations + 1)
+        for it in progress(todo, total=len(todo), desc="ppo"):
             t_it = time.perf_counter()
             metrics = self.step()
-            train_seconds += time.perf_counter() - t_it
+            self.train_seconds += time.perf_counter() - t_it
             final = it == cfg.num_iterations
             evaluated = bool(self.eval_prompts) and (final or (cfg.eval_every > 0 and it % cfg.eval_every == 0))
             if evaluated:
-                last = self.evaluate()
-                metrics.update(last)
+                self.evals["last"] = self.evaluate()
+                metrics.update(self.evals["last"])
             if evaluated or final or it % cfg.log_every == 0:
                 self.logger.log("ppo", it, metrics)
-        summary = {f"{k.split('/')[1]}_before": v for k, v in before.items()}
-        summary.update({f"{k.split('/')[1]}_after": v for k, v in last.items()})
-        summary.update({"episodes_per_s": self.episodes / max(train_seconds, 1e-9),
+            if checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
+                save_checkpoint(checkpoint_dir, it, *self.state(), keep=cfg.keep_checkpoints)
+        summary = {f"{k.split('/')[1]}_before": v for k, v in self.evals["before"].items()}
+        summary.update({f"{k.split('/')[1]}_after": v for k, v in self.evals["last"].items()})
+        summary.update({"episodes_per_s": self.episodes / max(self.train_seconds, 1e-9),
                         "wall_seconds": time.perf_counter() - t0, "skipped_steps": self.skipped_steps,
                         "iterations": self.iteration})
         return summary
