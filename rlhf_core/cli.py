@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,19 +44,29 @@ def _add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type[
                            metavar=_type_name(types[name]), help=f"{help_text} (default: {default!r})")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (unknown flag, missing value) as one line and exit code 2, like every user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="rlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in ("pretrain", "sft", "reward", "ppo", "pipeline"):
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
         p.add_argument("--config", help="JSON or YAML file with sections seed, preset, model, task, pretrain, sft, reward, ppo")
         p.add_argument("--output-dir", required=True, help="folder for checkpoints, metrics.jsonl, summary.json")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output dir made by rlhf")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in --output-dir from its newest valid checkpoint")
         p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         p.add_argument("--seed", default=argparse.SUPPRESS, help="seed for every phase (overrides the sections' seeds)")
         if command == "pipeline":
-            p.add_argument("--preset", default="tiny", help="model/data preset: 'tiny' (random init, local tokenizer)")
+            p.add_argument("--preset", default="tiny", help="model/data preset: 'tiny' (random init, local tokenizer) or 'smollm2' "
+                                "(SmolLM2-135M-Instruct + MiniLM reward model, `make real`; docs/real_weights.md)")
             p.add_argument("--stop-after", choices=["pretrain", "sft", "reward", "ppo"], default="ppo",
                            help="last phase to run")
             sections = PipelineConfig.SECTIONS
@@ -72,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     """File (if any) → overrides from flags → validate."""
     data = load_config_file(args.config) if args.config else {}
+    if (getattr(args, "preset", None) or data.get("preset")) == "smollm2":
+        from .real import preset_defaults
+        data = preset_defaults(data)  # the preset's sizes under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")
     if getattr(args, "preset", None):
         cfg.preset = args.preset
@@ -82,24 +96,44 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     for key, raw in vars(args).items():
         if key.startswith("override:"):
             cfg.apply_override(key.split(":", 1)[1], raw)
-    if cfg.preset != "tiny":
-        raise ConfigError(f"preset '{cfg.preset}': unknown (available: tiny)")
+    if cfg.preset not in ("tiny", "smollm2"):
+        raise ConfigError(f"preset '{cfg.preset}': unknown (available: tiny, smollm2)")
     cfg.validate()
     return cfg
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _triton_on_cpu_needs_interpreter() -> None:
+    """Forced Triton kernels without a GPU run in Triton's interpreter (slow: for checking only).
+    The switch must precede transformers' import of triton.language, hence here, before the phases."""
+    import os
+
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.showwarning = one_line_warning
     try:
         cfg = resolve_config(args)
-        from .pipeline import run_phase_command, run_pipeline, prepare_output_dir
+        if cfg.ppo.kernel_backend == "triton":
+            _triton_on_cpu_needs_interpreter()
+        from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline
 
-        out = prepare_output_dir(Path(args.output_dir), overwrite=args.overwrite)
+        stop = PHASE_ORDER.index(args.stop_after) + 1 if args.command == "pipeline" else 0
+        preflight(cfg, PHASE_ORDER[:stop] if stop else (args.command,))  # bad data: fail before writing
+        out = prepare_output_dir(Path(args.output_dir), overwrite=args.overwrite, resume=args.resume)
         t0 = time.time()
         if args.command == "pipeline":
-            summary = run_pipeline(cfg, out, stop_after=args.stop_after)
+            summary = run_pipeline(cfg, out, stop_after=args.stop_after, resume=args.resume)
         else:
-            summary = run_phase_command(args.command, cfg, out)
+            summary = run_phase_command(args.command, cfg, out, resume=args.resume)
         print(f"done in {time.time() - t0:.1f}s: {out}/summary.json", file=sys.stderr)
         for phase, values in summary.items():
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
