@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ConfigError, RLHFError
+from .errors import CheckpointError, ConfigError
 
 
 def fsync_tree(root: Path) -> None:
@@ -97,15 +97,6 @@ def save_pretrained_atomic(out_dir: str | Path, model: Any, tokenizer: Any | Non
 # holds the sha256 of every file; a checkpoint whose manifest is missing or disagrees is torn.
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 PREFIX = "step-"
-
-
-class CheckpointError(RLHFError):
-    """A checkpoint that is missing, torn or corrupted (never loaded silently)."""
-
-
-class NumericError(RLHFError):
-    """max_skipped_steps optimizer steps in a row had a non-finite loss or gradient: the run stops
-    before writing another checkpoint, so the last good one is intact."""
 
 
 def sha256_file(path: Path) -> str:

@@ -27,3 +27,12 @@ class DataError(RLHFError):
 
 class RewardError(RLHFError):
     """A reward source that raised, returned non-finite values or the wrong number of scores."""
+
+
+class CheckpointError(RLHFError):
+    """A checkpoint that is missing, torn or corrupted (never loaded silently)."""
+
+
+class NumericError(RLHFError):
+    """max_skipped_steps optimizer steps in a row had a non-finite loss or gradient: the run stops
+    before writing another checkpoint, so the last good one is intact."""

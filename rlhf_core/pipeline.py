@@ -113,7 +113,7 @@ def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogge
     if resume and (out / MARKER).exists():
         check_resume_config(json.loads((out / MARKER).read_text()), cfg.to_dict(), "")
     write_json_atomic(out / MARKER, cfg.to_dict())
-    return MetricsLogger(out / "metrics.jsonl", echo=False)
+    return MetricsLogger(out / "metrics.jsonl", echo=False, resume=resume)
 
 
 def run_phase_command(name: str, cfg: PipelineConfig, out: Path, resume: bool = False) -> dict[str, Any]:

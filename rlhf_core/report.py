@@ -51,6 +51,8 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    # After a resume, steps between the last checkpoint and the crash were logged twice: keep the last.
+    records = list({(r["phase"], r["step"], tuple(sorted(r))): r for r in records}.values())
     lines = ["# Run report", "", f"Folder: `{out}`", "", "## Summary", "", "| phase | key | value |", "|---|---|---|"]
     for phase, values in summary.items():
         for k, v in values.items():

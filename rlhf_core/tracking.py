@@ -21,13 +21,15 @@ T = TypeVar("T")
 class MetricsLogger:
     """Append-only JSONL metrics file shared by all phases of a run (None path: memory only)."""
 
-    def __init__(self, path: str | Path | None, echo: bool = False):
+    def __init__(self, path: str | Path | None, echo: bool = False, resume: bool = False):
         self.path = Path(path) if path is not None else None
         self.echo = echo
         self.records: list[dict[str, Any]] = []
         self.t0 = time.time()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and self.path.exists():  # the report plots the whole run, not just this process
+                self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def log(self, phase: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         rec = {"phase": phase, "step": int(step), "time": round(time.time() - self.t0, 3)}

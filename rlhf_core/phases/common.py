@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import NumericError, capture_state, restore_state, save_checkpoint
+from ..checkpoint import capture_state, restore_state, save_checkpoint
+from ..errors import NumericError
 from ..config import TrainCommon
 from ..tracking import MetricsLogger, progress
 
@@ -164,7 +165,8 @@ def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.o
 def _resume_loop(checkpoint_dir: Any, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any,
                  cfg: TrainCommon) -> dict[str, Any] | None:
     """Load the newest valid checkpoint into params/optimizer/schedule/RNGs; its loop counters (None: none)."""
-    from ..checkpoint import CheckpointError, check_resume_config, latest_checkpoint, load_checkpoint
+    from ..checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
+    from ..errors import CheckpointError
     from ..errors import ConfigError
     path = latest_checkpoint(checkpoint_dir)
     if path is None:

@@ -103,7 +103,8 @@ def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
     The configuration must match the one that wrote the checkpoint (bar logging/saving fields),
     or the resumed run would not be the run that was interrupted.
     """
-    from ..checkpoint import CheckpointError, check_resume_config, latest_checkpoint, load_checkpoint
+    from ..checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
+    from ..errors import CheckpointError
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
         return 0

@@ -66,7 +66,8 @@ def model_and_tokenizer(cfg: PretrainConfig, model_cfg: TinyModelConfig, texts: 
 
 
 def run(cfg: PretrainConfig, output_dir: Path, logger: MetricsLogger,
-        model_cfg: TinyModelConfig | None = None, task: Any | None = None, **_: Any) -> dict[str, Any]:
+        model_cfg: TinyModelConfig | None = None, task: Any | None = None,
+        checkpoint_dir: str | Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Train a causal LM on the corpus and save it (safetensors + tokenizer) to ``output_dir``.
 
     Returns the summary: eval_perplexity_before, eval_perplexity, train_loss, tokens, wall_seconds.
@@ -105,7 +106,7 @@ def run(cfg: PretrainConfig, output_dir: Path, logger: MetricsLogger,
 
     ppl_before = eval_ppl()
     logger.log(PHASE, 0, {"eval/perplexity": ppl_before})
-    result = train_loop(model, loss_fn, len(train_blocks), cfg, logger, PHASE, generator)
+    result = train_loop(model, loss_fn, len(train_blocks), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     ppl = eval_ppl()
     logger.log(PHASE, result.steps, {"eval/perplexity": ppl, "loss/eval": math.log(ppl)})
     save_model(model, tokenizer, output_dir)

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import NumericError, capture_state, restore_state, save_checkpoint
+from ..checkpoint import capture_state, restore_state, save_checkpoint
+from ..errors import NumericError
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
 from ..tracking import MetricsLogger, progress

@@ -4,7 +4,6 @@ Every formula is checked against a naive float64 implementation written here wit
 Python loops, plus a hand-worked case.
 """
 
-import math
 
 import pytest
 import torch

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.checkpoint import (CheckpointError, capture_state, latest_checkpoint, list_checkpoints,
+from rlhf_core.errors import CheckpointError
+from rlhf_core.checkpoint import (capture_state, latest_checkpoint, list_checkpoints,
                                   load_checkpoint, restore_state, save_checkpoint, verify_checkpoint)
 from rlhf_core.phases.ppo import resume_trainer
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlhf_core.checkpoint import latest_checkpoint, load_checkpoint
-from rlhf_core.ppo.trainer import NumericError, ppo_loss
+from rlhf_core.errors import NumericError
+from rlhf_core.ppo.trainer import ppo_loss
 
 
 class NaNAfter:
