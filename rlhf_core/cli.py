@@ -122,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = one_line_warning
     try:
         cfg = resolve_config(args)
+        import torch
+        # Denormal floats (tiny Adam moments, near-zero LoRA grads) slow CPU math ~10x: flush them.
+        # Process-wide FP state, so only the CLI sets it, never a library call.
+        torch.set_flush_denormal(True)
         if cfg.ppo.kernel_backend == "triton":
             _triton_on_cpu_needs_interpreter()
         from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline

@@ -9,3 +9,14 @@ os.environ.setdefault("RLHF_NO_PROGRESS", "1")
 # before any test module imports anything (gpu_check.sh sets RLHF_TEST_DEVICE=cuda to skip this).
 if os.environ.get("RLHF_TEST_DEVICE", "cpu") == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_fp_state():
+    """In-process CLI runs flush denormals (process-wide); hypothesis needs IEEE subnormals back."""
+    yield
+    torch.set_flush_denormal(False)

@@ -43,8 +43,6 @@ def setup_torch(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(num_threads())
-    # Denormal floats (tiny Adam moments, near-zero LoRA grads) slow CPU math ~10x: flush them.
-    torch.set_flush_denormal(True)
     return torch.Generator().manual_seed(seed)
 
 
