@@ -16,6 +16,16 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread beats two (OpenMP sync per op costs more than the math, and on a
+    shared 2-core machine two threads thrash: measured 10-20x slower, erratic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _restore_fp_state():
     """In-process CLI runs flush denormals (process-wide); hypothesis needs IEEE subnormals back."""
     yield

@@ -10,15 +10,6 @@ from rlhf_core.ppo.policy import PolicyWithValue, ValueHead, position_ids_for, r
 V, H = 97, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (OpenMP sync per op costs more than the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_lm(seed: int = 0, **kw) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, intermediate_size=64, max_position_embeddings=64,

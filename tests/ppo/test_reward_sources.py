@@ -17,15 +17,6 @@ PROMPTS = ["Review of The Silent River:", "I watched The Iron Garden and"]
 RESPONSES = [" the acting was great.", " it was boring and slow."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (OpenMP sync per op costs more than the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_callable_and_gold():
     fn = lambda p, r: [1.0] * len(r)  # noqa: E731
     assert make_reward_fn(fn) is fn

@@ -1,5 +1,4 @@
 """generate (KV cache, EOS, padding) and score (logprobs, values, exact KL) on tiny Llamas."""
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -8,15 +7,6 @@ from rlhf_core.ppo.policy import PolicyWithValue
 from rlhf_core.ppo.rollout import encode_prompts, generate, sample_next, score
 
 V, H, EOS, PAD = 97, 32, 1, 0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (OpenMP sync per op costs more than the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_policy(seed: int = 0, eos_bias: float = 0.0) -> PolicyWithValue:

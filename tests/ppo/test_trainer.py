@@ -21,15 +21,6 @@ REQUIRED = ["loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac", 
             "time/generate", "time/score"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (OpenMP sync per op costs more than the math)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=1)
 def setup():
     tok, _, task = tiny_setup(n_eval_prompts=8, model_cfg=TINY)

@@ -26,15 +26,6 @@ from rlhf_core.real_task import chat_prompt  # noqa: E402
 QUESTIONS = ["What is 7 + 5?", "What is the capital of France?"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two on a shared 2-core box thrash OpenMP barriers (10x slower, erratic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     """(folder, plain transformers model, tokenizer) of the converted SmolLM2."""
