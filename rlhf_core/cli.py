@@ -128,16 +128,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_flush_denormal(True)
         if cfg.ppo.kernel_backend == "triton":
             _triton_on_cpu_needs_interpreter()
+        from . import distributed
         from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline
+        if distributed.init_from_env() and args.command in ("pipeline", "pretrain"):
+            raise ConfigError(f"rlhf {args.command} under torchrun is not supported yet: run sft / reward / ppo "
+                              "one by one with torchrun (docs/distributed.md)")
 
         stop = PHASE_ORDER.index(args.stop_after) + 1 if args.command == "pipeline" else 0
         preflight(cfg, PHASE_ORDER[:stop] if stop else (args.command,))  # bad data: fail before writing
-        out = prepare_output_dir(Path(args.output_dir), overwrite=args.overwrite, resume=args.resume)
+        out = Path(args.output_dir)
+        if distributed.is_main():  # the others wait; if rank 0 fails, torchrun stops them
+            out = prepare_output_dir(out, overwrite=args.overwrite, resume=args.resume)
+        distributed.barrier()
         t0 = time.time()
         if args.command == "pipeline":
             summary = run_pipeline(cfg, out, stop_after=args.stop_after, resume=args.resume)
         else:
             summary = run_phase_command(args.command, cfg, out, resume=args.resume)
+        if not distributed.is_main():
+            return 0
         print(f"done in {time.time() - t0:.1f}s: {out}/summary.json", file=sys.stderr)
         for phase, values in summary.items():
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed as D
 from .checkpoint import check_resume_config, write_json_atomic
 from .config import PipelineConfig
 from .errors import ConfigError, RLHFError
@@ -105,13 +106,16 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
         from .phases import ppo
         result = ppo.run(section, out / name, logger, **extra)
     result.setdefault("wall_seconds", round(time.time() - t0, 2))
-    update_summary(out / "summary.json", name, result)
+    if D.is_main():
+        update_summary(out / "summary.json", name, result)
     return result
 
 
 def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogger:
     if resume and (out / MARKER).exists():
         check_resume_config(json.loads((out / MARKER).read_text()), cfg.to_dict(), "")
+    if not D.is_main():  # torchrun: rank 0 alone writes config, metrics, summary, report
+        return MetricsLogger(None, echo=False)
     write_json_atomic(out / MARKER, cfg.to_dict())
     return MetricsLogger(out / "metrics.jsonl", echo=False, resume=resume)
 
@@ -120,6 +124,8 @@ def run_phase_command(name: str, cfg: PipelineConfig, out: Path, resume: bool = 
     """`rlhf PHASE`: one phase with the paths given on the command line (defaults: embedded task)."""
     logger = _start(cfg, out, resume)
     _run_phase(name, cfg, out, logger, resume=resume)
+    if not D.is_main():
+        return {}
     _finish(out, logger)
     return _load_summary(out)
 

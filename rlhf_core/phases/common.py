@@ -21,6 +21,7 @@ from torch import nn
 
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..errors import NumericError
+from .. import distributed as D
 from ..config import TrainCommon
 from ..tracking import MetricsLogger, progress
 
@@ -148,9 +149,10 @@ def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.o
                     sched: Any, max_grad_norm: float) -> bool:
     """backward, clip, step; False (weights, optimizer and schedule untouched) on a non-finite loss/grad."""
     opt.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if D.global_count(0 if torch.isfinite(loss) else 1) > 0:  # any rank non-finite: every rank skips
         return False
     loss.backward()
+    D.all_reduce_gradients(params, average=True)  # DDP's mean over ranks; no-op in one process
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -203,10 +205,12 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
     window_tokens = 0
     batches = itertools.islice(batch_indices(n_train, cfg.batch_size, total, generator), loop["step"], None)
     for step, idx in enumerate(progress(batches, total=total - loop["step"], desc=phase), start=loop["step"] + 1):
-        loss, n_tok = loss_fn(idx)
+        # torchrun: each rank takes its contiguous shard of the global batch (rlhf_core/distributed.py)
+        loss, n_tok = loss_fn(list(D.shard(idx)))
+        n_tok = int(D.global_count(n_tok))
         if _optimizer_step(loss, list(named.values()), opt, sched, cfg.max_grad_norm):
             loop["in_row"] = 0
-            loop["window"].append(float(loss.detach()))
+            loop["window"].append(D.reduce_metrics({"loss": float(loss.detach())})["loss"])
         else:
             loop["skipped"], loop["in_row"] = loop["skipped"] + 1, loop["in_row"] + 1
             if loop["in_row"] >= cfg.max_skipped_steps:
@@ -219,7 +223,7 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
                                      "lr": sched.get_last_lr()[0], "perf/skipped_steps": loop["skipped"],
                                      "perf/tokens_per_s": window_tokens / max(now - last_log, 1e-9)})
             loop["tail"], loop["window"], window_tokens, last_log = loop["window"], [], 0, now
-        if checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+        if D.is_main() and checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             tensors, meta = capture_state(named, opt, sched, {})
             save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},
                             keep=cfg.keep_checkpoints)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed as D
 from ..checkpoint import atomic_dir, write_json_atomic
 from ..config import PPOConfig, TaskConfig, TinyModelConfig
 from ..errors import ConfigError, DataError
@@ -149,7 +150,9 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
     if resume and checkpoint_dir is not None:
         resume_trainer(trainer, cfg, Path(checkpoint_dir))
     result = trainer.train(checkpoint_dir)
-    save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None)
+    if D.is_main():
+        save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None)
+    D.barrier()
     return {
         "gold_reward_before": result.get("gold_reward_before"),
         "gold_reward_after": result.get("gold_reward_after"),

@@ -25,6 +25,7 @@ from ..config import RewardConfig
 from ..errors import ConfigError, DataError
 from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, save_model
 from ..tracking import MetricsLogger
+from .. import distributed as D
 from .common import chunks, pad, setup_torch, split_eval, train_loop
 
 PHASE = "reward"
@@ -142,7 +143,8 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:
         batch = [train[i] for i in idx]
         chosen, rejected = pair_rewards(model, batch, pad_id)
-        return pairwise_loss(chosen, rejected), sum(len(c) + len(r) for c, r in batch)
+        share = len(idx) * D.world_size() / max(D.global_count(len(idx)), 1)  # pair-mean over the global batch
+        return pairwise_loss(chosen, rejected) * share, sum(len(c) + len(r) for c, r in batch)
 
     def log_eval(step: int) -> dict[str, float]:
         ev = evaluate(model, held, pad_id, eval_bs, gold)
@@ -153,7 +155,9 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
     before = log_eval(0)
     result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     ev = log_eval(result.steps)
-    save_model(model, tokenizer, output_dir, merge=True)
+    if D.is_main():
+        save_model(model, tokenizer, output_dir, merge=True)
+    D.barrier()
     return {"eval_accuracy": ev.get("accuracy_gold", ev["accuracy_labels"]),
             "eval_accuracy_against": "gold" if gold is not None else "labels",
             "eval_accuracy_labels": ev["accuracy_labels"], "eval_margin": ev["margin"], "eval_loss": ev["loss"],

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import distributed as D
 from ..config import SFTConfig
 from ..errors import ConfigError, DataError
 from ..models import check_model_dir, load_causal_lm, load_tokenizer, save_model
@@ -111,7 +112,8 @@ def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | Non
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:
         batch = collate([train[i] for i in idx], pad_id)
         nll, n = lm_nll(model, **batch)
-        return nll / max(n, 1), int(batch["attention_mask"].sum())
+        # token-mean over the GLOBAL batch: W·Σ_local/N_global, averaged over W ranks (distributed.py)
+        return nll * D.world_size() / max(D.global_count(n), 1), int(batch["attention_mask"].sum())
 
     before = eval_loss()
     logger.log(PHASE, 0, {"loss/eval": before})
@@ -119,7 +121,9 @@ def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | Non
     after = eval_loss()
     logger.log(PHASE, result.steps, {"loss/eval": after})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    save_model(model, tokenizer, output_dir, merge=cfg.merge_adapter, base_path=cfg.model)
+    if D.is_main():
+        save_model(model, tokenizer, output_dir, merge=cfg.merge_adapter, base_path=cfg.model)
+    D.barrier()
     return {"eval_loss_before": before, "eval_loss": after, "train_loss": result.train_loss,
             "mode": cfg.mode, "trainable_params": trainable, "steps": result.steps,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),

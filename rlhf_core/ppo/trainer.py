@@ -18,12 +18,13 @@ from typing import Any, Callable
 
 import torch
 
+from .. import distributed as D
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..errors import NumericError
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
 from ..tracking import MetricsLogger, progress
-from .advantages import get_advantage_estimator, masked_whiten
+from .advantages import get_advantage_estimator
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
 from .losses import entropy_bonus, explained_variance, policy_loss, value_loss
@@ -92,6 +93,10 @@ class PPOTrainer:
                  prompts: list[str], eval_prompts: list[str] | None = None, logger: MetricsLogger | None = None,
                  gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None):
         config.validate()
+        world = D.world_size()  # torchrun: each rank rolls out batch_size/world rows (whole groups)
+        if config.batch_size % (world * config.group_size) or (config.batch_size // world) % config.num_mini_batches:
+            raise ConfigError(f"ppo.batch_size={config.batch_size} must split into {world} ranks of whole groups "
+                              f"(group_size={config.group_size}) and num_mini_batches={config.num_mini_batches}")
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
         try:
@@ -107,7 +112,7 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         self.device = policy.lm_head_weight.device
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed)  # generation
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + D.rank())  # generation
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
         self.params = policy.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
@@ -126,7 +131,8 @@ class PPOTrainer:
         while len(self._order) < n:
             self._order += torch.randperm(len(self.prompts), generator=self.shuffle_gen).tolist()
         picked, self._order = self._order[:n], self._order[n:]
-        return [self.prompts[i] for i in picked for _ in range(self.cfg.group_size)]  # contiguous groups
+        batch = [self.prompts[i] for i in picked for _ in range(self.cfg.group_size)]  # contiguous groups
+        return list(D.shard(batch))  # this rank's contiguous slice of the global batch
 
     def step(self) -> dict[str, float]:
         """One PPO iteration: rollout, rewards, advantages, PPO epochs. Returns its metrics."""
@@ -153,11 +159,11 @@ class PPOTrainer:
                                            self.kl_ctl.value, estimator, kl=exp.kl)
         # 5. whiten rewards (scale only: shifting the mean would change the objective)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = D.global_masked_whiten(rewards, mask, shift_mean=False)  # = masked_whiten in one process
         # 6. compute advantages with the registered estimator, then whiten them over the batch
         advantages, returns = self.estimator(rewards=rewards, values=exp.values, mask=mask, scores=exp.scores,
                                              gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
-        exp = replace(exp, rewards=rewards, kl=kl, advantages=masked_whiten(advantages, mask), returns=returns)
+        exp = replace(exp, rewards=rewards, kl=kl, advantages=D.global_masked_whiten(advantages, mask), returns=returns)
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
                           "raw_advantages": advantages, **{k: v for k, v in vars(exp).items()}}
@@ -169,14 +175,14 @@ class PPOTrainer:
         update = self.update(buffer)
         t_update = time.perf_counter()
         # 9. adapt the KL coefficient to the observed sequence KL
-        seq_kl = float(kl.sum(1).mean())
+        seq_kl = D.reduce_metrics({"kl": float(kl.sum(1).mean())})["kl"]  # equal rows per rank
         self.kl_ctl.update(seq_kl, cfg.batch_size)
         # 10. metrics, computed once here (update stats are means over minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
         seq_reward = float(rewards.sum(1).mean()) if not cfg.whiten_rewards else float(
             (exp.scores - self.kl_ctl.value * kl.sum(1)).mean())
-        return {
+        return D.reduce_metrics({
             **update,
             "objective/kl": seq_kl,
             "objective/scores": float(exp.scores.mean()),
@@ -193,7 +199,7 @@ class PPOTrainer:
             "time/score": t_score - t_generate,
             "time/rollout": t_rollout - t_start,
             "time/update": t_update - t_rollout,
-        }
+        })
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
@@ -219,6 +225,8 @@ class PPOTrainer:
         cfg = self.cfg
         size = cfg.micro_batch_size or len(minibatch)
         weights = accumulation_weights(minibatch.mask, size)
+        n_local = float(minibatch.mask.sum())
+        share = n_local / max(D.global_count(n_local), 1)  # token-mean over the global minibatch
         self.optimizer.zero_grad(set_to_none=True)
         stats_sum: dict[str, float] = {}
         finite = True
@@ -232,13 +240,15 @@ class PPOTrainer:
             if not torch.isfinite(loss):
                 finite = False
                 break
-            (loss * weight).backward()
+            (loss * weight * share).backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
                     {"response_ids": part.response_ids, "logprobs": logprobs.detach(), "values": values.detach(),
                      **{k: v.detach() for k, v in stats.items()}})
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
+        D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
+        finite = D.global_count(0 if finite else 1) == 0  # every rank skips or steps alike
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -250,6 +260,7 @@ class PPOTrainer:
         self.skipped_in_row = 0
         self.optimizer.step()
         self.scheduler.step()
+        stats_sum = D.reduce_metrics(stats_sum, dict.fromkeys(stats_sum, n_local))
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
 
     def evaluate(self) -> dict[str, float]:
@@ -307,7 +318,7 @@ class PPOTrainer:
                 metrics.update(self.evals["last"])
             if evaluated or final or it % cfg.log_every == 0:
                 self.logger.log("ppo", it, metrics)
-            if checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
+            if D.is_main() and checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
                 save_checkpoint(checkpoint_dir, it, *self.state(), keep=cfg.keep_checkpoints)
         summary = {f"{k.split('/')[1]}_before": v for k, v in self.evals["before"].items()}
         summary.update({f"{k.split('/')[1]}_after": v for k, v in self.evals["last"].items()})

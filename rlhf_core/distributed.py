@@ -1,0 +1,318 @@
+"""torch.distributed helpers: torchrun set-up, sharding, global statistics, DDP / FSDP2 wrappers.
+
+Every helper is a no-op (or the single-process formula) when the process group is not
+initialised, so the phases call them unconditionally and a plain ``python -m rlhf_core.cli``
+run is unchanged.
+
+Conventions:
+- Sharding is **contiguous**: rank r gets ``items[start_r:end_r]`` of a balanced split (the
+  first ``n % world`` ranks hold one extra item), so concatenating the shards in rank order
+  gives back the global batch in its original order. Contiguous (not strided) keeps RLOO/GRPO
+  groups — ``group_size`` consecutive rows of one prompt — on one rank when the shard size is a
+  multiple of ``group_size``.
+- Token-mean losses under data parallelism: DDP *averages* gradients over the W ranks, so a
+  rank whose loss is ``Σ_local ℓ / n_local`` would weight each rank equally, not each token.
+  The exact global token-mean needs ``loss_r = W · Σ_local ℓ / N_global`` with
+  ``N_global = Σ_r n_r`` from one all-reduce (:func:`global_count`); then
+  ``(1/W) Σ_r ∇loss_r = ∇(Σ_all ℓ) / N_global``. With :func:`all_reduce_gradients` (a sum,
+  no averaging) the factor W is dropped.
+- Whitening statistics: population variance over the valid tokens of the **global** batch,
+  the convention of ``rlhf_core.ppo.advantages.masked_whiten`` (two all-reduces: sum & count,
+  then the sum of squared deviations — numerically the same two passes as ``masked_var``).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo in torch 2.13 for fp32
+(tested); bf16 mixed precision is meant for CUDA/NCCL and refused on CPU with a clear error.
+
+Imports only torch.
+
+References: PyTorch DDP notes (gradient averaging); PyTorch FSDP2 tutorial (``fully_shard``
+per transformer block, then the root); Huang et al. 2024, "The N+ Implementation Details of
+RLHF with PPO" (advantage whitening over the whole batch).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "init_from_env", "shutdown", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
+    "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_reduce_gradients",
+    "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
+    "unwrap", "DistributedError",
+]
+
+T = TypeVar("T")
+
+
+class DistributedError(RuntimeError):
+    """A distributed set-up the user asked for that cannot work here (one clear line)."""
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def is_initialized() -> bool:
+    """True inside an initialised process group (torchrun with WORLD_SIZE > 1)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Join the process group torchrun describes; a no-op for a single process.
+
+    Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (set by torchrun). Backend:
+    gloo on CPU; with CUDA ``"cpu:gloo,cuda:nccl"`` (CUDA tensors over NCCL, CPU tensors still
+    over gloo — the phases keep some models on CPU) and the process pinned to ``cuda:LOCAL_RANK``.
+    Idempotent: a second call returns True without re-initialising.
+
+    Returns:
+        True when a process group with more than one rank is active.
+
+    Raises:
+        DistributedError: WORLD_SIZE > 1 but MASTER_ADDR / MASTER_PORT are missing.
+    """
+    if is_initialized():
+        return dist.get_world_size() > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
+    from datetime import timedelta
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (call once at exit; no-op single process)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def local_rank() -> int:
+    """Rank on this node (torchrun's LOCAL_RANK; 0 without it)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the rank that writes outputs, checkpoints and metrics (rank 0)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op single process)."""
+    if is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under nccl, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+def shard_bounds(n: int, rank_: int, world: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank_``'s contiguous, balanced slice of ``n`` items."""
+    if world < 1 or not 0 <= rank_ < world:
+        raise ValueError(f"rank {rank_} out of range for world size {world}")
+    base, extra = divmod(n, world)
+    start = rank_ * base + min(rank_, extra)
+    return start, start + base + (1 if rank_ < extra else 0)
+
+
+def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> Sequence[T]:
+    """Rank ``rank_``'s contiguous slice of ``items`` (defaults: this process's rank and world).
+
+    Contiguous and balanced: sizes differ by at most 1, the first ``len(items) % world`` ranks
+    get the extra item, and ``shard(items, 0, W) + ... + shard(items, W-1, W) == items``.
+    Works on lists and on tensors (sliced along dim 0).
+    """
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    start, end = shard_bounds(len(items), rank_, world)
+    return items[start:end]
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks, in place, and return it (identity single process)."""
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def global_count(n: int | float) -> float:
+    """Σ over ranks of a local count (e.g. valid tokens), as a Python number.
+
+    float64 carries integer counts exactly up to 2**53, far beyond any batch.
+    """
+    return float(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device())))
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) -> None:
+    """Sum (or, with ``average``, average like DDP) ``.grad`` over ranks, in one collective.
+
+    For code paths that do not go through ``DistributedDataParallel.forward``: the PPO update
+    calls the trunk and the fused kernel directly, and the phases' ``loss_fn`` closures call the
+    bare model — DDP only syncs gradients of a backward that followed *its own* forward. Pair
+    ``average=False`` with losses scaled by ``n_local / N_global``, ``average=True`` with
+    ``W · n_local / N_global`` (the DDP convention). Unlike DDP's bucketed hooks this does not
+    overlap communication with the backward pass. Parameters with no gradient on this rank get
+    a zero one so that every rank joins the collective with the same sizes.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective, not one per tensor
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    if average:
+        flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of ``x`` over the valid positions of all ranks.
+
+    Formula: N = Σ_r Σ m, μ = Σ_r Σ m·x / max(N, 1), σ² = Σ_r Σ m·(x − μ)² / max(N, 1) —
+    ``masked_mean`` and ``masked_var(unbiased=False)`` of the concatenated global batch.
+    Two passes (not E[x²] − μ²) so no cancellation when |μ| ≫ σ.
+
+    Shapes: x (B_r, T), mask (B_r, T) (B_r may differ per rank, T must not) -> (), ().
+
+    Returns:
+        (mean, var) in ``x``'s dtype; (0, 0) when no rank has a valid token.
+    """
+    valid = mask.bool()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xm = torch.where(valid, x, zero)  # (B, T) padding selected away, never multiplied
+    sums = torch.stack([xm.sum(), valid.sum().to(x.dtype)])  # (2,) Σ m·x, Σ m
+    all_reduce_sum(sums)
+    count = sums[1].clamp_min(1)
+    mean = sums[0] / count
+    sq = torch.where(valid, (x - mean) ** 2, zero).sum().reshape(1)  # (1,) Σ m·(x − μ)²
+    all_reduce_sum(sq)
+    return mean, sq[0] / count
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``masked_whiten`` with statistics over the global batch (all ranks).
+
+    Formula: x̂ = (x − μ)/√(σ² + 1e-8), plus μ when ``shift_mean`` is False; μ, σ² from
+    :func:`global_masked_moments`. Equals ``masked_whiten(cat_r x_r, cat_r mask_r)`` row-sliced
+    back to this rank. Padding returned as 0.
+
+    Shapes: x (B_r, T), mask (B_r, T) -> (B_r, T).
+    """
+    mean, var = global_masked_moments(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def reduce_metrics(metrics: dict[str, float], counts: dict[str, float] | None = None) -> dict[str, float]:
+    """Mean of each metric over ranks, weighted by ``counts[key]`` where given (else weight 1).
+
+    Formula: m̄_k = Σ_r w_{r,k}·m_{r,k} / Σ_r w_{r,k}. Every rank must pass the same keys
+    (they are sorted, then reduced in one collective). A key whose total weight is 0 maps to 0.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return dict(metrics)
+    keys = sorted(metrics)
+    counts = counts or {}
+    w = torch.tensor([float(counts.get(k, 1.0)) for k in keys], dtype=torch.float64, device=device())
+    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device())
+    packed = all_reduce_sum(torch.cat([v * w, w]))  # (2K,)
+    num, den = packed[:len(keys)], packed[len(keys):]
+    return {k: float(num[i] / den[i]) if den[i] > 0 else 0.0 for i, k in enumerate(keys)}
+
+
+# --------------------------------------------------------------------------- model wrappers
+
+
+def wrap_ddp(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel(model)`` under a process group, else ``model`` unchanged.
+
+    On CUDA the model must already be on ``device()``; ``kwargs`` go to DDP (e.g.
+    ``find_unused_parameters=True`` for LoRA models with frozen branches).
+    """
+    if not (is_initialized() and world_size() > 1):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [local_rank()] if torch.cuda.is_available() else None
+    return DistributedDataParallel(model, device_ids=ids, **kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (what to save and evaluate)."""
+    return getattr(model, "module", model)
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Transformer blocks to shard one by one: the first ``nn.ModuleList`` named ``layers``/``h``/``blocks``."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return list(module)
+    return []
+
+
+def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Module:
+    """Shard ``model`` with FSDP2: ``fully_shard`` on each transformer block, then on the root.
+
+    Parameters become DTensors sharded on dim 0 over all ranks; each block all-gathers its
+    weights just before its forward and frees them after (reshard_after_forward=True). Build the
+    optimizer *after* this call, on ``model.parameters()``. No-op single process.
+
+    Args:
+        model: the module (on ``device()``).
+        mixed_precision_bf16: compute in bf16, reduce gradients in fp32 (CUDA only).
+
+    Raises:
+        DistributedError: bf16 mixed precision requested on CPU/gloo.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    on_cuda = torch.cuda.is_available()
+    if mixed_precision_bf16 and not on_cuda:
+        raise DistributedError("wrap_fsdp2(mixed_precision_bf16=True) needs CUDA/nccl; on CPU/gloo use fp32")
+    mesh = init_device_mesh("cuda" if on_cuda else "cpu", (world_size(),))
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision_bf16 else MixedPrecisionPolicy())
+    for block in _blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model

@@ -1,0 +1,115 @@
+"""rlhf_core.distributed: 2 gloo ranks via torchrun equal one process on the concatenated batch.
+
+Each 2-rank case launches ``python -m torch.distributed.run --standalone --nproc_per_node 2
+worker.py CASE OUT`` (``--standalone`` picks a free port), then compares what the ranks saved.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core import distributed as D
+from rlhf_core.ppo.advantages import masked_whiten
+
+WORKER = Path(__file__).with_name("worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_ranks(case: str, tmp_path: Path, nproc: int = 2) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(WORKER), case, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+# --------------------------------------------------------------------------- single process
+
+
+def test_shard_is_contiguous_balanced_and_covers_the_batch():
+    items = list(range(11))
+    for world in (1, 2, 3, 4, 11, 13):
+        parts = [list(D.shard(items, r, world)) for r in range(world)]
+        assert sum(parts, []) == items  # union in rank order = the global batch
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert D.shard(items, 1, 2) == [6, 7, 8, 9, 10]
+    assert torch.equal(D.shard(torch.arange(5), 0, 2), torch.arange(3))
+    with pytest.raises(ValueError):
+        D.shard(items, 2, 2)
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.init_from_env() is False
+    assert (D.rank(), D.world_size(), D.is_main()) == (0, 1, True)
+    D.barrier()
+    model = torch.nn.Linear(3, 2)
+    assert D.wrap_ddp(model) is model and D.wrap_fsdp2(model) is model and D.unwrap(model) is model
+    assert D.reduce_metrics({"a": 2.0}, {"a": 5}) == {"a": 2.0}
+    assert D.global_count(7) == 7.0
+    x = torch.randn(4, 5, dtype=torch.float64)
+    mask = torch.arange(5).expand(4, 5) < torch.tensor([[5], [2], [0], [3]])
+    assert torch.equal(D.global_masked_whiten(x, mask), masked_whiten(x, mask))
+
+
+def test_init_from_env_needs_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(D.DistributedError, match="torchrun"):
+        D.init_from_env()
+
+
+# --------------------------------------------------------------------------- 2 gloo ranks
+
+
+def test_global_whitening_equals_masked_whiten_on_the_concatenated_batch(tmp_path):
+    r0, r1 = run_ranks("whiten", tmp_path)
+    x, mask = r0["x"], r0["mask"]  # (7, 6) float64, NaN in padding; rank 0 holds 4 rows, rank 1 3
+    for key, shift in (("white", True), ("white_noshift", False)):
+        got = torch.cat([r0[key], r1[key]])
+        torch.testing.assert_close(got, masked_whiten(x, mask, shift_mean=shift), rtol=0, atol=1e-12)
+    valid = x[mask]
+    torch.testing.assert_close(r0["mean"], valid.mean(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(r1["var"], valid.var(unbiased=False), rtol=0, atol=1e-12)
+    assert r0["count"] == r1["count"] == float(mask.sum())
+    # "a" weighted by rows (4 on rank 0 with value 1, 3 on rank 1 with value 2), "b" a plain mean
+    assert r0["metrics"] == r1["metrics"] == pytest.approx({"a": (4 * 1 + 3 * 2) / 7, "b": 5.0})
+    assert r0["shard"] + r1["shard"] == list(range(11))
+    assert "CUDA" in r0["bf16_error"]
+
+
+@pytest.mark.parametrize("case", ["ddp_sft", "fsdp2_sft"])
+def test_data_parallel_sft_equals_single_process_on_the_global_batch(tmp_path, case):
+    """3 AdamW steps, each rank half of 6 records, loss W·Σ_local nll / N_global (float64)."""
+    r0, r1 = run_ranks(case, tmp_path)
+    assert r0["world_size"] == 2
+    for name, ref in r0["ref_state"].items():
+        assert not torch.equal(ref, r0["init_state"][name]) or "norm" in name  # training moved it
+        torch.testing.assert_close(r0["state"][name], ref, rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(r1["state"][name], ref, rtol=0, atol=1e-10, msg=name)
+
+
+def test_ppo_minibatch_gradient_equals_single_process(tmp_path):
+    """policy + value + entropy loss, token-mean over the global minibatch, rows split 4/3."""
+    r0, r1 = run_ranks("ppo", tmp_path)
+    assert r0["grads"].keys() == r0["ref_grads"].keys()
+    for name, ref in r0["ref_grads"].items():
+        for r in (r0, r1):
+            torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path):
+    """The wired PPOTrainer: token shares + gradient all-reduce + reduced stats; prompts sharded."""
+    r0, r1 = run_ranks("ppo_trainer", tmp_path)
+    for name, ref in r0["ref_grads"].items():
+        for r in (r0, r1):
+            torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
+    for key in ("loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/grad_norm"):
+        assert r0["stats"][key] == r1["stats"][key] == pytest.approx(r0["ref_stats"][key], rel=1e-5, abs=1e-7)
+    assert r0["prompts"] + r1["prompts"] == r0["ref_prompts"]  # contiguous shards of the global batch

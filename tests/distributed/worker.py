@@ -1,0 +1,252 @@
+"""Per-rank body of the distributed tests, launched by torchrun (see test_distributed.py).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 worker.py CASE OUT_DIR
+
+Each case runs the distributed computation on every rank and, on rank 0 only (no collectives),
+the single-process reference on the concatenated global batch; rank r saves ``OUT_DIR/rank{r}.pt``
+and the test compares. Inputs are generated from fixed seeds, identical on every rank.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rlhf_core import distributed as D  # noqa: E402
+
+B, T = 7, 6  # global rows (odd: ranks hold 4 and 3), response length
+
+
+def right_padded_mask(gen: torch.Generator, rows: int, width: int) -> torch.Tensor:
+    """(rows, width) bool, row lengths in [0, width] (one row fully padded)."""
+    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
+    lengths[2] = 0
+    return torch.arange(width).expand(rows, width) < lengths[:, None]
+
+
+# --------------------------------------------------------------------------- whitening / metrics
+
+
+def case_whiten() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, generator=gen, dtype=torch.float64) * 3 + 5  # (B, T)
+    x[~right_padded_mask(torch.Generator().manual_seed(1), B, T)] = float("nan")  # garbage in padding
+    mask = right_padded_mask(torch.Generator().manual_seed(1), B, T)  # (B, T)
+    xs, ms = D.shard(x), D.shard(mask)
+    mean, var = D.global_masked_moments(xs, ms)
+    metrics = D.reduce_metrics({"a": float(D.rank() + 1), "b": 10.0 * D.rank()},
+                               counts={"a": float(len(xs))})
+    try:
+        D.wrap_fsdp2(torch.nn.Linear(4, 4), mixed_precision_bf16=True)
+        bf16_error = ""
+    except D.DistributedError as e:
+        bf16_error = str(e)
+    return {"x": x, "mask": mask, "mean": mean, "var": var, "metrics": metrics, "bf16_error": bf16_error,
+            "white": D.global_masked_whiten(xs, ms), "white_noshift": D.global_masked_whiten(xs, ms, shift_mean=False),
+            "shard": list(D.shard(list(range(11)))), "count": D.global_count(int(ms.sum()))}
+
+
+# --------------------------------------------------------------------------- SFT with DDP / FSDP2
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """Float64 by default so the comparison tests the algebra, not float32 summation order."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def sft_batch(n: int = 6, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """``n`` records of different lengths; labels -100 on a 3-token prompt (as sft.encode_example)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 5 + (i * 3) % 7
+        ids = torch.randint(1, 64, (length,), generator=gen)
+        labels = ids.clone()
+        labels[:3] = -100
+        out.append({"ids": ids, "labels": labels})
+    return out
+
+
+def collate(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(len(r["ids"]) for r in records)
+    ids = torch.zeros(len(records), width, dtype=torch.long)
+    labels = torch.full((len(records), width), -100, dtype=torch.long)
+    att = torch.zeros(len(records), width, dtype=torch.long)
+    for i, r in enumerate(records):
+        ids[i, :len(r["ids"])], labels[i, :len(r["ids"])], att[i, :len(r["ids"])] = r["ids"], r["labels"], 1
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+def summed_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    return nll, int((targets != -100).sum())
+
+
+def train_sft(model: torch.nn.Module, records: list, steps: int, distributed: bool) -> None:
+    """AdamW + grad clipping on the same records every step; token-mean loss over the global batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)
+    for _ in range(steps):
+        local = D.shard(records) if distributed else records
+        nll, n_local = summed_nll(model, collate(list(local)))
+        # DDP averages gradients over W ranks: W·Σ_local/N_global makes the average Σ_all/N_global.
+        n_global = D.global_count(n_local) if distributed else n_local
+        scale = D.world_size() if distributed else 1
+        loss = nll * scale / max(n_global, 1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def sft_case(wrap: str) -> dict:
+    records, steps = sft_batch(), 3
+    model = tiny_llama()
+    wrapped = D.wrap_ddp(model) if wrap == "ddp" else D.wrap_fsdp2(model)
+    train_sft(wrapped, records, steps, distributed=True)
+    if wrap == "fsdp2":  # gather the DTensor shards into full tensors on every rank
+        state = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+    else:
+        state = {k: v.detach().clone() for k, v in D.unwrap(wrapped).state_dict().items()}
+    out: dict = {"state": state}
+    if D.is_main():
+        ref = tiny_llama()
+        train_sft(ref, records, steps, distributed=False)
+        out["ref_state"] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        out["init_state"] = tiny_llama().state_dict()
+    return out
+
+
+# --------------------------------------------------------------------------- PPO minibatch gradient
+
+
+def ppo_experience(policy, gen: torch.Generator):
+    from rlhf_core.ppo.experience import Experience
+    from rlhf_core.ppo.policy import response_logprobs
+    lq = 4
+    query_ids = torch.randint(1, 64, (B, lq), generator=gen)
+    query_mask = torch.ones(B, lq, dtype=torch.bool)
+    query_mask[0, :2] = False  # left padding
+    query_mask[3, :1] = False
+    response_ids = torch.randint(1, 64, (B, T), generator=gen)
+    mask = right_padded_mask(gen, B, T)
+    with torch.no_grad():
+        logprobs, values, _ = response_logprobs(policy, query_ids, query_mask, response_ids, mask,
+                                                backend="torch", with_values=True)
+    noise = lambda: torch.randn(B, T, generator=gen) * mask  # noqa: E731
+    return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
+                      logprobs=logprobs + 0.3 * noise(), ref_logprobs=logprobs, scores=torch.randn(B, generator=gen),
+                      values=values + 0.5 * noise(), advantages=noise(), returns=noise())
+
+
+def ppo_grads(policy, exp, weight: float) -> dict[str, torch.Tensor]:
+    from rlhf_core.ppo.policy import response_logprobs
+    from rlhf_core.ppo.trainer import ppo_loss
+    cfg = SimpleNamespace(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, ent_coef=0.01)
+    policy.zero_grad(set_to_none=True)
+    logprobs, values, entropy = response_logprobs(policy, exp.query_ids, exp.query_mask, exp.response_ids, exp.mask,
+                                                  backend="torch", with_values=True, with_entropy=True)
+    loss, _ = ppo_loss(logprobs=logprobs, values=values, entropy=entropy, exp=exp, config=cfg)
+    (loss * weight).backward()
+    params = policy.trainable_parameters()
+    D.all_reduce_gradients(params)  # Σ_r of n_r/N·∇loss_r = ∇(token-mean over the global minibatch)
+    return {n: p.grad.detach().clone() for n, p in policy.named_parameters()
+            if p.requires_grad and not n.startswith("ref_model.")}
+
+
+def case_ppo() -> dict:
+    from rlhf_core.ppo.policy import PolicyWithValue
+    policy = PolicyWithValue(tiny_llama())
+    exp = ppo_experience(policy, torch.Generator().manual_seed(5))
+    start, end = D.shard_bounds(len(exp), D.rank(), D.world_size())
+    local = exp.index(slice(start, end))
+    n_global = D.global_count(int(local.mask.sum()))
+    out: dict = {"grads": ppo_grads(policy, local, float(local.mask.sum()) / n_global)}
+    if D.is_main():
+        out["ref_grads"] = ppo_grads_single(policy, exp)
+    return out
+
+
+def ppo_grads_single(policy, exp) -> dict[str, torch.Tensor]:
+    """The reference: the whole minibatch in one process (all_reduce_gradients skipped)."""
+    real = D.all_reduce_gradients
+    D.all_reduce_gradients = lambda params: None
+    try:
+        return ppo_grads(policy, exp, 1.0)
+    finally:
+        D.all_reduce_gradients = real
+
+
+def single_process():
+    """Context: every distributed helper behaves as in one process (rank 0's reference run)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        real = D.is_initialized
+        D.is_initialized = lambda: False
+        try:
+            yield
+        finally:
+            D.is_initialized = real
+    return ctx()
+
+
+def case_ppo_trainer() -> dict:
+    """PPOTrainer.minibatch_step (micro-batches of 2) on a 4/3 row split vs the whole minibatch."""
+    from rlhf_core.config import PPOConfig, TinyModelConfig
+    from rlhf_core.phases.ppo import tiny_setup
+    from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo.trainer import PPOTrainer
+    tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0)
+
+    def trainer() -> PPOTrainer:
+        tok, model, task = tiny_setup(n_prompts=8, n_eval_prompts=1, model_cfg=tiny)
+        torch.manual_seed(0)
+        return PPOTrainer(cfg, PolicyWithValue(model), tok, lambda p, r: [0.0] * len(r), task.prompts)
+
+    def grads(t: PPOTrainer) -> dict[str, torch.Tensor]:
+        return {n: p.grad.clone() for n, p in t.named_trainable().items()}
+
+    t = trainer()
+    exp = ppo_experience(t.policy, torch.Generator().manual_seed(5))
+    start, end = D.shard_bounds(len(exp), D.rank(), D.world_size())
+    stats = t.minibatch_step(exp.index(slice(start, end)))
+    out: dict = {"grads": grads(t), "stats": stats, "prompts": t.next_prompts()}
+    if D.is_main():
+        with single_process():
+            ref = trainer()
+            out["ref_stats"] = ref.minibatch_step(exp)
+            out["ref_grads"] = grads(ref)
+            out["ref_prompts"] = ref.next_prompts()
+    return out
+
+
+CASES = {"whiten": case_whiten, "ddp_sft": lambda: sft_case("ddp"), "fsdp2_sft": lambda: sft_case("fsdp2"),
+         "ppo": case_ppo, "ppo_trainer": case_ppo_trainer}
+
+if __name__ == "__main__":
+    case, out_dir = sys.argv[1], sys.argv[2]
+    D.init_from_env()
+    try:
+        result = CASES[case]()
+        result["world_size"] = D.world_size()
+        torch.save(result, os.path.join(out_dir, f"rank{D.rank()}.pt"))
+    finally:
+        D.barrier()
+        if D.is_initialized():
+            import torch.distributed as dist
+            dist.destroy_process_group()
