@@ -157,6 +157,7 @@ class PPOTrainer:
         estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator
         rewards, kl = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask,
                                            self.kl_ctl.value, estimator, kl=exp.kl)
+        seq_reward = float(rewards.sum(1).mean())  # score − β·Σ kl per episode, before any whitening
         # 5. whiten rewards (scale only: shifting the mean would change the objective)
         if cfg.whiten_rewards:
             rewards = D.global_masked_whiten(rewards, mask, shift_mean=False)  # = masked_whiten in one process
@@ -180,8 +181,6 @@ class PPOTrainer:
         # 10. metrics, computed once here (update stats are means over minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
-        seq_reward = float(rewards.sum(1).mean()) if not cfg.whiten_rewards else float(
-            (exp.scores - self.kl_ctl.value * kl.sum(1)).mean())
         return D.reduce_metrics({
             **update,
             "objective/kl": seq_kl,
