@@ -30,7 +30,7 @@ from .real_task import (RealTask, generate_real_task, gold_parts, gold_reward, g
                         rm_prompt, write_real_task)
 
 if TYPE_CHECKING:
-    from .config import PipelineConfig, PPOConfig, RewardConfig
+    from .config import PipelineConfig, PPOConfig
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD_TOKEN = "<|endoftext|>"  # id 0 in SmolLM2's vocabulary; the GGUF sets pad = eos = <|im_end|>
@@ -219,22 +219,6 @@ def run_ppo(cfg: "PPOConfig", output_dir: Path, logger: Any, task: RealTask) -> 
             "wall_seconds": time.perf_counter() - t0}
 
 
-def reward_gold_accuracy(cfg: "RewardConfig", reward_dir: Path) -> float:
-    """Agreement with the gold judge on the reward phase's held-out pairs (same seeded split)."""
-    from .data.loaders import load_records
-    from .models import load_reward_model
-    from .phases.common import split_eval
-    from .phases.reward_model import score
-    _, held = split_eval(list(load_records(cfg.data, "preference")), cfg.eval_fraction, cfg.seed)
-    model, tok = load_reward_model(str(reward_dir))
-    prompts = [r["prompt"] for r in held]
-    margin = (score(model.eval(), tok, prompts, [r["chosen"] for r in held], cfg.max_length)
-              - score(model, tok, prompts, [r["rejected"] for r in held], cfg.max_length)).tolist()
-    hits = [(m > 0) == (gold_score(r["prompt"], r["chosen"]) > gold_score(r["prompt"], r["rejected"]))
-            for m, r in zip(margin, held)]
-    return sum(hits) / max(len(hits), 1)
-
-
 def run_real_pipeline(cfg: "PipelineConfig", out: Path, stop_after: str = "ppo", resume: bool = False) -> dict[str, Any]:
     """`rlhf pipeline --preset smollm2`: convert SmolLM2 (cached), write the task, then SFT → reward → PPO.
     With ``resume`` a finished phase (folder + summary entry) is kept; an unfinished PPO restarts."""
@@ -267,12 +251,9 @@ def run_real_pipeline(cfg: "PipelineConfig", out: Path, stop_after: str = "ppo",
         elif phase == "ppo":
             update_summary(out / "summary.json", "ppo", run_ppo(cfg.ppo, out / "ppo", logger, task))
         else:
-            _run_phase(phase, cfg, out, logger)
+            _run_phase(phase, cfg, out, logger, **({"gold_fn": gold_score} if phase == "reward" else {}))
             if phase == "sft" and cfg.sft.mode == "qlora":
                 merge_qlora(out / "sft", base, out / "sft_merged")
-        if phase == "reward" and "eval_accuracy_gold" not in _load_summary(out).get("reward", {}):
-            accuracy = reward_gold_accuracy(cfg.reward, out / "reward")
-            update_summary(out / "summary.json", "reward", {"eval_accuracy_gold": accuracy})
         if phase == stop_after:
             break
     update_summary(out / "summary.json", "pipeline", {"wall_seconds": round(time.time() - t0, 2)})

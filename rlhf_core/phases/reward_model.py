@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,21 +107,23 @@ def evaluate(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], p
     return out
 
 
-def gold_labels(records: list[dict[str, str]]) -> list[bool | None]:
-    """Per record: does the gold judge prefer 'chosen'? (None on a tie)."""
-    from ..data.task import gold_score
+def gold_labels(records: list[dict[str, str]], gold_fn: Callable[[str, str], float]) -> list[bool | None]:
+    """Per record: does the gold judge ``gold_fn(prompt, response)`` prefer 'chosen'? (None on a tie)."""
     out: list[bool | None] = []
     for r in records:
-        c, j = gold_score(r["prompt"], r["chosen"]), gold_score(r["prompt"], r["rejected"])
+        c, j = gold_fn(r["prompt"], r["chosen"]), gold_fn(r["prompt"], r["rejected"])
         out.append(None if c == j else c > j)
     return out
 
 
 def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
-        checkpoint_dir: Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
+        checkpoint_dir: Path | None = None, resume: bool = False,
+        gold_fn: Callable[[str, str], float] | None = None, **_: Any) -> dict[str, Any]:
     """Train a reward model on preference pairs; save the classifier + its tokenizer to ``output_dir``.
 
-    Returns the summary: eval_accuracy (vs gold on the embedded task, else vs labels; named in
+    ``gold_fn(prompt, response)`` is the judge the held-out pairs are also scored against (default:
+    the embedded task's gold scorer when the data is the embedded task).
+    Returns the summary: eval_accuracy (vs gold when a judge is known, else vs labels; named in
     eval_accuracy_against), eval_accuracy_labels, eval_margin, eval_loss, train_loss, wall_seconds.
     """
     t0 = time.perf_counter()
@@ -137,7 +139,9 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
         raise DataError(cfg.data or "embedded task", f"need at least 2 preference records, got {len(records)}")
     train_recs, held_recs = split_eval(records, cfg.eval_fraction, cfg.seed)
     train, held = encode_pairs(train_recs, tokenizer, cfg.max_length), encode_pairs(held_recs, tokenizer, cfg.max_length)
-    gold = gold_labels(held_recs) if embedded else None
+    if gold_fn is None and embedded:
+        from ..data.task import gold_score as gold_fn
+    gold = gold_labels(held_recs, gold_fn) if gold_fn is not None else None
     pad_id, eval_bs = tokenizer.pad_token_id, 2 * cfg.batch_size
 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:
