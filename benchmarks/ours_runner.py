@@ -9,8 +9,10 @@ Phases come from the metrics ``PPOTrainer.step()`` returns (measured inside the 
 
 Rows:
 - "ours-trl-structure": a separate value network (trunk + head, both from TRL's value model),
-  ``kernel_backend="torch"`` — the same work as TRL, done our way.
-- "ours-best": the value head on the policy trunk (one forward gives logprobs and values) and
+  ``kernel_backend="torch"``, the models' own activation modules; the rollout logprobs come from
+  the sampling loop, as TRL's come from its generation logits — the same work as TRL, done our way.
+- "ours-best": the value head on the policy trunk (the sampling loop's hidden states give
+  logprobs and values), GPT-2's GELU as one kernel (``fast_activations``) and
   ``kernel_backend="auto"`` (the fused Triton kernel on CUDA; on a CPU it resolves to the
   chunked torch reference in kernels/reference.py — no Triton on CPU outside the interpreter).
 """
@@ -24,12 +26,12 @@ import torch
 from common import HParams, PhaseTimer, result_record, task_prompts
 
 ROWS = {
-    "ours-trl-structure": {"value_model": "separate", "kernel_backend": "torch"},
-    "ours-best": {"value_model": "shared", "kernel_backend": "auto"},
+    "ours-trl-structure": {"value_model": "separate", "kernel_backend": "torch", "fast_activations": False},
+    "ours-best": {"value_model": "shared", "kernel_backend": "auto", "fast_activations": True},
 }
 
 
-def build_config(hp: HParams, value_model: str, kernel_backend: str):
+def build_config(hp: HParams, value_model: str, kernel_backend: str, fast_activations: bool = True):
     """HParams -> our PPOConfig; the one-to-one map of trl_runner.build_trl_config."""
     from rlhf_core.config import PPOConfig
     return PPOConfig(
@@ -40,7 +42,8 @@ def build_config(hp: HParams, value_model: str, kernel_backend: str):
         warmup_steps=0, max_grad_norm=0.0,  # TRL's loop clips no gradients
         kl_coef=hp.kl_coef, kl_estimator=hp.kl_estimator, clip_range=hp.clip_range,
         clip_range_value=hp.clip_range_value, vf_coef=hp.vf_coef, ent_coef=0.0, gamma=hp.gamma, lam=hp.lam,
-        missing_eos_penalty=0.0, value_model=value_model, kernel_backend=kernel_backend, eval_every=0)
+        missing_eos_penalty=0.0, value_model=value_model, kernel_backend=kernel_backend, eval_every=0,
+        rollout_logprobs=True, fast_activations=fast_activations)
 
 
 def build_policy(paths: dict[str, str], value_model: str):

@@ -195,6 +195,10 @@ class PPOConfig(LoraFields):
     value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
     use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
+    rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
+                                       "hidden states instead of a second policy forward")
+    fast_activations: bool = opt(True, "swap GPT-2's five-op tanh GELU for torch's one-kernel "
+                                       "F.gelu(approximate='tanh'): the same function, other float rounding")
     eval_every: int = opt(20, "measure the gold reward on held-out prompts every N iterations (0: end only)")
     log_every: int = opt(1, "log metrics every N iterations")
     save_every: int = opt(10, "write a resumable checkpoint every N iterations (and at the end; 0: end only)")

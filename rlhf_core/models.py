@@ -201,6 +201,28 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
+def fast_activations(*models: nn.Module | None) -> int:
+    """Swap GPT-2's tanh GELU modules for transformers' one-kernel ``GELUTanh``, in place.
+
+    ``NewGELUActivation`` (``gelu_new``) and ``FastGELUActivation`` (``gelu_fast``) compute
+    0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) in five or six element-wise ops, each a pass over
+    the activations (and as many saved tensors for backward); ``GELUTanh`` is the same formula as
+    one ``F.gelu(x, approximate="tanh")`` kernel. Results differ by float rounding only.
+    Returns: the number of modules swapped.
+    """
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+    swapped = 0
+    for model in models:
+        if not isinstance(model, nn.Module):
+            continue
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if type(child) in (NewGELUActivation, FastGELUActivation):
+                    setattr(module, name, GELUTanh())
+                    swapped += 1
+    return swapped
+
+
 def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge: bool = True,
                base_path: str | None = None) -> Path:
     """Save safetensors + tokenizer into ``out_dir`` atomically.

@@ -180,6 +180,20 @@ def response_logprobs(lm: CausalLMView, query_ids: torch.Tensor, query_mask: tor
     mask is 0. ``with_values`` needs a :class:`PolicyWithValue`.
     """
     hidden, input_ids, attention_mask = response_hidden(lm, query_ids, query_mask, response_ids, mask)
+    return logprobs_from_hidden(lm, hidden, input_ids, attention_mask, response_ids, mask, temperature,
+                                backend, with_values, with_entropy)
+
+
+def logprobs_from_hidden(lm: CausalLMView, hidden: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor,
+                         temperature: float = 1.0, backend: str = "auto", with_values: bool = False,
+                         with_entropy: bool = False,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`response_logprobs` from hidden states already computed (e.g. by the sampling loop).
+
+    Shapes: hidden (B, T, H), row t the state that predicts response[t]; input_ids/attention_mask
+    (B, Lq+T) (read only by a separate value network); response/mask (B, T).
+    """
     b, t, h = hidden.shape
     valid = mask.bool()
     targets = response_ids.masked_fill(~valid, IGNORE_INDEX).reshape(-1)  # (B·T,)

@@ -2,8 +2,9 @@
 
 ``generate`` is a plain sampling loop (no ``model.generate``): one trunk forward over the
 left-padded prompts fills the cache, then one token per step, with logits only for the last
-position (B, V). ``score`` runs one no-grad forward of the policy (logprobs + values) and one of
-the reference, through the fused logprob kernel — never a [B, T, V] tensor.
+position (B, V). ``score`` runs one no-grad forward of the reference and, unless the sampling
+loop's hidden states are passed in, one of the policy (logprobs + values), through the fused
+logprob kernel — never a [B, T, V] tensor.
 
 References: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (left padding,
 position ids, truncation without EOS, the missing-EOS penalty).
@@ -18,7 +19,8 @@ from transformers import DynamicCache
 from kernels import fused_kl, fused_logprobs
 
 from .experience import Experience
-from .policy import CausalLMView, PolicyWithValue, position_ids_for, response_hidden, response_logprobs
+from .policy import (CausalLMView, PolicyWithValue, logprobs_from_hidden, position_ids_for, response_hidden,
+                     response_logprobs)
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_prompt_length: int,
@@ -64,14 +66,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
         drop = probs.cumsum(-1) - probs > top_p  # (B, V) mass before this token already >= p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    # Inverse-CDF sampling: one uniform per row against the float64 running sum of the
+    # probabilities. The same law as torch.multinomial, which draws an exponential per vocabulary
+    # entry (16x slower here at V=8192, 5% of a PPO iteration on CPU). A token of probability 0
+    # adds no width to the running sum, so it can never be hit.
+    cdf = probs.to(torch.float64).cumsum_(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device)  # (B, 1)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (B,) first cdf > u·total
+    # u·total can round up to total (u = 1 − 2⁻⁵³): searchsorted then returns V; take the mode there.
+    return torch.where(picked < cdf.shape[-1], picked, probs.argmax(-1))  # (B,)
 
 
 @torch.no_grad()
 def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int = 1,
              pad_token_id: int = 0, generator: torch.Generator | None = None, greedy: bool = False,
-             use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             use_cache: bool = True, return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
     """Sample responses to left-padded prompts, stopping each row at its EOS.
 
     Shapes: query_ids, query_mask (B, Lq).
@@ -81,6 +91,8 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
         mask (B, T): 1 on the response through its EOS (inclusive); a row without EOS is
             truncated at ``max_new_tokens`` and its mask covers all T tokens.
         has_eos (B,): True where the row emitted EOS.
+        hidden (B, T, H), only with ``return_hidden``: the last hidden state each token was sampled
+            from — row t is the state that predicts response[t], what :func:`score` would recompute.
     ``use_cache=False`` recomputes the whole sequence every step (a test oracle for the cache).
     """
     b = query_ids.shape[0]
@@ -90,8 +102,9 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
     cache = DynamicCache() if use_cache else None
     hidden, cache = policy.forward_hidden(query_ids, attention, positions, cache, use_cache=True)
     done = torch.zeros(b, dtype=torch.bool, device=query_ids.device)  # (B,)
-    tokens, valid = [], []
+    tokens, valid, states = [], [], []
     for _ in range(max_new_tokens):
+        states.append(hidden[:, -1])  # (B, H)
         logits = hidden[:, -1] @ weight.T  # (B, V) last position only
         nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -110,6 +123,8 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
             hidden = policy.forward_hidden(seq, attention, positions)  # (B, L+1, H)
     response_ids = torch.stack(tokens, dim=1)  # (B, T)
     mask = torch.stack(valid, dim=1).long()  # (B, T)
+    if return_hidden:
+        return response_ids, mask, done, torch.stack(states, dim=1)  # (B, T, H)
     return response_ids, mask, done
 
 
@@ -130,8 +145,14 @@ def compute_scores(reward_fn: Callable[..., torch.Tensor], prompts: list[str], r
 @torch.no_grad()
 def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
           response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
-          temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto") -> Experience:
+          temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",
+          hidden: torch.Tensor | None = None) -> Experience:
     """Logprobs, values (policy), ref_logprobs and per-token KL (reference) of a rollout.
+
+    ``hidden`` (B, T, H): the policy's states from the sampling loop (``generate(...,
+    return_hidden=True)``); given, the policy's logprobs (and shared-trunk values) are read from
+    them and its forward pass is skipped. They are the distribution the tokens were drawn from;
+    a fresh forward gives the same numbers up to float rounding (another matmul shape).
 
     With ``kl_estimator="exact"`` ``kl`` is the full-vocabulary KL(π‖π_ref) per token from
     ``kernels.fused_kl`` on both models' hidden states; otherwise None (the estimator is applied
@@ -139,15 +160,19 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
     Shapes: query (B, Lq); response/mask (B, T); scores (B,).
     Returns: an Experience with rewards/advantages/returns left empty (filled by the trainer).
     """
+    if hidden is not None:
+        ids = torch.cat([query_ids, response_ids], dim=1)  # (B, Lq+T)
+        attn = torch.cat([query_mask.long(), mask.long()], dim=1)  # (B, Lq+T)
+    else:
+        hidden, ids, attn = response_hidden(policy, query_ids, query_mask, response_ids, mask)  # (B, T, H)
     if kl_estimator != "exact":
-        logprobs, values, _ = response_logprobs(policy, query_ids, query_mask, response_ids, mask,
-                                                temperature, backend, with_values=True)
+        logprobs, values, _ = logprobs_from_hidden(policy, hidden, ids, attn, response_ids, mask,
+                                                   temperature, backend, with_values=True)
         with policy.reference() as ref:
             ref_logprobs, _, _ = response_logprobs(ref, query_ids, query_mask, response_ids, mask,
                                                    temperature, backend)
         kl = None  # the trainer's kl_penalized_rewards applies the k1/k2/k3 estimator
     else:
-        hidden, ids, attn = response_hidden(policy, query_ids, query_mask, response_ids, mask)  # (B, T, H)
         with policy.reference() as ref:
             ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H)
             ref_weight = ref.lm_head_weight

@@ -23,6 +23,7 @@ from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..errors import NumericError
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
+from ..models import fast_activations
 from ..tracking import MetricsLogger, progress
 from .advantages import get_advantage_estimator
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
@@ -114,9 +115,13 @@ class PPOTrainer:
         self.device = policy.lm_head_weight.device
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + D.rank())  # generation
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
+        if config.fast_activations:  # policy, reference, value trunk and a reward model's network
+            fast_activations(policy, getattr(reward_fn, "model", None))
         self.params = policy.trainable_parameters()
+        # fused=True: one kernel over all tensors instead of ~10 ops per tensor (CPU and CUDA).
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=fused)
         total = config.num_iterations * config.ppo_epochs * config.num_mini_batches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(config.lr_schedule, config.warmup_steps, total))
@@ -143,15 +148,15 @@ class PPOTrainer:
         prompts = self.next_prompts()
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
         # 2. generate responses with the KV cache (no grad)
-        response_ids, mask, has_eos = generate(
+        response_ids, mask, has_eos, hidden = generate(
             policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen)
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True)
         t_generate = time.perf_counter()
         # 3. score: the reward (validated before any weight changes), logprobs, ref_logprobs, values
         texts = decode_responses(self.tokenizer, response_ids, mask)
         scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
         exp = score(policy, query_ids, query_mask, response_ids, mask, scores, cfg.temperature,
-                    cfg.kl_estimator, cfg.kernel_backend)
+                    cfg.kl_estimator, cfg.kernel_backend, hidden if cfg.rollout_logprobs else None)
         t_score = time.perf_counter()
         # 4. compute rewards: −β·KL per token, the score on each row's last valid token (its EOS)
         estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator

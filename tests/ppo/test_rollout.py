@@ -1,4 +1,5 @@
 """generate (KV cache, EOS, padding) and score (logprobs, values, exact KL) on tiny Llamas."""
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -136,3 +137,42 @@ def test_score_builds_experience_and_exact_kl_matches_naive():
     naive = kl_naive(h.reshape(-1, H).double(), policy.lm_head_weight.double(), rh.reshape(-1, H).double(),
                      rw.double()).view(mask.shape) * mask
     torch.testing.assert_close(exact.kl.double(), naive, atol=1e-5, rtol=0)
+
+
+def test_sample_next_draws_from_the_softmax_and_never_a_zero_probability_token():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    logits = probs.log().float()  # log 0 = -inf: the softmax gives those tokens exactly 0
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, generator=g) for _ in range(20000)])  # (n, 2)
+    freq = torch.stack([(draws[:, 0] == v).double().mean() for v in range(5)])
+    assert torch.allclose(freq, probs[0], atol=0.015), freq  # 20000 draws: sd ≈ 0.0035
+    assert (draws[:, 1] == 4).all() and not (draws[:, 0] == 1).any() and not (draws[:, 0] == 4).any()
+    t = 0.5  # temperature: p ∝ exp(logit / t) = p₀²
+    warm = torch.stack([sample_next(logits[:1], temperature=t, generator=g)[0] for _ in range(20000)])
+    expect = probs[0] ** 2 / (probs[0] ** 2).sum()
+    assert torch.allclose(torch.stack([(warm == v).double().mean() for v in range(5)]), expect, atol=0.015)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+@pytest.mark.parametrize("kl_estimator", ["k1", "exact"])
+def test_scoring_from_the_sampling_loop_states_equals_a_fresh_forward(value_model, kl_estimator):
+    torch.manual_seed(0)
+    policy = PolicyWithValue(tiny_policy(eos_bias=0.4).model, value_model=value_model)
+    with torch.no_grad():  # a policy away from its reference, a value head that is not ~0
+        policy.model.lm_head.weight.mul_(1.5)
+        policy.value_head.summary.weight.normal_()
+    q, qm = queries()
+    response_ids, mask, _, hidden = gen(policy, 16, generator=torch.Generator().manual_seed(3),
+                                        return_hidden=True)
+    again, mask2, _ = gen(policy, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, response_ids) and torch.equal(mask2, mask)  # same draws either way
+    assert hidden.shape == (*response_ids.shape, H)
+    scores = torch.arange(4, dtype=torch.float32)
+    fresh = score(policy, q, qm, response_ids, mask, scores, 0.7, kl_estimator)
+    reused = score(policy, q, qm, response_ids, mask, scores, 0.7, kl_estimator, hidden=hidden)
+    assert fresh.logprobs.abs().sum() > 1 and fresh.values.abs().sum() > 0.1
+    for name in ("logprobs", "ref_logprobs", "values", "kl") if kl_estimator == "exact" else \
+            ("logprobs", "ref_logprobs", "values"):
+        a, b = getattr(fresh, name), getattr(reused, name)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (name, (a - b).abs().max())
+        assert not (b * (1 - mask)).any()  # zero past each row's EOS

@@ -119,7 +119,9 @@ def test_rloo_exact_kl_whitening_adaptive_kl_run():
                            adaptive_kl=True, kl_target=0.01, missing_eos_penalty=1.0)
     m1 = trainer.step()
     m2 = trainer.step()
-    assert m1["objective/kl"] == 0.0 and m2["objective/kl"] > 0.0  # exact KL: the policy moved
+    # Iteration 1: policy == reference; the policy's states come from the KV-cache sampling loop
+    # (rollout_logprobs), the reference's from a full forward, so they agree to float rounding.
+    assert abs(m1["objective/kl"]) < 1e-6 and m2["objective/kl"] > 1e-5  # exact KL: the policy moved
     assert m2["objective/kl_coef"] != 0.05 or m1["objective/kl_coef"] != 0.05
 
 
