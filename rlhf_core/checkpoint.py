@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import distributed as D
 from .errors import CheckpointError, ConfigError
 
 
@@ -165,6 +166,29 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
+def load_for_resume(root: str | Path, config: dict[str, Any], where: str
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, state) of the newest valid checkpoint under ``root`` (None: there is none), after
+    checking that ``config`` is the configuration that wrote it (bar RESUME_FREE fields).
+
+    Under torchrun every rank reads the checkpoint itself, and all must pick the same one: the
+    output dir has to be on a filesystem every node can read.
+    """
+    path = latest_checkpoint(root)
+    names = [n.decode() or "none" for n in D.all_gather_bytes(path.name.encode() if path else b"")]
+    if len(set(names)) > 1:
+        raise CheckpointError(f"{root}: ranks see different checkpoints ({', '.join(names)}); --resume under "
+                              "torchrun needs the output dir on a filesystem every node can read")
+    if path is None:
+        return None
+    tensors, meta = load_checkpoint(path)
+    try:
+        check_resume_config(meta.get("config", {}), config, where)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return tensors, meta
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest checkpoint under ``root`` that verifies; broken newer ones are skipped with a warning.
 
@@ -252,18 +276,69 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
         g.set_state(tensors[f"rng.gen.{name}"])
 
 
+def _pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """(tensors, JSON) as one blob: 8-byte JSON length, JSON, safetensors bytes (no pickle)."""
+    from safetensors.torch import save
+    head = json.dumps(meta).encode()
+    return len(head).to_bytes(8, "little") + head + save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def _unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors.torch import load
+    n = int.from_bytes(data[:8], "little")
+    return load(data[8 + n:]), json.loads(data[8:8 + n])
+
+
+def rng_all_ranks(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`rng_to_flat` of this process, plus under torchrun every other rank's (tensors
+    ``rank{r}.rng.*``, JSON under ``rank{r}``) and ``world_size``.
+
+    A collective: every rank calls it (rank 0 then writes the result). Ranks differ in their
+    sampling generators (PPO seeds them ``seed + rank``) and in anything dropout consumed.
+    """
+    tensors, meta = rng_to_flat(generators)
+    parts = D.all_gather_bytes(_pack(tensors, meta))
+    if D.is_main():
+        for r, data in enumerate(parts[1:], start=1):
+            rank_tensors, meta[f"rank{r}"] = _unpack(data)
+            tensors.update({f"rank{r}.{k}": v for k, v in rank_tensors.items()})
+    meta["world_size"] = len(parts)
+    return tensors, meta
+
+
+def rng_of_this_rank(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """This rank's part of :func:`rng_all_ranks`'s output, and whether it is really this rank's.
+
+    With another world size than the checkpoint's, every rank gets rank 0's states (False).
+    """
+    saved, rank = int(meta.get("world_size", 1)), D.rank()
+    if saved != D.world_size():
+        return tensors, meta, False
+    if rank == 0:
+        return tensors, meta, True
+    prefix = f"rank{rank}."
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[f"rank{rank}"], True
+
+
 def capture_state(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
                   generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, JSON) of trainable weights, optimizer, LR scheduler and every RNG: an exact resume point."""
+    """(tensors, JSON) of trainable weights, optimizer, LR scheduler and every RNG of every rank:
+    an exact resume point. Under torchrun a collective (every rank calls it; rank 0 saves)."""
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = rng_to_flat(generators)
+    rng_tensors, rng_meta = rng_all_ranks(generators)
     tensors = {**{f"param.{k}": v for k, v in params.items()}, **opt_tensors, **rng_tensors}
     return tensors, {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
 
 
 def restore_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], params: dict[str, torch.Tensor],
-                  optimizer: torch.optim.Optimizer, scheduler: Any, generators: dict[str, torch.Generator]) -> None:
-    """Inverse of :func:`capture_state`: copy weights in place, load optimizer/scheduler/RNG states."""
+                  optimizer: torch.optim.Optimizer, scheduler: Any, generators: dict[str, torch.Generator]) -> bool:
+    """Inverse of :func:`capture_state`: copy weights in place, load optimizer/scheduler/RNG states.
+
+    Returns True when each rank got its own RNG states back (same world size as the checkpoint:
+    an exact resume); False after a warning when the world size changed (every rank then starts
+    from rank 0's states; weights, optimizer and schedule are shared state and load either way).
+    """
     saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
     if saved != set(params):
         diff = sorted(saved ^ set(params))
@@ -273,4 +348,10 @@ def restore_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], params
             p.copy_(tensors[f"param.{name}"])
     optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
-    rng_from_flat(tensors, meta["rng"], generators)
+    rng_tensors, rng_meta, exact = rng_of_this_rank(tensors, meta["rng"])
+    rng_from_flat(rng_tensors, rng_meta, generators)
+    if not exact and D.is_main():
+        warnings.warn(f"checkpoint written by {meta['rng'].get('world_size', 1)} ranks, resumed on {D.world_size()}: "
+                      "weights, optimizer, schedule and data order go on, per-rank random states (sampling, "
+                      "dropout) do not, so this is not the uninterrupted run", stacklevel=2)
+    return exact

@@ -40,7 +40,7 @@ from torch import nn
 
 __all__ = [
     "init_from_env", "shutdown", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
-    "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_reduce_gradients",
+    "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_reduce_gradients",
     "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
     "unwrap", "DistributedError",
 ]
@@ -170,6 +170,25 @@ def global_count(n: int | float) -> float:
     float64 carries integer counts exactly up to 2**53, far beyond any batch.
     """
     return float(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device())))
+
+
+def all_gather_bytes(data: bytes) -> list[bytes]:
+    """Every rank's ``data`` on every rank, in rank order (``[data]`` single process).
+
+    For small per-rank blobs (RNG states, a checkpoint's name). Sizes may differ per rank: they
+    are exchanged first and the payloads zero-padded to the longest. No pickling.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return [data]
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64))
+    width = max(int(n) for n in sizes)
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[:payload.numel()] = payload
+    parts = [torch.empty(width, dtype=torch.uint8) for _ in sizes]
+    dist.all_gather(parts, padded)  # CPU tensors: gloo (also under "cpu:gloo,cuda:nccl")
+    return [bytes(part[:int(n)].numpy()) for part, n in zip(parts, sizes)]
 
 
 def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import capture_state, restore_state, save_checkpoint
+from ..checkpoint import capture_state, load_for_resume, restore_state, save_checkpoint
 from ..errors import NumericError
 from .. import distributed as D
 from ..config import TrainCommon
@@ -165,19 +165,11 @@ def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.o
 def _resume_loop(checkpoint_dir: Any, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any,
                  cfg: TrainCommon) -> dict[str, Any] | None:
     """Load the newest valid checkpoint into params/optimizer/schedule/RNGs; its loop counters (None: none)."""
-    from ..checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
-    from ..errors import CheckpointError
-    from ..errors import ConfigError
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
+    found = load_for_resume(checkpoint_dir, cfg.to_dict(), f"{cfg._section}.")
+    if found is None:
         return None
-    tensors, meta = load_checkpoint(path)
-    try:
-        check_resume_config(meta["config"], cfg.to_dict(), f"{cfg._section}.")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    restore_state(tensors, meta, params, opt, sched, {})
-    return meta["loop"]
+    restore_state(*found, params, opt, sched, {})
+    return found[1]["loop"]
 
 
 def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tensor, int]],
@@ -223,10 +215,11 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
                                      "lr": sched.get_last_lr()[0], "perf/skipped_steps": loop["skipped"],
                                      "perf/tokens_per_s": window_tokens / max(now - last_log, 1e-9)})
             loop["tail"], loop["window"], window_tokens, last_log = loop["window"], [], 0, now
-        if D.is_main() and checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
-            tensors, meta = capture_state(named, opt, sched, {})
-            save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},
-                            keep=cfg.keep_checkpoints)
+        if checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+            tensors, meta = capture_state(named, opt, sched, {})  # every rank: gathers per-rank RNG states
+            if D.is_main():
+                save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},
+                                keep=cfg.keep_checkpoints)
     tail = loop["tail"]
     return LoopResult(train_loss=sum(tail) / max(len(tail), 1), steps=total, tokens=loop["tokens"],
                       seconds=time.perf_counter() - t0)

@@ -104,17 +104,11 @@ def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
     The configuration must match the one that wrote the checkpoint (bar logging/saving fields),
     or the resumed run would not be the run that was interrupted.
     """
-    from ..checkpoint import check_resume_config, latest_checkpoint, load_checkpoint
-    from ..errors import CheckpointError
-    path = latest_checkpoint(checkpoint_dir)
-    if path is None:
+    from ..checkpoint import load_for_resume
+    found = load_for_resume(checkpoint_dir, cfg.to_dict(), "ppo.")
+    if found is None:
         return 0
-    tensors, meta = load_checkpoint(path)
-    try:
-        check_resume_config(meta.get("config", {}), cfg.to_dict(), "ppo.")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    trainer.load_state(tensors, meta)
+    trainer.load_state(*found)
     return trainer.iteration
 
 

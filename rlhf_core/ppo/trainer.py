@@ -282,7 +282,8 @@ class PPOTrainer:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything an exact resume needs: trainable weights (full or adapter) and value head, optimizer,
-        LR schedule, KL controller, every RNG, the data cursor (``_order``) and the counters."""
+        LR schedule, KL controller, every RNG (of every rank: a collective under torchrun), the data
+        cursor (``_order``) and the counters."""
         gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
         tensors, meta = capture_state(self.named_trainable(), self.optimizer, self.scheduler, gens)
         meta.update(config=self.cfg.to_dict(), kl_ctl=self.kl_ctl.state_dict(),
@@ -290,12 +291,19 @@ class PPOTrainer:
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Inverse of :meth:`state` (e.g. from ``checkpoint.load_checkpoint``)."""
+        """Inverse of :meth:`state` (e.g. from ``checkpoint.load_checkpoint``).
+
+        Under torchrun each rank restores its own generators. A checkpoint from another world size
+        loads too (weights, optimizer, schedule, KL controller, data cursor), each rank then samples
+        from a new stream seeded by (seed, rank, iteration): deterministic, not the uninterrupted run.
+        """
         gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
-        restore_state(tensors, meta, self.named_trainable(), self.optimizer, self.scheduler, gens)
+        exact = restore_state(tensors, meta, self.named_trainable(), self.optimizer, self.scheduler, gens)
         self.kl_ctl.load_state_dict(meta["kl_ctl"])
         for key in self.RESUMED:
             setattr(self, key, meta["ppo"][key])
+        if not exact:
+            self.sample_gen.manual_seed((self.cfg.seed + D.rank()) * 1_000_003 + self.iteration)
 
     def train(self, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
         """Run iterations up to ``num_iterations`` (from ``self.iteration``: a resumed trainer goes on)
@@ -322,8 +330,10 @@ class PPOTrainer:
                 metrics.update(self.evals["last"])
             if evaluated or final or it % cfg.log_every == 0:
                 self.logger.log("ppo", it, metrics)
-            if D.is_main() and checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
-                save_checkpoint(checkpoint_dir, it, *self.state(), keep=cfg.keep_checkpoints)
+            if checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
+                state = self.state()  # every rank: each one's sampling generator goes into the checkpoint
+                if D.is_main():
+                    save_checkpoint(checkpoint_dir, it, *state, keep=cfg.keep_checkpoints)
         summary = {f"{k.split('/')[1]}_before": v for k, v in self.evals["before"].items()}
         summary.update({f"{k.split('/')[1]}_after": v for k, v in self.evals["last"].items()})
         summary.update({"episodes_per_s": self.episodes / max(self.train_seconds, 1e-9),

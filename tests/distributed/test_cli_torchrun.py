@@ -1,9 +1,13 @@
 """`torchrun --nproc_per_node 2 -m rlhf_core.cli sft` on tiny sizes: it runs, rank 0 alone writes the
 run folder, and the result matches the same command in one process (same global batch)."""
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +44,8 @@ def rlhf(args: list[str], nproc: int) -> subprocess.CompletedProcess:
 
 def test_torchrun_sft_two_ranks_matches_one_process(tiny_model, tmp_path):
     common = ["sft", "--model", str(tiny_model), "--sft.max_steps", "3", "--sft.batch_size", "8",
-              "--sft.log_every", "1", "--sft.max_length", "64", "--sft.learning_rate", "1e-3"]
+              "--sft.log_every", "1", "--sft.max_length", "64", "--sft.learning_rate", "1e-3", "--sft.save_every", "1",
+              "--sft.keep_checkpoints", "3"]
     rlhf([*common, "--output-dir", str(tmp_path / "two")], nproc=2)
     rlhf([*common, "--output-dir", str(tmp_path / "one")], nproc=1)
     two, one = (json.loads((tmp_path / d / "summary.json").read_text())["sft"] for d in ("two", "one"))
@@ -55,19 +60,73 @@ def test_torchrun_sft_two_ranks_matches_one_process(tiny_model, tmp_path):
     w2, w1 = (load_file(tmp_path / d / "sft" / "model.safetensors") for d in ("two", "one"))
     for name, ref in w1.items():
         torch.testing.assert_close(w2[name], ref, rtol=0, atol=1e-5, msg=name)
+    # the 2-rank run's checkpoint 2 resumed on ONE process: SFT does not depend on the world size,
+    # so the result is the one-process run's (float tolerance), with a one-line warning
+    shutil.copytree(tmp_path / "two", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "moved" / "sft")
+    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "sft" / "step-000003")
+    moved = rlhf([*common, "--output-dir", str(tmp_path / "moved"), "--resume"], nproc=1)
+    assert "warning: checkpoint written by 2 ranks, resumed on 1" in moved.stderr
+    w = load_file(tmp_path / "moved" / "sft" / "model.safetensors")
+    for name, ref in w1.items():
+        torch.testing.assert_close(w[name], ref, rtol=0, atol=1e-5, msg=name)
 
 
-def test_torchrun_ppo_two_ranks_runs_and_rank0_alone_writes(tiny_model, tmp_path):
-    """Rollouts split 4 + 4 over 2 ranks; advantages whitened over all 8; one metrics line per
-    iteration, one checkpoint, one saved policy. (Not compared with one process: each rank samples
-    with its own seed, so the trajectories differ by design.)"""
-    out = tmp_path / "ppo2"
-    rlhf(["ppo", "--policy", str(tiny_model), "--reward", "gold", "--output-dir", str(out),
-          "--ppo.num_iterations", "2", "--ppo.batch_size", "8", "--ppo.num_mini_batches", "2",
-          "--ppo.ppo_epochs", "1", "--ppo.response_length", "8", "--ppo.save_every", "0"], nproc=2)
-    summary = json.loads((out / "summary.json").read_text())["ppo"]
-    assert summary["skipped_steps"] == 0
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if "loss/policy" in r] == [1, 2]
-    assert (out / "ppo" / "value_head.safetensors").exists()
-    assert len(list((out / "checkpoints" / "ppo").iterdir())) == 1
+def launch(args: list[str], nproc: int) -> subprocess.Popen:
+    """``rlhf ARGS`` in the background (stderr kept for failure messages)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RLHF_NUM_THREADS": "1",
+           "RLHF_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"] if nproc > 1 else ["-m"]
+    return subprocess.Popen([sys.executable, *launcher, "rlhf_core.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant (torchrun starts each rank in its own session, so a
+    process-group kill would miss them): a machine crash, as far as the run can tell."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        i += 1
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+PPO_RESUME = ["--reward", "gold", "--ppo.num_iterations", "4", "--ppo.batch_size", "8", "--ppo.num_mini_batches", "2",
+              "--ppo.ppo_epochs", "1", "--ppo.response_length", "8", "--ppo.save_every", "1",
+              "--ppo.keep_checkpoints", "4", "--ppo.eval_every", "0"]
+
+
+def test_torchrun_ppo_rank0_writes_and_sigkill_resume_is_bitwise_the_uninterrupted_run(tiny_model, tmp_path):
+    """Rollouts split 4 + 4 over 2 ranks, advantages whitened over all 8. The uninterrupted run:
+    one metrics line per iteration and one set of checkpoints and policy (rank 0 alone writes).
+    Another run gets SIGKILL (torchrun and both ranks) after checkpoint 2, then ``--resume`` on 2
+    ranks: its saved policy and value head are byte-identical to the uninterrupted run's (each
+    rank restores its own sampling generator; when every rank restored rank 0's, they differed).
+    (Not compared with one process: each rank samples with its own seed, by design.)"""
+    common = ["ppo", "--policy", str(tiny_model), *PPO_RESUME]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    reference = launch([*common, "--output-dir", str(ref)], nproc=2)
+    victim = launch([*common, "--output-dir", str(run)], nproc=2)
+    ckpts = run / "checkpoints" / "ppo"
+    deadline = time.monotonic() + 120
+    while victim.poll() is None and time.monotonic() < deadline and not (ckpts / "step-000002").is_dir():
+        time.sleep(0.005)
+    kill_tree(victim.pid)
+    assert victim.wait() == -signal.SIGKILL, "finished before the kill"
+    done = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert "step-000004" not in done and not (run / "ppo").exists()
+    resumed = rlhf([*common, "--output-dir", str(run), "--resume"], nproc=2)
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()[-3000:]
+    assert json.loads((ref / "summary.json").read_text())["ppo"]["skipped_steps"] == 0
+    lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss/policy" in r] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (ref / "checkpoints" / "ppo").iterdir()) == [f"step-00000{i}" for i in (1, 2, 3, 4)]
+    for name in ("model.safetensors", "value_head.safetensors"):
+        assert (run / "ppo" / name).read_bytes() == (ref / "ppo" / name).read_bytes(), f"{name} differs"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss/policy" in r][-2:] == [3, 4]
+    assert resumed.returncode == 0

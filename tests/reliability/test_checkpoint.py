@@ -104,3 +104,22 @@ def test_trainer_resumes_from_previous_good_checkpoint(make_trainer, tmp_path):
     tensors, _ = load_checkpoint(tmp_path / "step-000001")
     assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.named_trainable().items())
     assert json.loads((tmp_path / "step-000001" / "state.json").read_text())["ppo"]["iteration"] == 1
+
+
+def test_checkpoint_of_another_world_size_loads_with_a_warning_and_reseeds_sampling(make_trainer, tmp_path):
+    """A 2-rank checkpoint (as written under torchrun: rank 1's RNG states under ``rank1.``) resumed
+    in one process: shared state loads, sampling gets a new (seed, rank, iteration) stream."""
+    trainer = make_trainer(num_iterations=1)
+    trainer.train(tmp_path)
+    tensors, meta = load_checkpoint(tmp_path / "step-000001")
+    assert meta["rng"]["world_size"] == 1 and not any(k.startswith("rank1.") for k in tensors)
+    tensors.update({f"rank1.{k}": v for k, v in tensors.items() if k.startswith("rng.")})
+    meta["rng"].update(world_size=2, rank1=meta["rng"])
+    fresh = make_trainer(num_iterations=2)
+    with pytest.warns(UserWarning, match="checkpoint written by 2 ranks, resumed on 1"):
+        fresh.load_state(tensors, meta)
+    assert fresh.iteration == 1 and torch.equal(fresh.shuffle_gen.get_state(), trainer.shuffle_gen.get_state())
+    assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.named_trainable().items())
+    assert not torch.equal(fresh.sample_gen.get_state(), trainer.sample_gen.get_state())
+    expected = torch.Generator().manual_seed(fresh.cfg.seed * 1_000_003 + 1)
+    assert torch.equal(fresh.sample_gen.get_state(), expected.get_state())
