@@ -209,7 +209,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 # Fields a resumed run may change: they do not alter what is computed.
-RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num_threads", "trace"}
+# (``parallel``: DDP and FSDP2 compute the same steps and write the same full-tensor checkpoints.)
+RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num_threads", "trace", "parallel"}
 
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
@@ -242,9 +243,13 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                         structure: dict[str, Any]) -> None:
-    def value(v: Any) -> Any:
-        return tensors[v["__tensor__"]] if isinstance(v, dict) and "__tensor__" in v else v
-    state = {int(pid): {k: value(v) for k, v in entry.items()} for pid, entry in structure["state"].items()}
+    """Inverse of :func:`optimizer_to_flat`; full moments are re-sharded like FSDP2 parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids index this list
+
+    def value(v: Any, param: torch.Tensor) -> Any:
+        return D.shard_like(tensors[v["__tensor__"]], param) if isinstance(v, dict) and "__tensor__" in v else v
+    state = {int(pid): {k: value(v, params[int(pid)]) for k, v in entry.items()}
+             for pid, entry in structure["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": structure["param_groups"]})
 
 
@@ -321,13 +326,28 @@ def rng_of_this_rank(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, meta[f"rank{rank}"], True
 
 
+def _full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FSDP2 shards all-gathered one at a time onto rank 0's CPU (every rank takes part; the others
+    drop the gathered copies). Plain tensors pass through."""
+    out = {}
+    for name, t in tensors.items():
+        full = D.full_tensor(t)
+        if full is t:
+            out[name] = t
+        elif D.is_main():
+            out[name] = full.detach().cpu()
+    return out
+
+
 def capture_state(params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
                   generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, JSON) of trainable weights, optimizer, LR scheduler and every RNG of every rank:
-    an exact resume point. Under torchrun a collective (every rank calls it; rank 0 saves)."""
+    an exact resume point. Under torchrun a collective (every rank calls it; rank 0's result is the
+    checkpoint). FSDP2-sharded weights and moments are saved whole, so a checkpoint does not
+    depend on the world size or on ``parallel``."""
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = rng_all_ranks(generators)
-    tensors = {**{f"param.{k}": v for k, v in params.items()}, **opt_tensors, **rng_tensors}
+    tensors = {**_full({f"param.{k}": v for k, v in params.items()}), **_full(opt_tensors), **rng_tensors}
     return tensors, {"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
 
 
@@ -345,7 +365,7 @@ def restore_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], params
         raise CheckpointError(f"checkpoint weights do not match the model (first difference: '{diff[0]}')")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
+            p.copy_(D.shard_like(tensors[f"param.{name}"], p))  # FSDP2: this rank's shard
     optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rng_tensors, rng_meta, exact = rng_of_this_rank(tensors, meta["rng"])

@@ -66,6 +66,11 @@ class TrainCommon(ConfigBase):
     keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
     max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
                                                 "non-finite loss or gradient")
+    parallel: str = opt("ddp", "under torchrun: 'ddp' (a full replica per rank, gradients averaged) or 'fsdp2' "
+                               "(fully_shard per transformer block: weights, gradients and optimizer state "
+                               "sharded over ranks; full models only)")
+    mixed_precision: str = opt("no", "'no' or 'bf16' (needs parallel='fsdp2': bf16 compute, fp32 weights and "
+                                     "gradient reduction)")
 
     def validate(self) -> None:
         self.check(self.save_every >= 0, "save_every", "an integer >= 0")
@@ -79,6 +84,12 @@ class TrainCommon(ConfigBase):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
         self.check(self.log_every > 0, "log_every", "a positive integer")
+        self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
+        self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
+        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
+                   "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
+        self.check(self.parallel == "ddp" or getattr(self, "mode", "full") == "full", "parallel",
+                   "'ddp' with LoRA/QLoRA (fsdp2 shards full-model training)")
 
 
 @dataclass

@@ -20,8 +20,8 @@ Conventions:
   the convention of ``rlhf_core.ppo.advantages.masked_whiten`` (two all-reduces: sum & count,
   then the sum of squared deviations — numerically the same two passes as ``masked_var``).
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo in torch 2.13 for fp32
-(tested); bf16 mixed precision is meant for CUDA/NCCL and refused on CPU with a clear error.
+FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo in torch 2.13, in fp32 and
+with bf16 mixed precision (both tested on CPU; never run on CUDA/NCCL here).
 
 Imports only torch.
 
@@ -42,7 +42,7 @@ __all__ = [
     "init_from_env", "shutdown", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
     "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_reduce_gradients",
     "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
-    "unwrap", "DistributedError",
+    "is_sharded", "full_tensor", "shard_like", "full_state_dict", "unwrap", "DistributedError",
 ]
 
 T = TypeVar("T")
@@ -311,27 +311,59 @@ def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Modul
     """Shard ``model`` with FSDP2: ``fully_shard`` on each transformer block, then on the root.
 
     Parameters become DTensors sharded on dim 0 over all ranks; each block all-gathers its
-    weights just before its forward and frees them after (reshard_after_forward=True). Build the
-    optimizer *after* this call, on ``model.parameters()``. No-op single process.
+    weights just before its forward and frees them after (reshard_after_forward=True), and its
+    gradients are reduce-scattered *averaged* over ranks in the backward (DDP's arithmetic: no
+    :func:`all_reduce_gradients` after it). Build the optimizer *after* this call, on
+    ``model.parameters()``; save through :func:`full_state_dict`. No-op single process.
 
     Args:
         model: the module (on ``device()``).
-        mixed_precision_bf16: compute in bf16, reduce gradients in fp32 (CUDA only).
-
-    Raises:
-        DistributedError: bf16 mixed precision requested on CPU/gloo.
+        mixed_precision_bf16: compute in bf16 (parameters cast at each all-gather), keep fp32
+            parameters and optimizer state, reduce gradients in fp32. Runs on CPU/gloo too (tested).
     """
     if not (is_initialized() and world_size() > 1):
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    on_cuda = torch.cuda.is_available()
-    if mixed_precision_bf16 and not on_cuda:
-        raise DistributedError("wrap_fsdp2(mixed_precision_bf16=True) needs CUDA/nccl; on CPU/gloo use fp32")
-    mesh = init_device_mesh("cuda" if on_cuda else "cpu", (world_size(),))
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if mixed_precision_bf16 else MixedPrecisionPolicy())
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` holds FSDP2-sharded (DTensor) parameters."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2 shard (an all-gather: every rank calls it), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like the DTensor ``like`` (same mesh and placements; a collective) when
+    ``like`` is one of the same shape, else ``full`` unchanged. For loading full checkpoints."""
+    if not _is_dtensor(like) or full.shape != like.shape:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP2 model's full state dict on rank 0's CPU (empty on the other ranks; a collective).
+
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with ``full_state_dict`` and
+    ``cpu_offload``: one parameter is all-gathered at a time, so no rank holds the whole model
+    on its device.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

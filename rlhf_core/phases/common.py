@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -136,6 +137,23 @@ def eval_lm_loss(model: nn.Module, n: int, batch_size: int,
     return total / max(count, 1)
 
 
+def save_trained(model: nn.Module, tokenizer: Any, output_dir: str | Path, **save_kwargs: Any) -> None:
+    """Rank 0 saves ``model`` + ``tokenizer`` (``models.save_model``, atomic); every rank calls this
+    and waits until it is written. An FSDP2 model is first gathered into a full state dict on
+    rank 0's CPU (a collective) and saved from it (full models only: fsdp2 refuses LoRA)."""
+    from ..checkpoint import atomic_dir
+    from ..models import quiet_transformers, save_model
+    if D.is_sharded(model):
+        state = D.full_state_dict(model)  # {} on the other ranks
+        if D.is_main():
+            with atomic_dir(output_dir) as tmp, quiet_transformers():
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+    elif D.is_main():
+        save_model(model, tokenizer, output_dir, **save_kwargs)
+    D.barrier()
+
+
 @dataclass
 class LoopResult:
     """What a training loop reports: mean loss over its last logging window, steps, tokens, seconds."""
@@ -146,13 +164,14 @@ class LoopResult:
 
 
 def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                    sched: Any, max_grad_norm: float) -> bool:
+                    sched: Any, max_grad_norm: float, sharded: bool = False) -> bool:
     """backward, clip, step; False (weights, optimizer and schedule untouched) on a non-finite loss/grad."""
     opt.zero_grad(set_to_none=True)
     if D.global_count(0 if torch.isfinite(loss) else 1) > 0:  # any rank non-finite: every rank skips
         return False
     loss.backward()
-    D.all_reduce_gradients(params, average=True)  # DDP's mean over ranks; no-op in one process
+    if not sharded:  # FSDP2's backward already reduce-scattered the mean over ranks
+        D.all_reduce_gradients(params, average=True)  # DDP's mean over ranks; no-op in one process
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -185,8 +204,16 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
     ``checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` steps and at the end;
     ``resume`` loads the newest valid one first, and the batch order is replayed from the seeded
     ``generator`` (used only here), so the resumed loop sees the batches the first run would have.
+    With ``cfg.parallel == "fsdp2"`` under torchrun, ``model`` is sharded in place here (evaluate
+    it on every rank afterwards; save it with :func:`save_trained`).
     """
     total = num_training_steps(n_train, cfg)
+    if cfg.parallel == "fsdp2":  # in place, before the optimizer sees the (now sharded) parameters
+        D.wrap_fsdp2(model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
+        if D.world_size() == 1:
+            warnings.warn(f"{phase}.parallel='fsdp2' without torchrun: one process trains the whole model "
+                          "unsharded, in fp32", stacklevel=2)
+    sharded = D.is_sharded(model)
     opt, sched = make_optimizer(model, cfg, total)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     model.train()
@@ -200,7 +227,7 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
         # torchrun: each rank takes its contiguous shard of the global batch (rlhf_core/distributed.py)
         loss, n_tok = loss_fn(list(D.shard(idx)))
         n_tok = int(D.global_count(n_tok))
-        if _optimizer_step(loss, list(named.values()), opt, sched, cfg.max_grad_norm):
+        if _optimizer_step(loss, list(named.values()), opt, sched, cfg.max_grad_norm, sharded):
             loop["in_row"] = 0
             loop["window"].append(D.reduce_metrics({"loss": float(loss.detach())})["loss"])
         else:

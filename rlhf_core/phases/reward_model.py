@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from ..config import RewardConfig
 from ..errors import ConfigError, DataError
-from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, save_model
+from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer
 from ..tracking import MetricsLogger
 from .. import distributed as D
-from .common import chunks, pad, setup_torch, split_eval, train_loop
+from .common import chunks, pad, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "reward"
 
@@ -159,9 +159,7 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
     before = log_eval(0)
     result = train_loop(model, loss_fn, len(train), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     ev = log_eval(result.steps)
-    if D.is_main():
-        save_model(model, tokenizer, output_dir, merge=True)
-    D.barrier()
+    save_trained(model, tokenizer, output_dir, merge=True)
     return {"eval_accuracy": ev.get("accuracy_gold", ev["accuracy_labels"]),
             "eval_accuracy_against": "gold" if gold is not None else "labels",
             "eval_accuracy_labels": ev["accuracy_labels"], "eval_margin": ev["margin"], "eval_loss": ev["loss"],

@@ -22,9 +22,9 @@ import torch
 from .. import distributed as D
 from ..config import SFTConfig
 from ..errors import ConfigError, DataError
-from ..models import check_model_dir, load_causal_lm, load_tokenizer, save_model
+from ..models import check_model_dir, load_causal_lm, load_tokenizer
 from ..tracking import MetricsLogger
-from .common import eval_lm_loss, lm_nll, pad, setup_torch, split_eval, train_loop
+from .common import eval_lm_loss, lm_nll, pad, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "sft"
 
@@ -121,9 +121,7 @@ def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | Non
     after = eval_loss()
     logger.log(PHASE, result.steps, {"loss/eval": after})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if D.is_main():
-        save_model(model, tokenizer, output_dir, merge=cfg.merge_adapter, base_path=cfg.model)
-    D.barrier()
+    save_trained(model, tokenizer, output_dir, merge=cfg.merge_adapter, base_path=cfg.model)
     return {"eval_loss_before": before, "eval_loss": after, "train_loss": result.train_loss,
             "mode": cfg.mode, "trainable_params": trainable, "steps": result.steps,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9),

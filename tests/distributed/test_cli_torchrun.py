@@ -42,34 +42,73 @@ def rlhf(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_torchrun_sft_two_ranks_matches_one_process(tiny_model, tmp_path):
-    common = ["sft", "--model", str(tiny_model), "--sft.max_steps", "3", "--sft.batch_size", "8",
-              "--sft.log_every", "1", "--sft.max_length", "64", "--sft.learning_rate", "1e-3", "--sft.save_every", "1",
-              "--sft.keep_checkpoints", "3"]
-    rlhf([*common, "--output-dir", str(tmp_path / "two")], nproc=2)
-    rlhf([*common, "--output-dir", str(tmp_path / "one")], nproc=1)
-    two, one = (json.loads((tmp_path / d / "summary.json").read_text())["sft"] for d in ("two", "one"))
-    assert two["steps"] == one["steps"] == 3
-    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
-    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4)
-    # rank 0 alone wrote: one metrics line per logged step, not one per rank
-    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in lines if "loss/train" in r]
-    assert train_steps == [1, 2, 3]
+SFT = ["--sft.max_steps", "3", "--sft.batch_size", "8", "--sft.log_every", "1", "--sft.max_length", "64",
+       "--sft.learning_rate", "1e-3", "--sft.save_every", "1", "--sft.keep_checkpoints", "3"]
+
+
+@pytest.fixture(scope="module")
+def sft_one(tiny_model, tmp_path_factory) -> Path:
+    """The one-process SFT run (3 steps, a checkpoint per step) the 2-rank runs are compared with."""
+    out = tmp_path_factory.mktemp("sft") / "one"
+    rlhf(["sft", "--model", str(tiny_model), *SFT, "--output-dir", str(out)], nproc=1)
+    return out
+
+
+def copy_run(src: Path, dst: Path, drop_steps: tuple[int, ...]) -> Path:
+    """A run folder as if stopped after an earlier checkpoint: no saved model, later checkpoints gone."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "sft")
+    for step in drop_steps:
+        shutil.rmtree(dst / "checkpoints" / "sft" / f"step-{step:06d}")
+    return dst
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     from safetensors.torch import load_file
-    w2, w1 = (load_file(tmp_path / d / "sft" / "model.safetensors") for d in ("two", "one"))
-    for name, ref in w1.items():
-        torch.testing.assert_close(w2[name], ref, rtol=0, atol=1e-5, msg=name)
+    wa, wb = (load_file(d / "sft" / "model.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for name, ref in wb.items():
+        torch.testing.assert_close(wa[name], ref, rtol=0, atol=atol, msg=name)
+
+
+def test_torchrun_sft_two_ranks_matches_one_process(tiny_model, sft_one, tmp_path):
+    common = ["sft", "--model", str(tiny_model), *SFT]
+    two = tmp_path / "two"
+    rlhf([*common, "--output-dir", str(two)], nproc=2)
+    s2, s1 = (json.loads((d / "summary.json").read_text())["sft"] for d in (two, sft_one))
+    assert s2["steps"] == s1["steps"] == 3
+    assert s2["train_loss"] == pytest.approx(s1["train_loss"], rel=1e-4)
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
+    # rank 0 alone wrote: one metrics line per logged step, not one per rank
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss/train" in r] == [1, 2, 3]
+    assert_same_weights(two, sft_one)
     # the 2-rank run's checkpoint 2 resumed on ONE process: SFT does not depend on the world size,
     # so the result is the one-process run's (float tolerance), with a one-line warning
-    shutil.copytree(tmp_path / "two", tmp_path / "moved")
-    shutil.rmtree(tmp_path / "moved" / "sft")
-    shutil.rmtree(tmp_path / "moved" / "checkpoints" / "sft" / "step-000003")
-    moved = rlhf([*common, "--output-dir", str(tmp_path / "moved"), "--resume"], nproc=1)
-    assert "warning: checkpoint written by 2 ranks, resumed on 1" in moved.stderr
-    w = load_file(tmp_path / "moved" / "sft" / "model.safetensors")
-    for name, ref in w1.items():
-        torch.testing.assert_close(w[name], ref, rtol=0, atol=1e-5, msg=name)
+    moved = copy_run(two, tmp_path / "moved", drop_steps=(3,))
+    res = rlhf([*common, "--output-dir", str(moved), "--resume"], nproc=1)
+    assert "warning: checkpoint written by 2 ranks, resumed on 1" in res.stderr
+    assert_same_weights(moved, sft_one)
+
+
+def test_torchrun_fsdp2_sft_resumes_a_one_process_checkpoint_and_matches_it(tiny_model, sft_one, tmp_path):
+    """``--sft.parallel fsdp2`` on 2 ranks, resumed from the one-process run's checkpoint 1: the full
+    weights and Adam moments are re-sharded into FSDP2 DTensors, two sharded steps follow, the
+    step-3 checkpoint is gathered whole and the model saved from a full state dict. All equal the
+    one-process run (float tolerance): FSDP2 computes the same steps as DDP / one process."""
+    fsdp = copy_run(sft_one, tmp_path / "fsdp", drop_steps=(2, 3))
+    rlhf(["sft", "--model", str(tiny_model), *SFT, "--output-dir", str(fsdp), "--resume", "--sft.parallel", "fsdp2"],
+         nproc=2)
+    assert_same_weights(fsdp, sft_one)
+    from safetensors.torch import load_file
+    c1, c = (load_file(d / "checkpoints" / "sft" / "step-000003" / "tensors.safetensors") for d in (sft_one, fsdp))
+    shared = [k for k in c1 if k.startswith(("param.", "optimizer."))]
+    assert len(shared) > 10 and {k for k in c if k.startswith(("param.", "optimizer."))} == set(shared)
+    for name in shared:  # gathered whole (not one rank's shard), equal to the one-process state
+        torch.testing.assert_close(c[name], c1[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert "rank1.rng.torch" in c and "rank1.rng.torch" not in c1
+    s1, s = (json.loads((d / "summary.json").read_text())["sft"] for d in (sft_one, fsdp))
+    assert s["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
 
 
 def launch(args: list[str], nproc: int) -> subprocess.Popen:
