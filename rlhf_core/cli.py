@@ -130,9 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _triton_on_cpu_needs_interpreter()
         from . import distributed
         from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline
-        if distributed.init_from_env() and args.command in ("pipeline", "pretrain"):
-            raise ConfigError(f"rlhf {args.command} under torchrun is not supported yet: run sft / reward / ppo "
-                              "one by one with torchrun (docs/distributed.md)")
+        if distributed.init_from_env() and args.command == "pipeline" and cfg.preset == "smollm2":
+            raise ConfigError("rlhf pipeline --preset smollm2 under torchrun is not supported: run its phases "
+                              "one by one with torchrun, or the tiny preset (docs/distributed.md)")
 
         stop = PHASE_ORDER.index(args.stop_after) + 1 if args.command == "pipeline" else 0
         preflight(cfg, PHASE_ORDER[:stop] if stop else (args.command,))  # bad data: fail before writing

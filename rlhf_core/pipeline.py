@@ -139,12 +139,16 @@ def run_pipeline(cfg: PipelineConfig, out: Path, stop_after: str = "ppo", resume
     from .data.tokenizer import train_tokenizer
 
     t0 = time.time()
-    task = generate_task(cfg.task, seed=cfg.seed)
-    write_task(task, out / "data")
+    task = generate_task(cfg.task, seed=cfg.seed)  # seeded: the same on every rank
+    # torchrun: rank 0 writes the data and the tokenizer; each phase's folder (written by rank 0)
+    # is the next phase's input, read by every rank (several nodes need a shared filesystem)
+    if D.is_main():
+        write_task(task, out / "data")
     if cfg.pretrain.model == "tiny" and not cfg.pretrain.tokenizer:
-        if not (resume and (out / "tokenizer").is_dir()):
+        if D.is_main() and not (resume and (out / "tokenizer").is_dir()):
             tok = train_tokenizer(task.corpus, vocab_size=cfg.model.vocab_size)
             tok.save_pretrained(out / "tokenizer")
+        D.barrier()
         cfg.pretrain = dataclasses.replace(cfg.pretrain, tokenizer=str(out / "tokenizer"))
     # Wire each phase's model input to the previous phase's output unless the user named one. Data
     # left empty means the embedded task (passed in memory, identical to DIR/data/*.jsonl), which
@@ -158,11 +162,14 @@ def run_pipeline(cfg: PipelineConfig, out: Path, stop_after: str = "ppo", resume
         section = getattr(cfg, phase)
         setattr(cfg, phase, dataclasses.replace(section, **{k: v for k, v in values.items() if not getattr(section, k)}))
     logger = _start(cfg, out, resume)
-    update_summary(out / "summary.json", "pipeline", {"seed": cfg.seed, "preset": cfg.preset})
+    if D.is_main():
+        update_summary(out / "summary.json", "pipeline", {"seed": cfg.seed, "preset": cfg.preset})
     for phase in PHASE_ORDER:
         _run_phase(phase, cfg, out, logger, resume, task=task)
         if phase == stop_after:
             break
+    if not D.is_main():
+        return {}
     update_summary(out / "summary.json", "pipeline", {"wall_seconds": round(time.time() - t0, 2)})
     _finish(out, logger)
     return _load_summary(out)

@@ -14,11 +14,12 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import distributed as D
 from ..config import PretrainConfig, TinyModelConfig
 from ..errors import ConfigError, DataError
-from ..models import build_tiny_model, check_model_dir, load_causal_lm, load_tokenizer, save_model
+from ..models import build_tiny_model, check_model_dir, load_causal_lm, load_tokenizer
 from ..tracking import MetricsLogger
-from .common import eval_lm_loss, lm_nll, setup_torch, split_eval, train_loop
+from .common import eval_lm_loss, lm_nll, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "pretrain"
 
@@ -102,14 +103,16 @@ def run(cfg: PretrainConfig, output_dir: Path, logger: MetricsLogger,
 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:
         nll, n = lm_nll(model, **collate(train_blocks, idx))
-        return nll / n, len(idx) * cfg.block_size
+        # token-mean over the GLOBAL batch (W·Σ_local/N_global, averaged over W ranks): exact even
+        # when the ranks hold different numbers of blocks; nll / n in one process
+        return nll * D.world_size() / max(D.global_count(n), 1), len(idx) * cfg.block_size
 
     ppl_before = eval_ppl()
     logger.log(PHASE, 0, {"eval/perplexity": ppl_before})
     result = train_loop(model, loss_fn, len(train_blocks), cfg, logger, PHASE, generator, checkpoint_dir, resume)
     ppl = eval_ppl()
     logger.log(PHASE, result.steps, {"eval/perplexity": ppl, "loss/eval": math.log(ppl)})
-    save_model(model, tokenizer, output_dir)
+    save_trained(model, tokenizer, output_dir)  # rank 0 writes, every rank waits
     return {"eval_perplexity_before": ppl_before, "eval_perplexity": ppl, "train_loss": result.train_loss,
             "tokens": result.tokens, "blocks_train": len(train_blocks), "blocks_eval": len(eval_blocks),
             "steps": result.steps, "tokens_per_s": result.tokens / max(result.seconds, 1e-9),

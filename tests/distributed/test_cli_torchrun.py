@@ -111,6 +111,35 @@ def test_torchrun_fsdp2_sft_resumes_a_one_process_checkpoint_and_matches_it(tiny
     assert s["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
 
 
+PIPELINE = ["pipeline", "--stop-after", "sft", "--task.n_corpus", "120", "--task.n_sft", "40", "--task.n_preferences", "8",
+            "--task.n_prompts", "8", "--task.n_eval_prompts", "4", "--model.vocab_size", "300", "--model.hidden_size", "32",
+            "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size", "64",
+            "--model.max_position_embeddings", "64", "--pretrain.max_steps", "2", "--pretrain.batch_size", "5",
+            "--pretrain.block_size", "32", "--pretrain.log_every", "1", "--sft.max_steps", "2", "--sft.batch_size", "5",
+            "--sft.log_every", "1", "--sft.max_length", "48"]
+
+
+def test_torchrun_pipeline_pretrain_then_sft_matches_one_process(tmp_path):
+    """``torchrun ... pipeline --stop-after sft``: rank 0 writes the data, the tokenizer and each
+    phase's folder, the next phase reads it on every rank. Batches of 5 blocks split 3 + 2, so
+    pretraining's loss must be the global token-mean (a per-rank mean would weigh ranks equally)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    rlhf([*PIPELINE, "--output-dir", str(one)], nproc=1)
+    rlhf([*PIPELINE, "--output-dir", str(two)], nproc=2)
+    from safetensors.torch import load_file
+    for phase in ("pretrain", "sft"):
+        w1, w2 = (load_file(d / phase / "model.safetensors") for d in (one, two))
+        for name, ref in w1.items():
+            torch.testing.assert_close(w2[name], ref, rtol=0, atol=1e-5, msg=f"{phase} {name}")
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["pretrain"]["eval_perplexity"] == pytest.approx(s1["pretrain"]["eval_perplexity"], rel=1e-5)
+    assert s2["sft"]["eval_loss"] == pytest.approx(s1["sft"]["eval_loss"], rel=1e-5)
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in lines if "loss/train" in r] == [("pretrain", 1), ("pretrain", 2),
+                                                                           ("sft", 1), ("sft", 2)]
+    assert (two / "report.md").is_file() and (two / "tokenizer" / "tokenizer.json").is_file()
+
+
 def launch(args: list[str], nproc: int) -> subprocess.Popen:
     """``rlhf ARGS`` in the background (stderr kept for failure messages)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RLHF_NUM_THREADS": "1",
