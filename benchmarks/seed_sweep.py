@@ -56,7 +56,10 @@ def main() -> None:
         "| seed | pretrain perplexity | RM accuracy vs gold | gold before (SFT) | gold after (PPO) | KL to ref | episodes/s | wall s | pass |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"**{passed} of {len(args.seeds)} seeds pass.**", ""])
-    Path(args.doc).write_text(text, encoding="utf-8")
+    doc = Path(args.doc)
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    notes = old[old.index("\n## ") + 1:] if "\n## " in old else ""  # hand-written sections below the table stay
+    doc.write_text(text + ("\n" + notes if notes else ""), encoding="utf-8")
     print(f"{passed}/{len(args.seeds)} seeds pass; wrote {args.doc}")
 
 
