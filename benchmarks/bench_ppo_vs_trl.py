@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import HParams, cpu_name  # noqa: E402
+from report_ppo_vs_trl import MATMUL_OPS  # noqa: E402
 
 ROWS = ("trl", "ours-trl-structure", "ours-best")
 # Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the run ≲ 10 min.
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--curve-iterations", type=int, default=12, help="PPO iterations per learning curve (0: skip)")
     p.add_argument("--curve-seeds", default="0,1,2", help="comma-separated seeds for the learning curves")
     p.add_argument("--warm-steps", type=int, default=300, help="supervised steps before the learning curves")
-    p.add_argument("--profile-scale", default="gpt2-10m", help="scale of the cProfile'd runs ('' to skip)")
+    p.add_argument("--profile-scale", default="gpt2-10m", help="scale of the op-profiled runs ('' to skip)")
     p.add_argument("--out", default=str(HERE / "results" / "ppo_vs_trl_cpu"), help="output path stem")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one run, JSON to --result
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
@@ -58,35 +59,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # Worker: one run in this (fresh) process
 # ----------------------------------------------------------------------------------------------
-def install_profiler(row: str):
-    """cProfile around the training loop only (TRL's train(), our step()), not model loading."""
-    import cProfile
-    if row == "trl":
-        from trl.experimental.ppo import PPOTrainer as cls
-        name = "train"
-    else:
-        from rlhf_core.ppo.trainer import PPOTrainer as cls
-        name = "step"
-    prof, orig = cProfile.Profile(), getattr(cls, name)
+class OpProfile:
+    """torch.profiler over the training loop only (TRL's train(), every call of our step()).
 
-    def profiled(self, *a, **k):
-        prof.enable()
-        try:
-            return orig(self, *a, **k)
-        finally:
-            prof.disable()
-    setattr(cls, name, profiled)
-    return prof
+    Started at the first call and stopped by :meth:`summary`, so model loading is outside it.
+    The profiled run is slower than an unprofiled one and is not used for the timings.
+    """
 
+    def __init__(self, row: str):
+        if row == "trl":
+            from trl.experimental.ppo import PPOTrainer as cls
+            name = "train"
+        else:
+            from rlhf_core.ppo.trainer import PPOTrainer as cls
+            name = "step"
+        from torch.profiler import profile
+        self.prof, self.started, orig = profile(), False, getattr(cls, name)
 
-def top_functions(prof, n: int = 12) -> list[dict]:
-    """The n functions with the most self time: what dominates the loop."""
-    import pstats
-    st = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
-    total = sum(v[2] for v in st.values())
-    rows = sorted(st.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
-    return [{"function": f"{Path(f).name}:{line}({fn})" if f != "~" else fn, "calls": v[1],
-             "self_s": v[2], "share": v[2] / total} for (f, line, fn), v in rows]
+        def profiled(trainer, *a, **k):
+            if not self.started:
+                self.prof.start()
+                self.started = True
+            return orig(trainer, *a, **k)
+        setattr(cls, name, profiled)
+
+    def summary(self, n: int = 10) -> dict:
+        """Self CPU seconds of all ops, of the matmul-class ops (MATMUL_OPS) and the top n ops."""
+        self.prof.stop()
+        events = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
+        return {"total_op_s": total, "matmul_s": matmul,
+                "top": [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
+                         "share": e.self_cpu_time_total / 1e6 / total} for e in events[:n]]}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -94,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
     hp = HParams(**spec["hp"])
-    prof = install_profiler(args.worker) if spec.get("profile") else None
+    prof = OpProfile(args.worker) if spec.get("profile") else None
     cpu0 = time.process_time()
     if args.worker == "trl":
         from trl_runner import run_trl
@@ -104,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
         rec = run_ours(spec["paths"], hp, spec["scale"], args.worker, spec["reward"], spec.get("prompts"))
     rec["process_cpu_s"] = time.process_time() - cpu0  # includes model loading; see cpu_s_train
     if prof is not None:
-        rec["profile"] = top_functions(prof)
+        rec["profile"] = prof.summary()
     Path(args.result).write_text(json.dumps(rec))
 
 
@@ -145,7 +150,7 @@ def throughput(scales: list[str], repeats: int, threads: int, work: Path) -> tup
 
 
 def profiles(scale: str, threads: int, work: Path) -> list[dict]:
-    """One extra cProfile'd run of TRL and of ours-best (profiling slows runs: not in the timings)."""
+    """One extra op-profiled run of TRL and of ours-best (profiling slows runs: not in the timings)."""
     from common import prepare_artifacts
     paths = prepare_artifacts(scale, work / f"profile-{scale}")
     spec = {"paths": paths, "scale": scale, "reward": "model", "profile": True,
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                      "transformers": transformers.__version__, "trl": trl.__version__},
         "policy_params": sizes, "hparams": {s: HParams(**SCALE_HP[s]).to_dict() for s in sizes},
         "summary": summarize(runs), "runs": runs, "curves": curve_runs,
-        "profiles": [{"row": r["row"], "scale": r["scale"], "wall_s": r["wall_s"], "top": r["profile"]}
+        "profiles": [{"row": r["row"], "scale": r["scale"], "wall_s": r["wall_s"], **r["profile"]}
                      for r in profile_runs],
     }
     out = Path(args.out)
