@@ -35,25 +35,53 @@ from common import HParams, cpu_name  # noqa: E402
 from report_ppo_vs_trl import MATMUL_OPS  # noqa: E402
 
 ROWS = ("trl", "ours-trl-structure", "ours-best")
-# Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the run ≲ 10 min.
-SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2}}
+# Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the CPU run ≲ 10 min;
+# the GPU scales roll out 64 episodes of up to 64 tokens per iteration.
+GPU_HP = {"iterations": 4, "batch_size": 64, "num_mini_batches": 4, "response_length": 64}
+SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2},
+            "pythia-160m": GPU_HP, "pythia-410m": GPU_HP, "pythia-1b": GPU_HP}
+DEFAULT_SCALES = {"cpu": "tiny,gpt2-10m", "cuda": "pythia-160m,pythia-410m,pythia-1b"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--scales", default="tiny,gpt2-10m", help="comma-separated: tiny, gpt2-10m")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both trainers run")
+    p.add_argument("--dtype", default="", choices=("", "fp32", "bf16"),
+                   help="weights and compute of every model in both trainers (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--scales", default="", help="comma-separated, of: " + ", ".join(SCALE_HP)
+                   + " (default: " + "; ".join(f"{d}: {v}" for d, v in DEFAULT_SCALES.items()) + ")")
+    p.add_argument("--iterations", type=int, default=0, help="PPO iterations per run (0: the per-scale default)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every row (>= 3 for medians)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per run (1: on a shared 2-core VM, 2 threads spin-wait)")
-    p.add_argument("--curve-iterations", type=int, default=12, help="PPO iterations per learning curve (0: skip)")
+    p.add_argument("--curve-iterations", type=int, default=-1,
+                   help="PPO iterations per learning curve (0: skip; default 12 on cpu, 0 on cuda)")
     p.add_argument("--curve-seeds", default="0,1,2", help="comma-separated seeds for the learning curves")
     p.add_argument("--warm-steps", type=int, default=300, help="supervised steps before the learning curves")
-    p.add_argument("--profile-scale", default="gpt2-10m", help="scale of the op-profiled runs ('' to skip)")
-    p.add_argument("--out", default=str(HERE / "results" / "ppo_vs_trl_cpu"), help="output path stem")
+    p.add_argument("--profile-scale", default=None,
+                   help="scale of the op-profiled runs ('' to skip; default gpt2-10m on cpu, none on cuda)")
+    p.add_argument("--out", default="", help="output path stem (default benchmarks/results/ppo_vs_trl_<device>)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: one run, JSON to --result
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.worker:  # fill the per-device defaults
+        args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+        args.scales = args.scales or DEFAULT_SCALES[args.device]
+        if args.curve_iterations < 0:
+            args.curve_iterations = 12 if args.device == "cpu" else 0
+        if args.profile_scale is None:
+            args.profile_scale = "gpt2-10m" if args.device == "cpu" else ""
+        args.out = args.out or str(HERE / "results" / f"ppo_vs_trl_{args.device}")
+    return args
+
+
+def scale_hparams(scale: str, args: argparse.Namespace, **extra) -> "HParams":
+    """The run's HParams: defaults, the scale's overrides, then device, dtype and --iterations."""
+    hp = {**SCALE_HP[scale], "device": args.device, "dtype": args.dtype, **extra}
+    if args.iterations > 0:
+        hp["iterations"] = args.iterations
+    return HParams(**hp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +126,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(args.threads)
     spec = json.loads(args.spec)
+    if spec["hp"].get("device") == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_ppo_vs_trl: --device cuda but torch.cuda.is_available() is False")
     hp = HParams(**spec["hp"])
     prof = OpProfile(args.worker) if spec.get("profile") else None
     cpu0 = time.process_time()
@@ -136,44 +166,46 @@ def spawn(row: str, spec: dict, threads: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Orchestration
 # ----------------------------------------------------------------------------------------------
-def throughput(scales: list[str], repeats: int, threads: int, work: Path) -> tuple[list[dict], dict]:
+def throughput(args: argparse.Namespace, work: Path) -> tuple[list[dict], dict]:
     from common import n_params, prepare_artifacts
     runs, sizes = [], {}
-    for scale in scales:
+    for scale in [s for s in args.scales.split(",") if s]:
         paths = prepare_artifacts(scale, work / scale)
         sizes[scale] = n_params(paths["policy"])
-        spec = {"paths": paths, "scale": scale, "reward": "model", "hp": HParams(**SCALE_HP[scale]).to_dict()}
-        for r in range(repeats):
+        spec = {"paths": paths, "scale": scale, "reward": "model", "hp": scale_hparams(scale, args).to_dict()}
+        for r in range(args.repeats):
             for row in ROWS:  # A B C A B C ...: slow drifts of the machine hit every row alike
-                runs.append({**spawn(row, spec, threads), "repeat": r})
+                runs.append({**spawn(row, spec, args.threads), "repeat": r})
     return runs, sizes
 
 
-def profiles(scale: str, threads: int, work: Path) -> list[dict]:
+def profiles(args: argparse.Namespace, work: Path) -> list[dict]:
     """One extra op-profiled run of TRL and of ours-best (profiling slows runs: not in the timings)."""
     from common import prepare_artifacts
+    scale = args.profile_scale
     paths = prepare_artifacts(scale, work / f"profile-{scale}")
     spec = {"paths": paths, "scale": scale, "reward": "model", "profile": True,
-            "hp": HParams(**SCALE_HP[scale]).to_dict()}
-    return [spawn(row, spec, threads) for row in ("trl", "ours-best")]
+            "hp": scale_hparams(scale, args).to_dict()}
+    return [spawn(row, spec, args.threads) for row in ("trl", "ours-best")]
 
 
-def curves(iterations: int, seeds: list[int], warm_steps: int, threads: int, work: Path) -> list[dict]:
+def curves(args: argparse.Namespace, work: Path) -> list[dict]:
     import torch
     from common import prepare_artifacts, task_prompts, warm_start_policy
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
+    iterations, seeds = args.curve_iterations, [int(s) for s in args.curve_seeds.split(",")]
     out = []
     base = prepare_artifacts("tiny", work / "curve-init")
-    state = warm_start_policy(base["policy"], base["tokenizer"], warm_steps)
+    state = warm_start_policy(base["policy"], base["tokenizer"], args.warm_steps)
     paths = prepare_artifacts("tiny", work / "curve", policy_state=state)
     # Learning-rate and epochs large enough to move a tiny policy in a dozen iterations.
     hp = dict(iterations=iterations, lr=3e-4, ppo_epochs=4, temperature=1.0, response_length=20)
     for seed in seeds:
         prompts = task_prompts(iterations * HParams().batch_size, seed)[0]
         spec = {"paths": paths, "scale": "tiny", "reward": "gold", "prompts": prompts,
-                "hp": HParams(**hp, seed=seed).to_dict()}
+                "hp": HParams(**hp, seed=seed, device=args.device, dtype=args.dtype).to_dict()}
         for row in ("trl", "ours-best"):
-            out.append(spawn(row, spec, threads))
+            out.append(spawn(row, spec, args.threads))
     return out
 
 
@@ -194,6 +226,7 @@ def summarize(runs: list[dict]) -> dict:
                 "update_s": med(lambda r: r["time"]["update"]),
                 "gc_s": med(lambda r: r["time"].get("gc", 0.0)), "wall_s": med(lambda r: r["wall_s"]),
                 "peak_rss_mb": med(lambda r: r["peak_rss_mb"]),
+                **({"peak_gpu_mb": med(lambda r: r["peak_gpu_mb"])} if all("peak_gpu_mb" in r for r in rs) else {}),
                 "episodes_per_s_all": [round(r["episodes_per_s"], 3) for r in rs]}
         trl = table[scale].get("trl")
         for row, s in table[scale].items():
@@ -201,6 +234,8 @@ def summarize(runs: list[dict]) -> dict:
                 s["ratio_vs_trl"] = {"episodes_per_s": s["episodes_per_s"] / trl["episodes_per_s"],
                                      "cpu_s_per_episode": trl["cpu_s_per_episode"] / s["cpu_s_per_episode"],
                                      "peak_rss_mb": s["peak_rss_mb"] / trl["peak_rss_mb"]}
+                if "peak_gpu_mb" in s and "peak_gpu_mb" in trl:
+                    s["ratio_vs_trl"]["peak_gpu_mb"] = s["peak_gpu_mb"] / trl["peak_gpu_mb"]
     return table
 
 
@@ -213,25 +248,25 @@ def main(argv: list[str] | None = None) -> None:
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        scales = [s for s in args.scales.split(",") if s]
-        print(f"throughput: {scales}, {args.repeats} repeats, {args.threads} thread(s)", flush=True)
-        runs, sizes = throughput(scales, args.repeats, args.threads, work)
-        profile_runs = profiles(args.profile_scale, args.threads, work) if args.profile_scale else []
+        print(f"throughput on {args.device} ({args.dtype}): {args.scales}, {args.repeats} repeats, "
+              f"{args.threads} thread(s)", flush=True)
+        runs, sizes = throughput(args, work)
+        profile_runs = profiles(args, work) if args.profile_scale else []
         curve_runs = []
         if args.curve_iterations > 0:
             print("learning curves (gold reward)", flush=True)
-            curve_runs = curves(args.curve_iterations, [int(s) for s in args.curve_seeds.split(",")],
-                                args.warm_steps, args.threads, work)
+            curve_runs = curves(args, work)
     import torch
     import transformers
     import trl
     report = {
-        "command": command, "device": cpu_name(), "threads_per_run": args.threads,
+        "command": command, "device_kind": args.device, "dtype": args.dtype, "threads_per_run": args.threads,
+        "device": (torch.cuda.get_device_name() + f" (host: {cpu_name()})") if args.device == "cuda" else cpu_name(),
         "loadavg_1min_start": load0[0], "loadavg_1min_end": os.getloadavg()[0],
         "total_wall_s": time.perf_counter() - t0,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": trl.__version__},
-        "policy_params": sizes, "hparams": {s: HParams(**SCALE_HP[s]).to_dict() for s in sizes},
+        "policy_params": sizes, "hparams": {s: scale_hparams(s, args).to_dict() for s in sizes},
         "summary": summarize(runs), "runs": runs, "curves": curve_runs,
         "profiles": [{"row": r["row"], "scale": r["scale"], "wall_s": r["wall_s"], **r["profile"]}
                      for r in profile_runs],

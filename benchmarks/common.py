@@ -25,6 +25,11 @@ SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4, "inter": 192, "vocab": 512},
     # GPT-2 shaped, ~10M parameters with the (tied) embeddings: 8·12·256² + 8192·256 + 256·256.
     "gpt2-10m": {"arch": "gpt2", "hidden": 256, "layers": 8, "heads": 4, "inter": 1024, "vocab": 8192},
+    # GPU scales, Pythia-shaped (GPT-NeoX: rotary on 25 % of each head, parallel residual, untied
+    # embeddings, vocab 50304), random init: 162 M / 405 M / 1.01 B parameters.
+    "pythia-160m": {"arch": "neox", "hidden": 768, "layers": 12, "heads": 12, "inter": 3072, "vocab": 50304},
+    "pythia-410m": {"arch": "neox", "hidden": 1024, "layers": 24, "heads": 16, "inter": 4096, "vocab": 50304},
+    "pythia-1b": {"arch": "neox", "hidden": 2048, "layers": 16, "heads": 8, "inter": 8192, "vocab": 50304},
 }
 
 
@@ -47,9 +52,26 @@ class HParams:
     iterations: int = 4  # rollout + update iterations
     seed: int = 0
     max_prompt_length: int = 32
+    device: str = "cpu"  # where both trainers run: "cpu" or "cuda"
+    dtype: str = "fp32"  # weights and compute of every model in both: "fp32" or "bf16"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
+
+
+def load_model(cls: Any, path: str, hp: HParams, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path)`` in the run's dtype (the same weights for both trainers)."""
+    return cls.from_pretrained(path, dtype=hp.torch_dtype, **kwargs)
+
+
+def sync(hp: HParams) -> None:
+    """Wait for queued CUDA work, so a wall-clock reading covers it (no-op on CPU)."""
+    if hp.device == "cuda":
+        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +99,13 @@ def model_configs(scale: str, tok) -> tuple[Any, Any]:
     s = SCALES[scale]
     vocab = max(len(tok), s["vocab"])
     ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    if s["arch"] == "llama":
+    if s["arch"] == "neox":
+        from transformers import GPTNeoXConfig
+        make = lambda: GPTNeoXConfig(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],  # noqa: E731
+                                     num_attention_heads=s["heads"], intermediate_size=s["inter"],
+                                     max_position_embeddings=256, rotary_pct=0.25, use_parallel_residual=True,
+                                     hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False, **ids)
+    elif s["arch"] == "llama":
         from transformers import LlamaConfig
         make = lambda: LlamaConfig(vocab_size=vocab, hidden_size=s["hidden"], num_hidden_layers=s["layers"],  # noqa: E731
                                    num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
@@ -165,15 +193,21 @@ class PhaseTimer:
     counts: dict[str, float] = field(default_factory=dict)
     _depth: int = 0
 
+    cuda: bool = False  # synchronize at phase boundaries, so a phase owns the GPU work it queued
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self._depth += 1
+        if self.cuda and self._depth == 1:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0:
+                if self.cuda:
+                    torch.cuda.synchronize()
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def wrap(self, fn: Callable, name: str | Callable[..., str | None]) -> Callable:
@@ -226,4 +260,6 @@ def result_record(framework: str, row: str, scale: str, hp: HParams, timer: Phas
         "time": {"generation": gen, "scoring": scoring, "update": wall - gen - scoring,
                  "gc": timer.seconds.get("gc", 0.0)},  # gc.collect calls, part of "update"
         "peak_rss_mb": peak_rss_mb(), "curve": curve,
+        # GPU: the caching allocator's peak of live tensors (what the issue's memory target reads)
+        **({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if hp.device == "cuda" else {}),
     }

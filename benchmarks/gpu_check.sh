@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of the fused kernels, in one call on a CUDA machine:
-#   1. tests/kernels on CUDA, every dtype (fp32/fp16/bf16): RLHF_TEST_DEVICE=cuda, interpreter off;
-#   2. the GPU benchmark (bf16, the GPU shapes in bench_kernels.py) -> benchmarks/results/.
+# GPU check, in one call on a CUDA machine (STAGES picks, default "tests kernels ppo"):
+#   tests:   tests/kernels on CUDA, every dtype (fp32/fp16/bf16): RLHF_TEST_DEVICE=cuda, interpreter off;
+#   kernels: the kernel benchmark (bf16, the GPU shapes in bench_kernels.py) -> benchmarks/results/;
+#   ppo:     PPO vs TRL 1.12 on Pythia-shaped 160M/410M/1B in bf16 -> benchmarks/results/ppo_vs_trl_cuda.*
+#            (needs trl: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl; skipped without it).
 # Usage: bash benchmarks/gpu_check.sh            (env: PY=python to force an interpreter,
-#        BENCH_ARGS="--providers ours_triton torch_eager" to narrow the benchmark,
-#        SKIP_BENCH=1 to run the tests only)
+#        BENCH_ARGS="--providers ours_triton torch_eager" to narrow the kernel benchmark,
+#        PPO_ARGS="--scales pythia-1b --repeats 3" to narrow the PPO one, STAGES="ppo" for one stage)
 # Needs on that machine: torch with CUDA, triton, pytest (transformers optional: one test skips).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,11 @@ pick_python() {
 }
 PYBIN=$(pick_python) || { echo "gpu_check: no python with CUDA torch + triton found (set PY=...)" >&2; exit 2; }
 
+if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then   # carried wheels (trl, datasets)
+  "$PYBIN" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+STAGES=" ${STAGES:-tests kernels ppo} "
 unset TRITON_INTERPRET                  # compile the kernels for the GPU
 export RLHF_TEST_DEVICE=cuda HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # `kernels` importable without an install
@@ -35,20 +42,35 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # `kernels` importable wi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 } | tee "$OUT_DIR/kernels_gpu_check.log"
 
-if ! "$PYBIN" -c "import pytest" 2>/dev/null; then
-  echo "gpu_check: pytest missing for $PYBIN" | tee -a "$OUT_DIR/kernels_gpu_check.log"; exit 2
+test_rc=0
+if [[ $STAGES == *" tests "* ]]; then
+  if ! "$PYBIN" -c "import pytest" 2>/dev/null; then
+    echo "gpu_check: pytest missing for $PYBIN" | tee -a "$OUT_DIR/kernels_gpu_check.log"; exit 2
+  fi
+  "$PYBIN" -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tee -a "$OUT_DIR/kernels_gpu_check.log"
+  test_rc=${PIPESTATUS[0]}
+  echo "tests exit code: $test_rc" | tee -a "$OUT_DIR/kernels_gpu_check.log"
 fi
-"$PYBIN" -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tee -a "$OUT_DIR/kernels_gpu_check.log"
-test_rc=${PIPESTATUS[0]}
-echo "tests exit code: $test_rc" | tee -a "$OUT_DIR/kernels_gpu_check.log"
 
 bench_rc=0
-if [ -z "${SKIP_BENCH:-}" ]; then
+if [[ $STAGES == *" kernels "* ]] && [ -z "${SKIP_BENCH:-}" ]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose
   "$PYBIN" benchmarks/bench_kernels.py --device cuda --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 \
     | tee -a "$OUT_DIR/kernels_gpu_check.log"
   bench_rc=${PIPESTATUS[0]}
   echo "benchmark exit code: $bench_rc" | tee -a "$OUT_DIR/kernels_gpu_check.log"
+fi
+if [[ $STAGES == *" ppo "* ]]; then
+  if "$PYBIN" -c "import trl, datasets" 2>/dev/null; then
+    # shellcheck disable=SC2086  # PPO_ARGS is a word list on purpose
+    TRL_EXPERIMENTAL_SILENCE=1 "$PYBIN" benchmarks/bench_ppo_vs_trl.py --device cuda ${PPO_ARGS:-} 2>&1 \
+      | grep -v -E "Loading weights|Writing model shards" | tee "$OUT_DIR/ppo_vs_trl_cuda.log"
+    ppo_rc=${PIPESTATUS[0]}
+    echo "ppo benchmark exit code: $ppo_rc" | tee -a "$OUT_DIR/ppo_vs_trl_cuda.log"
+    bench_rc=$(( bench_rc != 0 ? bench_rc : ppo_rc ))
+  else
+    echo "gpu_check: trl/datasets not importable: PPO benchmark skipped (bash benchmarks/fetch_gpu_wheels.sh, carry .whl)"
+  fi
 fi
 # The tests decide the verdict; a benchmark failure is reported but is not a correctness failure.
 exit $(( test_rc != 0 ? test_rc : bench_rc ))

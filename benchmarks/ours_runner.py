@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from common import HParams, PhaseTimer, result_record, task_prompts
+from common import HParams, PhaseTimer, load_model, result_record, sync, task_prompts
 
 ROWS = {
     "ours-trl-structure": {"value_model": "separate", "kernel_backend": "torch", "fast_activations": False},
@@ -46,19 +46,24 @@ def build_config(hp: HParams, value_model: str, kernel_backend: str, fast_activa
         rollout_logprobs=True, fast_activations=fast_activations)
 
 
-def build_policy(paths: dict[str, str], value_model: str):
-    """PolicyWithValue from the shared folders; the value head starts as TRL's value model's score layer."""
+def build_policy(paths: dict[str, str], value_model: str, hp: HParams | None = None):
+    """PolicyWithValue from the shared folders; the value head starts as TRL's value model's score layer.
+
+    Weights in ``hp.dtype`` on ``hp.device``, except the value head, which stays fp32 (it is one
+    H-vector; ours always keeps it fp32).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from rlhf_core.ppo.policy import PolicyWithValue
-    model = AutoModelForCausalLM.from_pretrained(paths["policy"])
-    ref = AutoModelForCausalLM.from_pretrained(paths["policy"])
-    value = AutoModelForSequenceClassification.from_pretrained(paths["value"], num_labels=1)
+    hp = hp or HParams()
+    model = load_model(AutoModelForCausalLM, paths["policy"], hp)
+    ref = load_model(AutoModelForCausalLM, paths["policy"], hp)
+    value = load_model(AutoModelForSequenceClassification, paths["value"], hp, num_labels=1)
     policy = PolicyWithValue(model, value_model=value_model,
                              value_backbone=value if value_model == "separate" else None, ref_model=ref)
     with torch.no_grad():
         policy.value_head.summary.weight.copy_(value.score.weight)  # (1, H); TRL's score has no bias
         policy.value_head.summary.bias.zero_()
-    return policy
+    return policy.to(hp.device)
 
 
 def run_ours(paths: dict[str, str], hp: HParams, scale: str, row: str = "ours-best", reward: str = "model",
@@ -73,14 +78,17 @@ def run_ours(paths: dict[str, str], hp: HParams, scale: str, row: str = "ours-be
     if reward == "gold":
         from rlhf_core.data.task import gold_reward as reward_fn
     else:
-        rm = AutoModelForSequenceClassification.from_pretrained(paths["reward"], num_labels=1)
+        rm = load_model(AutoModelForSequenceClassification, paths["reward"], hp, num_labels=1).to(hp.device)
         reward_fn = RewardModelScorer(rm, tok, batch_size=hp.batch_size)
     if prompts is None:
         prompts = task_prompts(hp.iterations * hp.batch_size, hp.seed)[0]
     torch.manual_seed(hp.seed)
-    trainer = PPOTrainer(build_config(hp, **setting), build_policy(paths, setting["value_model"]), tok,
+    trainer = PPOTrainer(build_config(hp, **setting), build_policy(paths, setting["value_model"], hp), tok,
                          reward_fn, prompts)
     timer, curve = PhaseTimer(), []
+    if hp.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(hp)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(hp.iterations):
         m = trainer.step()
@@ -88,5 +96,6 @@ def run_ours(paths: dict[str, str], hp: HParams, scale: str, row: str = "ours-be
         timer.seconds["scoring"] = timer.seconds.get("scoring", 0.0) + m["time/score"]
         timer.add("response_tokens", m["response/length"] * hp.batch_size)
         curve.append((trainer.episodes, m["objective/scores"]))
+    sync(hp)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return result_record("ours", row, scale, hp, timer, wall, cpu, curve)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common import HParams, PhaseTimer, result_record
+from common import HParams, PhaseTimer, load_model, result_record, sync
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -83,7 +83,7 @@ def build_trl_config(hp: HParams, output_dir: str):
     """Our HParams mapped one to one onto TRL's PPOConfig (grad accumulation 1)."""
     from trl.experimental.ppo import PPOConfig
     return PPOConfig(
-        output_dir=output_dir, seed=hp.seed, report_to="none", bf16=False, use_cpu=True,
+        output_dir=output_dir, seed=hp.seed, report_to="none", bf16=hp.dtype == "bf16", use_cpu=hp.device == "cpu",
         num_sample_generations=0, save_strategy="no", logging_steps=1, disable_tqdm=True,
         # TRL's PPOConfig turns gradient checkpointing on by default; ours never recomputes
         # activations, so it is off here to compare the trainers, not a memory trade-off.
@@ -113,14 +113,15 @@ def run_trl(paths: dict[str, str], hp: HParams, scale: str, row: str = "trl", re
     np.random.seed(hp.seed)
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     tok.padding_side = "left"  # TRL generates from the collated queries: prompts must be left-padded
-    timer = PhaseTimer()
+    timer = PhaseTimer(cuda=hp.device == "cuda")
     _instrument(ppo_mod, timer, tok.eos_token_id)
 
-    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
-    ref = AutoModelForCausalLM.from_pretrained(paths["policy"])
-    value = AutoModelForSequenceClassification.from_pretrained(paths["value"], num_labels=1)
+    # TRL's accelerator moves every model to hp.device; weights in hp.dtype as for ours.
+    policy = load_model(AutoModelForCausalLM, paths["policy"], hp)
+    ref = load_model(AutoModelForCausalLM, paths["policy"], hp)
+    value = load_model(AutoModelForSequenceClassification, paths["value"], hp, num_labels=1)
     rm = (GoldRewardStub(tok) if reward == "gold"
-          else AutoModelForSequenceClassification.from_pretrained(paths["reward"], num_labels=1))
+          else load_model(AutoModelForSequenceClassification, paths["reward"], hp, num_labels=1))
     if prompts is None:
         from common import task_prompts
         prompts = task_prompts(hp.iterations * hp.batch_size, hp.seed)[0]
@@ -140,7 +141,11 @@ def run_trl(paths: dict[str, str], hp: HParams, scale: str, row: str = "trl", re
         trainer = PPOTrainer(args=build_trl_config(hp, out_dir), processing_class=tok, model=policy,
                              ref_model=ref, reward_model=rm, train_dataset=dataset, value_model=value,
                              eval_dataset=dataset, callbacks=[Curve()])
+        if hp.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync(hp)
         t0, c0 = time.perf_counter(), time.process_time()
         trainer.train()
+        sync(hp)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return result_record("trl", row, scale, hp, timer, wall, cpu, curve)
