@@ -130,6 +130,12 @@ class PPOTrainer:
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
         self.trace: dict[str, Any] = {}
 
+    def _clock(self) -> float:
+        """perf_counter after the queued GPU work is done, so each phase's time is its own."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def next_prompts(self) -> list[str]:
         """batch_size / group_size prompts from a seeded reshuffle, each repeated group_size times."""
         n = self.cfg.batch_size // self.cfg.group_size
@@ -143,7 +149,7 @@ class PPOTrainer:
         """One PPO iteration: rollout, rewards, advantages, PPO epochs. Returns its metrics."""
         cfg, policy = self.cfg, self.policy
         self.iteration += 1
-        t_start = time.perf_counter()
+        t_start = self._clock()
         # 1. sample a prompt batch (group_size samples per prompt, contiguous)
         prompts = self.next_prompts()
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
@@ -151,13 +157,13 @@ class PPOTrainer:
         response_ids, mask, has_eos, hidden = generate(
             policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
             self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True)
-        t_generate = time.perf_counter()
+        t_generate = self._clock()
         # 3. score: the reward (validated before any weight changes), logprobs, ref_logprobs, values
         texts = decode_responses(self.tokenizer, response_ids, mask)
         scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
         exp = score(policy, query_ids, query_mask, response_ids, mask, scores, cfg.temperature,
                     cfg.kl_estimator, cfg.kernel_backend, hidden if cfg.rollout_logprobs else None)
-        t_score = time.perf_counter()
+        t_score = self._clock()
         # 4. compute rewards: −β·KL per token, the score on each row's last valid token (its EOS)
         estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator
         rewards, kl = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask,
@@ -173,13 +179,13 @@ class PPOTrainer:
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
                           "raw_advantages": advantages, **{k: v for k, v in vars(exp).items()}}
-        t_rollout = time.perf_counter()
+        t_rollout = self._clock()
         # 7. put the experience in the buffer
         buffer = RolloutBuffer()
         buffer.add(exp)
         # 8. PPO epochs over shuffled minibatches
         update = self.update(buffer)
-        t_update = time.perf_counter()
+        t_update = self._clock()
         # 9. adapt the KL coefficient to the observed sequence KL
         seq_kl = D.reduce_metrics({"kl": float(kl.sum(1).mean())})["kl"]  # equal rows per rank
         self.kl_ctl.update(seq_kl, cfg.batch_size)
