@@ -40,7 +40,8 @@ from torch import nn
 
 __all__ = [
     "init_from_env", "shutdown", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
-    "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_reduce_gradients",
+    "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_gather_rows",
+    "all_reduce_gradients",
     "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
     "is_sharded", "full_tensor", "shard_like", "full_state_dict", "unwrap", "DistributedError",
 ]
@@ -172,23 +173,40 @@ def global_count(n: int | float) -> float:
     return float(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device())))
 
 
+def _all_gather_padded(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (any first-dim size; same dtype and trailing shape) in rank order: the
+    sizes are exchanged first, then the tensors zero-padded to the longest and gathered."""
+    sizes = [torch.zeros(1, dtype=torch.int64, device=t.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device))
+    width = max(int(n) for n in sizes)
+    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[:int(n)] for part, n in zip(parts, sizes)]
+
+
 def all_gather_bytes(data: bytes) -> list[bytes]:
     """Every rank's ``data`` on every rank, in rank order (``[data]`` single process).
 
-    For small per-rank blobs (RNG states, a checkpoint's name). Sizes may differ per rank: they
-    are exchanged first and the payloads zero-padded to the longest. No pickling.
+    For small per-rank blobs (RNG states, a checkpoint's name); sizes may differ per rank.
+    CPU tensors, so gloo carries them (also under ``"cpu:gloo,cuda:nccl"``). No pickling.
     """
     if not (is_initialized() and world_size() > 1):
         return [data]
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.int64))
-    width = max(int(n) for n in sizes)
-    padded = torch.zeros(width, dtype=torch.uint8)
-    padded[:payload.numel()] = payload
-    parts = [torch.empty(width, dtype=torch.uint8) for _ in sizes]
-    dist.all_gather(parts, padded)  # CPU tensors: gloo (also under "cpu:gloo,cuda:nccl")
-    return [bytes(part[:int(n)].numpy()) for part, n in zip(parts, sizes)]
+    return [bytes(part.numpy()) for part in _all_gather_padded(payload)]
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks, in rank order, of each rank's rows (first-dim sizes may differ).
+
+    With contiguous shards (:func:`shard`) this rebuilds the global batch in its original order,
+    so a metric computed from it is the one-process value, bit for bit. Identity single process.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return t
+    return torch.cat(_all_gather_padded(t))
 
 
 def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) -> None:

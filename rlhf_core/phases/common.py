@@ -123,17 +123,34 @@ def lm_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     return nll, int((targets != -100).sum())
 
 
+def eval_batches(model: nn.Module, n: int, batch_size: int) -> list[list[int]]:
+    """This rank's evaluation batches: a contiguous share of ``chunks(n, batch_size)`` under
+    torchrun (all of them for an FSDP2 model, whose every forward is a collective). The batches
+    themselves are the one-process ones, so each one's result is bitwise the same."""
+    batches = list(chunks(n, batch_size))
+    return batches if D.is_sharded(model) else list(D.shard(batches))
+
+
 @torch.no_grad()
 def eval_lm_loss(model: nn.Module, n: int, batch_size: int,
                  collate: Callable[[list[int]], dict[str, torch.Tensor]]) -> float:
-    """Mean token NLL over ``n`` items collated by ``collate(indices)`` (model put back in train mode)."""
+    """Mean token NLL over ``n`` items collated by ``collate(indices)`` (model put back in train mode).
+
+    Under torchrun the batches are split over ranks (:func:`eval_batches`) and their sums gathered
+    and added in batch order: every rank returns exactly the one-process value.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for idx in chunks(n, batch_size):
+    sums = []
+    for idx in eval_batches(model, n, batch_size):
         nll, k = lm_nll(model, **collate(idx))
-        total, count = total + float(nll), count + k
+        sums.append([float(nll), k])
+    if not D.is_sharded(model):
+        sums = D.all_gather_rows(torch.tensor(sums, dtype=torch.float64).reshape(-1, 2)).tolist()
     model.train(was_training)
+    total, count = 0.0, 0
+    for nll, k in sums:
+        total, count = total + nll, count + int(k)
     return total / max(count, 1)
 
 

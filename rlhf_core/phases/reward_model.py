@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError
 from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer
 from ..tracking import MetricsLogger
 from .. import distributed as D
-from .common import chunks, pad, save_trained, setup_torch, split_eval, train_loop
+from .common import chunks, eval_batches, pad, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "reward"
 
@@ -92,12 +92,18 @@ def pair_rewards(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[i
 def evaluate(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad_id: int,
              batch_size: int, gold: list[bool | None] | None = None) -> dict[str, float]:
     """Held-out loss, accuracy vs labels (r_chosen > r_rejected), mean margin, and accuracy vs the
-    gold judge (``gold[i]``: True when gold prefers chosen, None on a gold tie: not counted)."""
+    gold judge (``gold[i]``: True when gold prefers chosen, None on a gold tie: not counted).
+    Under torchrun each rank scores its share of the batches; the rewards are gathered in pair
+    order, so every rank returns exactly the one-process metrics."""
     was_training = model.training
     model.eval()
-    rc, rr = zip(*[pair_rewards(model, [pairs[i] for i in idx], pad_id) for idx in chunks(len(pairs), batch_size)])
+    rewards = [torch.stack(pair_rewards(model, [pairs[i] for i in idx], pad_id), 1)  # (b, 2)
+               for idx in eval_batches(model, len(pairs), batch_size)]  # torchrun: this rank's share
     model.train(was_training)
-    chosen, rejected = torch.cat(rc), torch.cat(rr)
+    both = torch.cat(rewards) if rewards else torch.zeros(0, 2, device=model.device)  # (n_local, 2)
+    if not D.is_sharded(model):
+        both = D.all_gather_rows(both)  # (n, 2) in pair order: the one-process tensor
+    chosen, rejected = both[:, 0], both[:, 1]
     margin = chosen - rejected
     out = {"loss": float(pairwise_loss(chosen, rejected)), "accuracy_labels": float((margin > 0).float().mean()),
            "margin": float(margin.mean())}

@@ -79,6 +79,7 @@ def test_torchrun_sft_two_ranks_matches_one_process(tiny_model, sft_one, tmp_pat
     assert s2["steps"] == s1["steps"] == 3
     assert s2["train_loss"] == pytest.approx(s1["train_loss"], rel=1e-4)
     assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
+    assert s2["eval_loss_before"] == s1["eval_loss_before"]  # sharded evaluation, same weights: exact
     # rank 0 alone wrote: one metrics line per logged step, not one per rank
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss/train" in r] == [1, 2, 3]

@@ -134,3 +134,13 @@ def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path):
     for key in ("loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/grad_norm"):
         assert r0["stats"][key] == r1["stats"][key] == pytest.approx(r0["ref_stats"][key], rel=1e-5, abs=1e-7)
     assert r0["prompts"] + r1["prompts"] == r0["ref_prompts"]  # contiguous shards of the global batch
+
+
+def test_sharded_evaluation_equals_one_process_exactly(tmp_path):
+    """LM loss and reward-model metrics: each rank runs 2 of the 4 batches (7 items), the gathered
+    result is bitwise the one-process value on both ranks."""
+    r0, r1 = run_ranks("eval", tmp_path)
+    assert r0["ref_calls"] == 8 and r0["calls"] == r1["calls"] == 4  # 4 LM + 4 RM forwards in one process
+    assert r0["loss"] == r1["loss"] == r0["ref_loss"]
+    assert r0["metrics"] == r1["metrics"] == r0["ref_metrics"]
+    assert set(r0["metrics"]) == {"loss", "accuracy_labels", "margin", "accuracy_gold"}

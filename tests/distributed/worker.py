@@ -240,8 +240,39 @@ def case_ppo_trainer() -> dict:
     return out
 
 
+def case_eval() -> dict:
+    """eval_lm_loss and the reward model's evaluate with 7 items in batches of 2 (4 batches: 2 + 2
+    per rank), against the same calls in one process; forwards counted per rank."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from rlhf_core.phases.common import eval_lm_loss
+    from rlhf_core.phases.reward_model import evaluate
+    records = sft_batch(n=7)
+    lm = tiny_llama(dtype=torch.float32)
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=0))
+    calls = []
+    for m in (lm, rm):
+        m.register_forward_hook(lambda *_: calls.append(1))
+    pairs = [(records[i]["ids"].tolist(), records[(i + 3) % 7]["ids"].tolist()) for i in range(7)]
+    gold = [True, False, None, True, True, False, True]
+
+    def run() -> tuple:
+        calls.clear()
+        loss = eval_lm_loss(lm, 7, 2, lambda idx: collate([records[i] for i in idx]))
+        return loss, evaluate(rm, pairs, 0, 2, gold), len(calls)
+
+    loss, metrics, n_calls = run()
+    out: dict = {"loss": loss, "metrics": metrics, "calls": n_calls}
+    if D.is_main():
+        with single_process():
+            out["ref_loss"], out["ref_metrics"], out["ref_calls"] = run()
+    return out
+
+
 CASES = {"whiten": case_whiten, "ddp_sft": lambda: sft_case("ddp"), "fsdp2_sft": lambda: sft_case("fsdp2"),
-         "ppo": case_ppo, "ppo_trainer": case_ppo_trainer}
+         "ppo": case_ppo, "ppo_trainer": case_ppo_trainer, "eval": case_eval}
 
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], sys.argv[2]
