@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check, in one call on a CUDA machine (STAGES picks, default "tests kernels ppo"):
-#   tests:   tests/kernels on CUDA, every dtype (fp32/fp16/bf16): RLHF_TEST_DEVICE=cuda, interpreter off;
-#   kernels: the kernel benchmark (bf16, the GPU shapes in bench_kernels.py) -> benchmarks/results/;
+# GPU check, in one call on a CUDA machine (STAGES picks, default "tests kernels pipeline ppo"):
+#   tests:    tests/kernels on CUDA, every dtype (fp32/fp16/bf16): RLHF_TEST_DEVICE=cuda, interpreter off;
+#   kernels:  the kernel benchmark (bf16, the GPU shapes in bench_kernels.py) -> benchmarks/results/;
+#   pipeline: `rlhf pipeline --preset tiny` with every phase on the GPU (device 'auto') ->
+#             benchmarks/results/pipeline_cuda.{log,json};
 #   ppo:     PPO vs TRL 1.12 on Pythia-shaped 160M/410M/1B in bf16 -> benchmarks/results/ppo_vs_trl_cuda.*
 #            (needs trl: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl; skipped without it).
 # Usage: bash benchmarks/gpu_check.sh            (env: PY=python to force an interpreter,
@@ -31,7 +33,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then   # carrie
   "$PYBIN" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-STAGES=" ${STAGES:-tests kernels ppo} "
+STAGES=" ${STAGES:-tests kernels pipeline ppo} "
 unset TRITON_INTERPRET                  # compile the kernels for the GPU
 export RLHF_TEST_DEVICE=cuda HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # `kernels` importable without an install
@@ -60,6 +62,16 @@ if [[ $STAGES == *" kernels "* ]] && [ -z "${SKIP_BENCH:-}" ]; then
   bench_rc=${PIPESTATUS[0]}
   echo "benchmark exit code: $bench_rc" | tee -a "$OUT_DIR/kernels_gpu_check.log"
 fi
+if [[ $STAGES == *" pipeline "* ]]; then
+  run_dir=$(mktemp -d)/pipeline
+  "$PYBIN" -m rlhf_core pipeline --preset tiny --output-dir "$run_dir" 2>&1 \
+    | grep -v -E "Loading weights|Writing model shards" | tail -40 | tee "$OUT_DIR/pipeline_cuda.log"
+  pipe_rc=${PIPESTATUS[0]}
+  cp "$run_dir/summary.json" "$OUT_DIR/pipeline_cuda.json" 2>/dev/null || true
+  echo "pipeline exit code: $pipe_rc" | tee -a "$OUT_DIR/pipeline_cuda.log"
+  test_rc=$(( test_rc != 0 ? test_rc : pipe_rc ))
+fi
+
 if [[ $STAGES == *" ppo "* ]]; then
   if "$PYBIN" -c "import trl, datasets" 2>/dev/null; then
     # shellcheck disable=SC2086  # PPO_ARGS is a word list on purpose

@@ -210,7 +210,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 # Fields a resumed run may change: they do not alter what is computed.
 # (``parallel``: DDP and FSDP2 compute the same steps and write the same full-tensor checkpoints.)
-RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num_threads", "trace", "parallel"}
+RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num_threads", "trace", "parallel",
+               "device"}
 
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:

@@ -66,6 +66,7 @@ class TrainCommon(ConfigBase):
     keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
     max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
                                                 "non-finite loss or gradient")
+    device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
     parallel: str = opt("ddp", "under torchrun: 'ddp' (a full replica per rank, gradients averaged) or 'fsdp2' "
                                "(fully_shard per transformer block: weights, gradients and optimizer state "
                                "sharded over ranks; full models only)")
@@ -84,6 +85,7 @@ class TrainCommon(ConfigBase):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
         self.check(self.log_every > 0, "log_every", "a positive integer")
+        self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
         self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
         self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
         self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
@@ -206,6 +208,7 @@ class PPOConfig(LoraFields):
     value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
     use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
+    device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
     fast_activations: bool = opt(True, "swap GPT-2's five-op tanh GELU for torch's one-kernel "
@@ -248,6 +251,7 @@ class PPOConfig(LoraFields):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
+        self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
         self.check(self.save_every >= 0, "save_every", "an integer >= 0")

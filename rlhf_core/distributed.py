@@ -123,10 +123,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` under nccl, else CPU."""
+def device(preference: str = "auto") -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is available (``"auto"``) or asked for
+    (``"cuda"``), else (or with ``"cpu"``) the CPU.
+
+    Raises:
+        DistributedError: ``"cuda"`` on a machine where torch sees no GPU.
+    """
+    if preference == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank())
+    if preference == "cuda":
+        raise DistributedError("device='cuda' but torch.cuda.is_available() is False (a CPU-only torch, "
+                               "or no visible GPU)")
     return torch.device("cpu")
 
 

@@ -196,6 +196,17 @@ def build_reward_model_from_lm(path: str, mode: str = "full", lora: LoraFields |
     return model
 
 
+def module_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``, except a quantized (bitsandbytes) model, which ``load_causal_lm``
+    already placed with a ``device_map`` and which cannot move."""
+    return model if is_quantized(model) else model.to(device)
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True when the (possibly peft-wrapped) model holds bitsandbytes 4/8-bit weights."""
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())

@@ -59,9 +59,12 @@ DATA_FIELDS = {"pretrain": ("data", ("text",)), "sft": ("data", ("prompt_complet
 
 def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     """Read every data file the phases will use before the output dir is touched, so a bad record
-    (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written."""
+    (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
+    same for a ``device='cuda'`` that this machine cannot give."""
     from .data.loaders import load_records
+    from .phases.common import resolve_device
     for phase in phases:
+        resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]
         path = getattr(getattr(cfg, phase), key)
         if not path:
@@ -106,6 +109,7 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
         from .phases import ppo
         result = ppo.run(section, out / name, logger, **extra)
     result.setdefault("wall_seconds", round(time.time() - t0, 2))
+    result.setdefault("device", str(D.device(section.device)))  # where the phase ran (rank 0's)
     if D.is_main():
         update_summary(out / "summary.json", name, result)
     return result

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import capture_state, load_for_resume, restore_state, save_checkpoint
-from ..errors import NumericError
+from ..errors import ConfigError, NumericError
+from ..models import module_device
 from .. import distributed as D
 from ..config import TrainCommon
 from ..tracking import MetricsLogger, progress
@@ -46,6 +47,15 @@ def setup_torch(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     torch.set_num_threads(num_threads())
     return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(cfg: Any, phase: str) -> torch.device:
+    """``cfg.device`` ('auto' | 'cuda' | 'cpu') as this rank's torch device; one-line ConfigError
+    when a GPU is asked for and torch sees none."""
+    try:
+        return D.device(cfg.device)
+    except D.DistributedError as e:
+        raise ConfigError(f"{phase}.device: {e}") from None
 
 
 def split_eval(items: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -116,8 +126,9 @@ def lm_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 
     Shapes: input_ids, attention_mask, labels (B, T); position t predicts labels[:, t+1].
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
-    targets = labels[:, 1:]                                                          # (B, T-1)
+    dev = module_device(model)
+    logits = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:].to(dev)                                                  # (B, T-1)
     nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                             targets.reshape(-1), ignore_index=-100, reduction="sum")
     return nll, int((targets != -100).sum())

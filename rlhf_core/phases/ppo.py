@@ -21,7 +21,8 @@ from ..checkpoint import atomic_dir, write_json_atomic
 from ..config import PPOConfig, TaskConfig, TinyModelConfig
 from ..errors import ConfigError, DataError
 from ..tracking import MetricsLogger
-from .common import setup_torch
+from ..models import place
+from .common import resolve_device, setup_torch
 
 
 def load_prompts(cfg: PPOConfig, task: Any, tokenizer: Any = None) -> list[str]:
@@ -133,12 +134,13 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
     # Only the prompt splits are needed (each split has its own stream: the others stay identical).
     task = task if task is not None else generate_task(TaskConfig(n_corpus=1, n_sft=1, n_preferences=1),
                                                        seed=cfg.seed)
+    device = resolve_device(cfg, "ppo")
     tokenizer = load_tokenizer(cfg.policy)
     model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
     hidden = model.get_output_embeddings().weight.shape[1]
     torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
-    reward_fn = make_reward_fn(cfg.reward, tokenizer)
-    policy = build_policy(cfg, model)
+    reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device)
+    policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
     trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task, tokenizer),
                          task.eval_prompts, logger, gold_fn=gold_reward)
     if resume and checkpoint_dir is not None:

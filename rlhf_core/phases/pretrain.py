@@ -17,9 +17,9 @@ import torch
 from .. import distributed as D
 from ..config import PretrainConfig, TinyModelConfig
 from ..errors import ConfigError, DataError
-from ..models import build_tiny_model, check_model_dir, load_causal_lm, load_tokenizer
+from ..models import build_tiny_model, check_model_dir, load_causal_lm, load_tokenizer, place
 from ..tracking import MetricsLogger
-from .common import eval_lm_loss, lm_nll, save_trained, setup_torch, split_eval, train_loop
+from .common import eval_lm_loss, lm_nll, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "pretrain"
 
@@ -80,6 +80,7 @@ def run(cfg: PretrainConfig, output_dir: Path, logger: MetricsLogger,
     if not texts:
         raise DataError(cfg.data or "embedded task", "no text records to pretrain on")
     model, tokenizer = model_and_tokenizer(cfg, model_cfg or TinyModelConfig(), texts)
+    model = place(model, resolve_device(cfg, PHASE))
     max_pos = getattr(model.config, "max_position_embeddings", cfg.block_size)
     if cfg.block_size > max_pos:
         raise ConfigError(f"pretrain.block_size={cfg.block_size}: expected <= the model's "

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from ..config import RewardConfig
 from ..errors import ConfigError, DataError
-from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer
+from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, module_device, place
 from ..tracking import MetricsLogger
 from .. import distributed as D
-from .common import chunks, eval_batches, pad, save_trained, setup_torch, split_eval, train_loop
+from .common import chunks, eval_batches, pad, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "reward"
 
@@ -43,8 +43,9 @@ def encode_for_reward(tokenizer: Any, prompts: Sequence[str], responses: Sequenc
 
 def reward_forward(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Scalar rewards for token sequences (right padded in one batch).  Returns (B,) float."""
-    input_ids = pad(seqs, pad_id)                                   # (B, T)
-    attention_mask = pad([[1] * len(s) for s in seqs], 0)           # (B, T)
+    dev = module_device(model)
+    input_ids = pad(seqs, pad_id).to(dev)                           # (B, T)
+    attention_mask = pad([[1] * len(s) for s in seqs], 0).to(dev)   # (B, T)
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
 
@@ -139,7 +140,8 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
         raise ConfigError("reward.model is empty: expected a backbone folder (e.g. phase 0's output)")
     path = check_model_dir(cfg.model, "reward backbone")
     tokenizer = load_tokenizer(cfg.tokenizer or str(path))
-    model = build_reward_model_from_lm(str(path), mode=cfg.mode, lora=cfg, tokenizer=tokenizer)
+    model = place(build_reward_model_from_lm(str(path), mode=cfg.mode, lora=cfg, tokenizer=tokenizer),
+                  resolve_device(cfg, PHASE))
     records, embedded = load_preferences(cfg, task)
     if len(records) < 2:
         raise DataError(cfg.data or "embedded task", f"need at least 2 preference records, got {len(records)}")

@@ -22,9 +22,9 @@ import torch
 from .. import distributed as D
 from ..config import SFTConfig
 from ..errors import ConfigError, DataError
-from ..models import check_model_dir, load_causal_lm, load_tokenizer
+from ..models import check_model_dir, load_causal_lm, load_tokenizer, place
 from ..tracking import MetricsLogger
-from .common import eval_lm_loss, lm_nll, pad, save_trained, setup_torch, split_eval, train_loop
+from .common import eval_lm_loss, lm_nll, pad, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "sft"
 
@@ -100,6 +100,7 @@ def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | Non
     cfg.validate()
     generator = setup_torch(cfg.seed)
     model, tokenizer = load_policy(cfg)
+    model = place(model, resolve_device(cfg, PHASE))
     examples = tokenize_pairs(load_pairs(cfg, tokenizer, task), tokenizer, cfg.max_length)
     if len(examples) < 2:
         raise DataError(cfg.data or "embedded task", f"need at least 2 usable SFT records, got {len(examples)}")

@@ -144,3 +144,15 @@ def test_sharded_evaluation_equals_one_process_exactly(tmp_path):
     assert r0["loss"] == r1["loss"] == r0["ref_loss"]
     assert r0["metrics"] == r1["metrics"] == r0["ref_metrics"]
     assert set(r0["metrics"]) == {"loss", "accuracy_labels", "margin", "accuracy_gold"}
+
+
+def test_device_preference_resolves_per_rank(monkeypatch):
+    assert D.device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.device() == D.device("auto") == torch.device("cpu")
+    with pytest.raises(D.DistributedError, match="device='cuda' but torch.cuda.is_available"):
+        D.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.device("auto") == D.device("cuda") == torch.device("cuda", 1)  # torchrun's local rank
+    assert D.device("cpu") == torch.device("cpu")  # asked for, even with a GPU

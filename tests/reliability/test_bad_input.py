@@ -85,6 +85,7 @@ def test_bad_data_file(case, capsys, tmp_path):
     (["--ppo.batch_size", "9"], "divisible by num_mini_batches=2"),
     (["--ppo.on_long_prompt", "drop"], "ppo.on_long_prompt='drop': expected truncate or error"),
     (["--ppo.save_every", "-1"], "ppo.save_every=-1"),
+    (["--ppo.device", "gpu"], "ppo.device='gpu': expected 'auto', 'cuda' or 'cpu'"),
     (["--ppo.learning_rat", "1"], "unrecognized arguments: --ppo.learning_rat"),  # no prefix matching
     (["--config", "{cfg}"], "cfg.json: unknown key 'ppo.learning_rat'"),
 ])
@@ -152,3 +153,12 @@ def test_subprocess_contract_and_debug_traceback(cli, tmp_path):
     assert "data.jsonl:1: field 'completion'" in res.stderr and snapshot(out) == before
     res = cli.run("sft", "--data", str(bad), "--output-dir", str(out), "--overwrite", "--debug")
     assert res.returncode != 0 and "Traceback" in res.stderr and "DataError" in res.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("phase", ["sft", "reward", "ppo"])
+def test_cuda_asked_without_a_gpu_is_one_line_config_error(phase, capsys, tmp_path, tiny_model_dir):
+    flags = (["--policy", str(tiny_model_dir), "--reward", "gold"] if phase == "ppo"
+             else ["--model", str(tiny_model_dir)])
+    err = one_line_error(capsys, [phase, *flags, f"--{phase}.device", "cuda"], good_output(tmp_path))
+    assert f"{phase}.device: device='cuda' but torch.cuda.is_available() is False" in err, err
