@@ -145,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_pipeline(cfg, out, stop_after=args.stop_after, resume=args.resume)
         else:
             summary = run_phase_command(args.command, cfg, out, resume=args.resume)
-        if not distributed.is_main():
+        main_rank = distributed.is_main()
+        distributed.barrier()
+        distributed.shutdown()  # leave the group before exit: gloo threads torn down at exit can abort
+        if not main_rank:
             return 0
         print(f"done in {time.time() - t0:.1f}s: {out}/summary.json", file=sys.stderr)
         for phase, values in summary.items():
