@@ -208,6 +208,11 @@ class PPOConfig(LoraFields):
     value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
     use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
+    parallel: str = opt("ddp", "under torchrun: 'ddp' (a full policy per rank, gradients summed) or 'fsdp2' "
+                               "(the policy's blocks and trunk sharded over ranks; shared value head, full "
+                               "models; the reference stays a replica)")
+    mixed_precision: str = opt("no", "'no' or 'bf16' (needs parallel='fsdp2': the sharded trunk computes in "
+                                     "bf16, fp32 weights and gradient reduction)")
     device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
@@ -251,6 +256,13 @@ class PPOConfig(LoraFields):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
+        self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
+        self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
+        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
+                   "'no' unless parallel='fsdp2'")
+        self.check(self.parallel == "ddp" or (self.value_model == "shared" and not self.use_lora), "parallel",
+                   "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "
+                   "value head)")
         self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")

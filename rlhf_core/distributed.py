@@ -43,6 +43,7 @@ __all__ = [
     "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_gather_rows",
     "all_reduce_gradients",
     "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
+    "wrap_trunk_fsdp2", "clip_grad_norm",
     "is_sharded", "full_tensor", "shard_like", "full_state_dict", "unwrap", "DistributedError",
 ]
 
@@ -234,6 +235,8 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) 
         return
     grads = []
     for p in params:
+        if _is_dtensor(p):  # FSDP2 shards: their backward already reduce-scattered them
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
@@ -360,6 +363,59 @@ def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Modul
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def wrap_trunk_fsdp2(trunk: nn.Module, keep_whole: Sequence[nn.Parameter] = (),
+                     mixed_precision_bf16: bool = False) -> nn.Module:
+    """FSDP2 for PPO: shard a decoder trunk's blocks, then the trunk; gradients *summed*.
+
+    The PPO update calls the trunk (``model.model``) and reads the unembedding directly, never the
+    causal LM's own forward, so the trunk (embeddings + final norm), not the root, is the outer
+    FSDP unit. ``keep_whole`` (the unembedding when it is tied to the input embedding) stays a
+    plain replicated parameter like the untied unembedding and the value head, all summed by
+    :func:`all_reduce_gradients`. Shards reduce-scatter with a divide factor of 1, the sum that
+    PPO's ``n_local / N_global`` loss shares expect. No-op single process.
+
+    Args:
+        trunk: the policy's trunk on ``device()``, before its optimizer is built.
+        mixed_precision_bf16: blocks and trunk compute in bf16 (fp32 parameters, fp32 reduction);
+            the trunk's hidden states come out in fp32 for the fused logprob.
+    """
+    if not (is_initialized() and world_size() > 1):
+        return trunk
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision_bf16 else {}
+    units = [fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16)) for block in _blocks(trunk)]
+    whole = {p for p in trunk.parameters() if any(p is k for k in keep_whole)}
+    units.append(fully_shard(trunk, mesh=mesh, ignored_params=whole or None,
+                             mp_policy=MixedPrecisionPolicy(**bf16, output_dtype=torch.float32)))
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return trunk
+
+
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients of a mix of FSDP2 shards and replicated parameters, and
+    the gradients scaled by min(1, max_norm / (norm + 1e-6)) (``torch.nn.utils.clip_grad_norm_``'s
+    rule). Shards contribute their local squares, all-reduced; replicated gradients (already equal
+    on every rank) count once. Without shards it is ``clip_grad_norm_`` itself."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(_is_dtensor(g) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    sharded = sum((g.to_local().double().pow(2).sum() for g in grads if _is_dtensor(g)),
+                  torch.zeros((), dtype=torch.float64, device=device()))
+    sharded = all_reduce_sum(sharded.to(device()))
+    replicated = sum((g.double().pow(2).sum() for g in grads if not _is_dtensor(g)),
+                     torch.zeros((), dtype=torch.float64, device=device()))
+    norm = (sharded + replicated.to(sharded.device)).sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if coef < 1:
+        for g in grads:
+            g.mul_(coef.to(g.device) if not _is_dtensor(g) else float(coef))
+    return norm
 
 
 def _is_dtensor(t: Any) -> bool:

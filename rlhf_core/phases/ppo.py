@@ -85,14 +85,19 @@ def trace_to_json(trace: dict[str, Any]) -> dict[str, Any]:
     return {k: convert(v) for k, v in trace.items()}
 
 
-def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, Any] | None = None) -> None:
-    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json), atomically."""
+def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, Any] | None = None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json), atomically.
+
+    ``state_dict``: the policy's full weights when they are FSDP2 shards (``D.full_state_dict``,
+    gathered by every rank; this function then runs on rank 0 only).
+    """
     from safetensors.torch import save_file
     model = policy.model
     if policy.is_lora:
         model = copy.deepcopy(model).merge_and_unload()
     with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         save_file(policy.value_state_dict(), str(tmp / "value_head.safetensors"))
         if trace:
@@ -146,8 +151,9 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
     if resume and checkpoint_dir is not None:
         resume_trainer(trainer, cfg, Path(checkpoint_dir))
     result = trainer.train(checkpoint_dir)
+    full = D.full_state_dict(policy.model) if trainer.sharded else None  # a collective: every rank
     if D.is_main():
-        save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None)
+        save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None, full)
     D.barrier()
     return {
         "gold_reward_before": result.get("gold_reward_before"),

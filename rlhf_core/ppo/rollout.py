@@ -18,6 +18,8 @@ from transformers import DynamicCache
 
 from kernels import fused_kl, fused_logprobs
 
+from .. import distributed as D
+
 from .experience import Experience
 from .policy import (CausalLMView, PolicyWithValue, logprobs_from_hidden, position_ids_for, response_hidden,
                      response_logprobs)
@@ -81,7 +83,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_token_id: int = 1,
              pad_token_id: int = 0, generator: torch.Generator | None = None, greedy: bool = False,
-             use_cache: bool = True, return_hidden: bool = False) -> tuple[torch.Tensor, ...]:
+             use_cache: bool = True, return_hidden: bool = False, stop_together: bool = False
+             ) -> tuple[torch.Tensor, ...]:
     """Sample responses to left-padded prompts, stopping each row at its EOS.
 
     Shapes: query_ids, query_mask (B, Lq).
@@ -94,6 +97,10 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
         hidden (B, T, H), only with ``return_hidden``: the last hidden state each token was sampled
             from — row t is the state that predicts response[t], what :func:`score` would recompute.
     ``use_cache=False`` recomputes the whole sequence every step (a test oracle for the cache).
+    ``stop_together``: under torchrun, stop only when every rank's rows are done (an FSDP-sharded
+    policy's forward is a collective: each rank must run as many as the others); the rows that
+    finished early get pads (drawing no random numbers, so the sampling stream is the one an
+    unsynchronized run would use), so T is the longest row over all ranks.
     """
     b = query_ids.shape[0]
     weight = policy.lm_head_weight  # (V, H)
@@ -105,13 +112,16 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
     tokens, valid, states = [], [], []
     for _ in range(max_new_tokens):
         states.append(hidden[:, -1])  # (B, H)
-        logits = hidden[:, -1] @ weight.T  # (B, V) last position only
-        nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        if bool(done.all()):  # stop_together: this rank is done, another is not: pads, no draws
+            nxt = torch.full_like(done, pad_token_id, dtype=torch.long)  # (B,)
+        else:
+            logits = hidden[:, -1] @ weight.T  # (B, V) last position only
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         tokens.append(nxt)
         valid.append(~done)
         done = done | (nxt == eos_token_id)
-        if bool(done.all()):
+        if (D.global_count(0 if bool(done.all()) else 1) == 0) if stop_together else bool(done.all()):
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (B, L+1)
         step_pos = positions[:, -1:] + 1  # (B, 1)

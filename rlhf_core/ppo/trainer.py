@@ -29,7 +29,7 @@ from .advantages import get_advantage_estimator
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
 from .losses import entropy_bonus, explained_variance, policy_loss, value_loss
-from .policy import PolicyWithValue, response_logprobs
+from .policy import PolicyWithValue, response_logprobs, trunk_of
 from .reward_sources import RewardFn, checked_reward
 from .rewards import AdaptiveKLController, FixedKLController, kl_penalized_rewards
 from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, score
@@ -117,9 +117,13 @@ class PPOTrainer:
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
         if config.fast_activations:  # policy, reference, value trunk and a reward model's network
             fast_activations(policy, getattr(reward_fn, "model", None))
+        if config.parallel == "fsdp2":  # shard before the optimizer sees the parameters
+            D.wrap_trunk_fsdp2(trunk_of(policy.model), [policy.lm_head_weight], config.mixed_precision == "bf16")
+        self.sharded = D.is_sharded(policy)
         self.params = policy.trainable_parameters()
         # fused=True: one kernel over all tensors instead of ~10 ops per tensor (CPU and CUDA).
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
+        fused = not self.sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                                         for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
                                            weight_decay=config.weight_decay, fused=fused)
         total = config.num_iterations * config.ppo_epochs * config.num_mini_batches
@@ -156,7 +160,8 @@ class PPOTrainer:
         # 2. generate responses with the KV cache (no grad)
         response_ids, mask, has_eos, hidden = generate(
             policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True)
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True,
+            stop_together=self.sharded)
         t_generate = self._clock()
         # 3. score: the reward (validated before any weight changes), logprobs, ref_logprobs, values
         texts = decode_responses(self.tokenizer, response_ids, mask)
@@ -241,7 +246,7 @@ class PPOTrainer:
         stats_sum: dict[str, float] = {}
         finite = True
         for weight, part in zip(weights, micro_batches(minibatch, size)):
-            if weight == 0:
+            if weight == 0 and not self.sharded:  # sharded: every rank runs every forward (collectives)
                 continue
             logprobs, values, entropy = response_logprobs(
                 self.policy, part.query_ids, part.query_mask, part.response_ids, part.mask, cfg.temperature,
@@ -249,7 +254,8 @@ class PPOTrainer:
             loss, stats = self.loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=cfg)
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if not self.sharded:
+                    break
             (loss * weight * share).backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
@@ -259,7 +265,7 @@ class PPOTrainer:
                 stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
         finite = D.global_count(0 if finite else 1) == 0  # every rank skips or steps alike
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        grad_norm = D.clip_grad_norm(self.params, cfg.max_grad_norm or float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps, self.skipped_in_row = self.skipped_steps + 1, self.skipped_in_row + 1

@@ -169,14 +169,16 @@ PPO_RESUME = ["--reward", "gold", "--ppo.num_iterations", "4", "--ppo.batch_size
               "--ppo.keep_checkpoints", "4", "--ppo.eval_every", "0"]
 
 
-def test_torchrun_ppo_rank0_writes_and_sigkill_resume_is_bitwise_the_uninterrupted_run(tiny_model, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_torchrun_ppo_rank0_writes_and_sigkill_resume_is_bitwise_the_uninterrupted_run(tiny_model, tmp_path, parallel):
     """Rollouts split 4 + 4 over 2 ranks, advantages whitened over all 8. The uninterrupted run:
     one metrics line per iteration and one set of checkpoints and policy (rank 0 alone writes).
     Another run gets SIGKILL (torchrun and both ranks) after checkpoint 2, then ``--resume`` on 2
     ranks: its saved policy and value head are byte-identical to the uninterrupted run's (each
     rank restores its own sampling generator; when every rank restored rank 0's, they differed).
-    (Not compared with one process: each rank samples with its own seed, by design.)"""
-    common = ["ppo", "--policy", str(tiny_model), *PPO_RESUME]
+    (Not compared with one process: each rank samples with its own seed, by design.) With
+    ``fsdp2`` the checkpoints hold the gathered weights and moments and the resume re-shards them."""
+    common = ["ppo", "--policy", str(tiny_model), *PPO_RESUME, "--ppo.parallel", parallel]
     ref, run = tmp_path / "ref", tmp_path / "run"
     reference = launch([*common, "--output-dir", str(ref)], nproc=2)
     victim = launch([*common, "--output-dir", str(run)], nproc=2)

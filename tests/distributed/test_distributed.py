@@ -3,6 +3,7 @@
 Each 2-rank case launches ``python -m torch.distributed.run --standalone --nproc_per_node 2
 worker.py CASE OUT`` (``--standalone`` picks a free port), then compares what the ranks saved.
 """
+import math
 import os
 import subprocess
 import sys
@@ -156,3 +157,32 @@ def test_device_preference_resolves_per_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert D.device("auto") == D.device("cuda") == torch.device("cuda", 1)  # torchrun's local rank
     assert D.device("cpu") == torch.device("cpu")  # asked for, even with a GPU
+
+
+def test_ppo_fsdp2_trains_like_ddp_and_saves_the_gathered_policy(tmp_path):
+    """parallel='fsdp2': blocks + trunk sharded, gradients reduce-scattered as a sum, lm_head and
+    value head replicated; two iterations equal the DDP trainer's (itself equal to one process)."""
+    from transformers import AutoModelForCausalLM
+    r0, r1 = run_ranks("ppo_fsdp2", tmp_path)
+    assert r0["sharded"] and r1["sharded"]
+    # the ranks stopped sampling at different steps under DDP; FSDP2 kept both going to the longer
+    assert any(a != b for a, b in zip(r0["ddp_lengths"], r1["ddp_lengths"])), (r0["ddp_lengths"], r1["ddp_lengths"])
+    for i in range(2):
+        assert r0["fsdp_lengths"][i] == r1["fsdp_lengths"][i] == max(r0["ddp_lengths"][i], r1["ddp_lengths"][i])
+    for key in ("loss/policy", "loss/value", "objective/scores", "objective/kl", "policy/grad_norm"):
+        for m_ddp, m_fsdp in zip(r0["ddp_metrics"], r0["fsdp_metrics"]):
+            assert m_fsdp[key] == pytest.approx(m_ddp[key], rel=1e-4, abs=1e-6), key
+    for name, ddp in r0["ddp_weights"].items():
+        torch.testing.assert_close(r0["fsdp_weights"][name], ddp, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(r1["ddp_weights"][name], ddp, rtol=0, atol=0, msg=name)  # DDP replicas agree
+    for r in (r0, r1):
+        for name, v in r["ddp_value_head"].items():
+            torch.testing.assert_close(r["value_head"][name], v, rtol=1e-4, atol=1e-6, msg=name)
+    # bf16 compute (MixedPrecisionPolicy) keeps fp32 parameters and optimizer state, and trains
+    assert r0["bf16_dtypes"] == ["torch.float32"]
+    assert r0["bf16_metrics"][0]["loss/value"] != r0["fsdp_metrics"][0]["loss/value"]  # bf16 did compute
+    for m in r0["bf16_metrics"]:
+        assert all(math.isfinite(v) for v in m.values()) and m["policy/grad_norm"] > 0
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for name, v in saved.state_dict().items():
+        torch.testing.assert_close(v, r0["fsdp_weights"][name], rtol=0, atol=0, msg=name)

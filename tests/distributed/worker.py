@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -271,11 +272,73 @@ def case_eval() -> dict:
     return out
 
 
-CASES = {"whiten": case_whiten, "ddp_sft": lambda: sft_case("ddp"), "fsdp2_sft": lambda: sft_case("fsdp2"),
+def case_ppo_fsdp2() -> dict:
+    """Two PPO iterations of a 2-rank trainer with parallel='fsdp2' against the same with 'ddp'
+    (equal to one process: case_ppo_trainer), from the same weights and seeds. Sampling is
+    patched to emit EOS a quarter of the time, so the ranks finish generating at different steps
+    (the sharded run must keep both ranks stepping together). Then the sharded policy is gathered
+    and saved by rank 0."""
+    from rlhf_core.config import PPOConfig, TinyModelConfig
+    from rlhf_core.phases.ppo import save_policy, tiny_setup
+    from rlhf_core.ppo import rollout
+    from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo.trainer import PPOTrainer
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    base = dict(batch_size=8, num_mini_batches=2, micro_batch_size=2, ppo_epochs=2, response_length=10,
+                learning_rate=3e-3, max_grad_norm=0.5, eval_every=0, seed=3)
+    real_sample = rollout.sample_next
+
+    def eos_often(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, greedy=False):
+        tok = real_sample(logits, temperature, top_k, top_p, generator, greedy)
+        u = torch.rand(tok.shape, generator=generator, device=tok.device)
+        return torch.where(u < 0.25, torch.full_like(tok, eos), tok)
+    rollout.sample_next = eos_often
+
+    def run(parallel: str, mixed_precision: str = "no") -> tuple[PPOTrainer, list[dict], list[int]]:
+        tok, model, task = tiny_setup(n_prompts=16, n_eval_prompts=1, model_cfg=tiny)
+        torch.manual_seed(0)
+        t = PPOTrainer(PPOConfig(**base, parallel=parallel, mixed_precision=mixed_precision), PolicyWithValue(model), tok,
+                       lambda p, r: [len(x) / 10.0 for x in r], task.prompts)
+        lengths = []
+        real_generate = rollout.generate
+        trainer_mod = sys.modules[PPOTrainer.__module__]
+
+        def spy(*a, **k):
+            out = real_generate(*a, **k)
+            lengths.append(out[0].shape[1])
+            return out
+        trainer_mod.generate = spy
+        try:
+            metrics = [t.step(), t.step()]
+        finally:
+            trainer_mod.generate = real_generate
+        return t, metrics, lengths
+
+    tok_probe, _, _ = tiny_setup(n_prompts=1, n_eval_prompts=1, model_cfg=tiny)
+    eos = tok_probe.eos_token_id
+    ddp, ddp_metrics, ddp_lengths = run("ddp")
+    fsdp, fsdp_metrics, fsdp_lengths = run("fsdp2")
+    bf16, bf16_metrics, _ = run("fsdp2", "bf16")
+    full = D.full_state_dict(fsdp.policy.model)  # every rank
+    out: dict = {"ddp_lengths": ddp_lengths, "fsdp_lengths": fsdp_lengths, "sharded": fsdp.sharded,
+                 "ddp_metrics": ddp_metrics, "fsdp_metrics": fsdp_metrics, "bf16_metrics": bf16_metrics,
+                 "bf16_dtypes": sorted({str(p.dtype) for p in bf16.params}),
+                 "ddp_weights": {k: v.detach().clone() for k, v in ddp.policy.model.state_dict().items()},
+                 "value_head": {k: v.detach().clone() for k, v in fsdp.policy.value_head.state_dict().items()},
+                 "ddp_value_head": {k: v.detach().clone() for k, v in ddp.policy.value_head.state_dict().items()}}
+    if D.is_main():
+        out["fsdp_weights"] = {k: v.clone() for k, v in full.items()}
+        save_policy(fsdp.policy, tok_probe, Path(os.environ["RLHF_TEST_OUT"]) / "saved", state_dict=full)
+    rollout.sample_next = real_sample
+    return out
+
+
+CASES = {"whiten": case_whiten, "ppo_fsdp2": case_ppo_fsdp2, "ddp_sft": lambda: sft_case("ddp"), "fsdp2_sft": lambda: sft_case("fsdp2"),
          "ppo": case_ppo, "ppo_trainer": case_ppo_trainer, "eval": case_eval}
 
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], sys.argv[2]
+    os.environ["RLHF_TEST_OUT"] = out_dir
     D.init_from_env()
     try:
         result = CASES[case]()
