@@ -7,6 +7,7 @@ Every config field is a flag (`--sft.learning_rate 1e-4`), listed with its help 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -145,16 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_pipeline(cfg, out, stop_after=args.stop_after, resume=args.resume)
         else:
             summary = run_phase_command(args.command, cfg, out, resume=args.resume)
-        main_rank = distributed.is_main()
+        main_rank, grouped = distributed.is_main(), distributed.is_initialized()
         distributed.barrier()
         distributed.shutdown()  # leave the group before exit: gloo threads torn down at exit can abort
         if not main_rank:
-            return 0
+            return _leave(0, grouped)
         print(f"done in {time.time() - t0:.1f}s: {out}/summary.json", file=sys.stderr)
         for phase, values in summary.items():
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
             print(f"  {phase}: {shown}", file=sys.stderr)
-        return 0
+        return _leave(0, grouped)
     except RLHFError as e:
         if args.debug:
             raise
@@ -163,6 +164,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _leave(code: int, grouped: bool) -> int:
+    """The exit code; after a torchrun run, exit at once (everything is written and flushed).
+
+    Gloo's worker threads can still hold work objects whose tensors reference Python objects;
+    destroying them during interpreter finalization aborts the process now and then ("terminate
+    called without an active exception", exit -6) even after destroy_process_group, failing a run
+    that succeeded. ``os._exit`` skips that finalization.
+    """
+    if not grouped:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
