@@ -118,7 +118,11 @@ class PPOTrainer:
         if config.fast_activations:  # policy, reference, value trunk and a reward model's network
             fast_activations(policy, getattr(reward_fn, "model", None))
         if config.parallel == "fsdp2":  # shard before the optimizer sees the parameters
-            D.wrap_trunk_fsdp2(trunk_of(policy.model), [policy.lm_head_weight], config.mixed_precision == "bf16")
+            bf16 = config.mixed_precision == "bf16"
+            D.wrap_trunk_fsdp2(trunk_of(policy.model), [policy.lm_head_weight], bf16)
+            if config.shard_reference and policy.ref_model is not None:  # frozen: no gradients to reduce
+                ref = policy.ref_model
+                D.wrap_trunk_fsdp2(trunk_of(ref), [ref.get_output_embeddings().weight], bf16)
         self.sharded = D.is_sharded(policy)
         self.params = policy.trainable_parameters()
         # fused=True: one kernel over all tensors instead of ~10 ops per tensor (CPU and CUDA).

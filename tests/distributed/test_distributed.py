@@ -175,6 +175,12 @@ def test_ppo_fsdp2_trains_like_ddp_and_saves_the_gathered_policy(tmp_path):
     for name, ddp in r0["ddp_weights"].items():
         torch.testing.assert_close(r0["fsdp_weights"][name], ddp, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(r1["ddp_weights"][name], ddp, rtol=0, atol=0, msg=name)  # DDP replicas agree
+    # shard_reference: the reference's trunk sharded too (its forward a collective): same training
+    assert r0["ref_sharded"] and r1["ref_sharded"]
+    for m_ddp, m_ref in zip(r0["ddp_metrics"], r0["ref_sharded_metrics"]):
+        assert m_ref["objective/kl"] == pytest.approx(m_ddp["objective/kl"], rel=1e-4, abs=1e-6)
+    for name, ddp in r0["ddp_weights"].items():
+        torch.testing.assert_close(r0["ref_sharded_weights"][name], ddp, rtol=1e-4, atol=1e-6, msg=name)
     for r in (r0, r1):
         for name, v in r["ddp_value_head"].items():
             torch.testing.assert_close(r["value_head"][name], v, rtol=1e-4, atol=1e-6, msg=name)
