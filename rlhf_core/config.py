@@ -215,6 +215,8 @@ class PPOConfig(LoraFields):
                                      "bf16, fp32 weights and gradient reduction)")
     shard_reference: bool = opt(False, "with parallel='fsdp2': shard the reference model's trunk like the "
                                        "policy's instead of a full replica per rank")
+    shard_reward_model: bool = opt(False, "with parallel='fsdp2' and a reward-model folder: shard the reward "
+                                          "model (blocks, then the whole classifier) instead of a replica per rank")
     device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
@@ -263,6 +265,8 @@ class PPOConfig(LoraFields):
         self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
                    "'no' unless parallel='fsdp2'")
         self.check(not self.shard_reference or self.parallel == "fsdp2", "shard_reference",
+                   "false unless parallel='fsdp2'")
+        self.check(not self.shard_reward_model or self.parallel == "fsdp2", "shard_reward_model",
                    "false unless parallel='fsdp2'")
         self.check(self.parallel == "ddp" or (self.value_model == "shared" and not self.use_lora), "parallel",
                    "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "

@@ -145,6 +145,10 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
     hidden = model.get_output_embeddings().weight.shape[1]
     torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
     reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device)
+    if cfg.shard_reward_model:  # every rank scores the same number of chunks: the forwards pair up
+        if not isinstance(getattr(reward_fn, "model", None), torch.nn.Module):
+            raise ConfigError(f"ppo.shard_reward_model=true: ppo.reward={cfg.reward!r} is not a reward-model folder")
+        D.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
     policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
     trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task, tokenizer),
                          task.eval_prompts, logger, gold_fn=gold_reward)
@@ -163,6 +167,9 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
         "kl_to_ref": result.get("kl_to_ref_after"),
         "episodes_per_s": result["episodes_per_s"],
         "skipped_steps": result["skipped_steps"],
+        "sharded_models": [name for name, m in (("policy", policy.model), ("reference", policy.ref_model),
+                                                ("reward_model", getattr(reward_fn, "model", None)))
+                           if isinstance(m, torch.nn.Module) and D.is_sharded(m)],  # FSDP2 (torchrun)
         "wall_seconds": time.perf_counter() - t0,
     }
 

@@ -201,3 +201,31 @@ def test_torchrun_ppo_rank0_writes_and_sigkill_resume_is_bitwise_the_uninterrupt
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss/policy" in r][-2:] == [3, 4]
     assert resumed.returncode == 0
+
+
+def test_torchrun_ppo_fsdp2_with_a_sharded_reward_model_trains_like_its_replica(tiny_model, tmp_path):
+    """``--ppo.shard_reward_model``: the reward model's blocks and root sharded over the 2 ranks
+    (each rank scores its own rows; the forwards are collectives). Same scores, same training as
+    with a reward-model replica per rank."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_model).pad_token_id
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(rm_dir)
+    common = ["ppo", "--policy", str(tiny_model), *PPO_RESUME[2:], "--reward", str(rm_dir), "--ppo.parallel", "fsdp2",
+              "--ppo.num_iterations", "2"]
+    rlhf([*common, "--output-dir", str(tmp_path / "replica")], nproc=2)
+    rlhf([*common, "--ppo.shard_reward_model", "true", "--output-dir", str(tmp_path / "sharded")], nproc=2)
+    scores = [[json.loads(x)["objective/scores"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if "objective/scores" in json.loads(x)] for run in ("replica", "sharded")]
+    assert len(scores[0]) == 2 and scores[0] == pytest.approx(scores[1], rel=1e-5, abs=1e-6)
+    assert len(set(scores[0])) == 2  # the scores are not a constant the comparison could not miss
+    sharded = [json.loads((tmp_path / run / "summary.json").read_text())["ppo"]["sharded_models"]
+               for run in ("replica", "sharded")]
+    assert sharded == [["policy"], ["policy", "reward_model"]]
+    a, b = (load_file(tmp_path / run / "ppo" / "model.safetensors") for run in ("replica", "sharded"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

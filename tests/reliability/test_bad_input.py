@@ -89,6 +89,7 @@ def test_bad_data_file(case, capsys, tmp_path):
     (["--ppo.mixed_precision", "bf16"], "ppo.mixed_precision='bf16': expected 'no' unless parallel='fsdp2'"),
     (["--ppo.parallel", "fsdp2", "--ppo.value_model", "separate"], "ppo.parallel='fsdp2': expected 'ddp' with"),
     (["--ppo.shard_reference", "true"], "ppo.shard_reference=True: expected false unless parallel='fsdp2'"),
+    (["--ppo.shard_reward_model", "true"], "ppo.shard_reward_model=True: expected false unless parallel='fsdp2'"),
     (["--ppo.learning_rat", "1"], "unrecognized arguments: --ppo.learning_rat"),  # no prefix matching
     (["--config", "{cfg}"], "cfg.json: unknown key 'ppo.learning_rat'"),
 ])
