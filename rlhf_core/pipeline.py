@@ -110,6 +110,7 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
         result = ppo.run(section, out / name, logger, **extra)
     result.setdefault("wall_seconds", round(time.time() - t0, 2))
     result.setdefault("device", str(D.device(section.device)))  # where the phase ran (rank 0's)
+    result.setdefault("world_size", D.world_size())  # processes (torchrun ranks) that trained it
     if D.is_main():
         update_summary(out / "summary.json", name, result)
     return result

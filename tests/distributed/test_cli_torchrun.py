@@ -229,3 +229,27 @@ def test_torchrun_ppo_fsdp2_with_a_sharded_reward_model_trains_like_its_replica(
     a, b = (load_file(tmp_path / run / "ppo" / "model.safetensors") for run in ("replica", "sharded"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_nodes_through_the_c10d_rendezvous_match_one_process(tiny_model, sft_one, tmp_path):
+    """Two torchrun launchers, one process each, joined by ``--nnodes 2 --rdzv_backend c10d`` (the
+    multi-machine launch line of docs/distributed.md, both "machines" on localhost): SFT equals the
+    one-process run."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RLHF_NUM_THREADS": "1",
+           "RLHF_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "rlhf-test",
+           "-m", "rlhf_core.cli", "sft", "--model", str(tiny_model), *SFT, "--output-dir", str(out)]
+    nodes = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for node in nodes:
+        assert node.wait(timeout=180) == 0, node.stderr.read()[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss/train" in r] == [1, 2, 3]  # one writer, not two
+    assert json.loads((out / "summary.json").read_text())["sft"]["world_size"] == 2
+    assert_same_weights(out, sft_one)
