@@ -4,6 +4,9 @@
 #   kernels:  the kernel benchmark (bf16, the GPU shapes in bench_kernels.py) -> benchmarks/results/;
 #   pipeline: `rlhf pipeline --preset tiny` with every phase on the GPU (device 'auto') ->
 #             benchmarks/results/pipeline_cuda.{log,json};
+#   fsdp2:    FSDP2 PPO smoke on that pipeline's models: 2 ranks sharing the GPU over gloo
+#             (RLHF_DIST_BACKEND=gloo; NCCL refuses two ranks on one device), --ppo.parallel fsdp2,
+#             bf16 mixed precision, sharded reference -> benchmarks/results/ppo_fsdp2_cuda.{log,json};
 #   ppo:     PPO vs TRL 1.12 on Pythia-shaped 160M/410M/1B in bf16 -> benchmarks/results/ppo_vs_trl_cuda.*
 #            (needs trl: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl; skipped without it).
 # Usage: bash benchmarks/gpu_check.sh            (env: PY=python to force an interpreter,
@@ -33,7 +36,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then   # carrie
   "$PYBIN" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-STAGES=" ${STAGES:-tests kernels pipeline ppo} "
+STAGES=" ${STAGES:-tests kernels pipeline fsdp2 ppo} "
 unset TRITON_INTERPRET                  # compile the kernels for the GPU
 export RLHF_TEST_DEVICE=cuda HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # `kernels` importable without an install
@@ -62,14 +65,26 @@ if [[ $STAGES == *" kernels "* ]] && [ -z "${SKIP_BENCH:-}" ]; then
   bench_rc=${PIPESTATUS[0]}
   echo "benchmark exit code: $bench_rc" | tee -a "$OUT_DIR/kernels_gpu_check.log"
 fi
-if [[ $STAGES == *" pipeline "* ]]; then
-  run_dir=$(mktemp -d)/pipeline
+run_dir=$(mktemp -d)/pipeline
+if [[ $STAGES == *" pipeline "* || $STAGES == *" fsdp2 "* ]]; then
   "$PYBIN" -m rlhf_core pipeline --preset tiny --output-dir "$run_dir" 2>&1 \
     | grep -v -E "Loading weights|Writing model shards" | tail -40 | tee "$OUT_DIR/pipeline_cuda.log"
   pipe_rc=${PIPESTATUS[0]}
   cp "$run_dir/summary.json" "$OUT_DIR/pipeline_cuda.json" 2>/dev/null || true
   echo "pipeline exit code: $pipe_rc" | tee -a "$OUT_DIR/pipeline_cuda.log"
   test_rc=$(( test_rc != 0 ? test_rc : pipe_rc ))
+fi
+
+if [[ $STAGES == *" fsdp2 "* ]] && [ -d "$run_dir/sft" ]; then
+  RLHF_DIST_BACKEND=gloo "$PYBIN" -m torch.distributed.run --standalone --nproc_per_node 2 -m rlhf_core.cli ppo \
+    --policy "$run_dir/sft" --reward "$run_dir/reward" --output-dir "$run_dir/../fsdp2" \
+    --ppo.parallel fsdp2 --ppo.mixed_precision bf16 --ppo.shard_reference true --ppo.num_iterations 3 \
+    --ppo.eval_every 0 2>&1 | grep -v -E "Loading weights|Writing model shards" | tail -30 \
+    | tee "$OUT_DIR/ppo_fsdp2_cuda.log"
+  fsdp_rc=${PIPESTATUS[0]}
+  cp "$run_dir/../fsdp2/summary.json" "$OUT_DIR/ppo_fsdp2_cuda.json" 2>/dev/null || true
+  echo "fsdp2 smoke exit code: $fsdp_rc" | tee -a "$OUT_DIR/ppo_fsdp2_cuda.log"
+  test_rc=$(( test_rc != 0 ? test_rc : fsdp_rc ))
 fi
 
 if [[ $STAGES == *" ppo "* ]]; then

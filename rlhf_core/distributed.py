@@ -67,7 +67,8 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (set by torchrun). Backend:
     gloo on CPU; with CUDA ``"cpu:gloo,cuda:nccl"`` (CUDA tensors over NCCL, CPU tensors still
-    over gloo — the phases keep some models on CPU) and the process pinned to ``cuda:LOCAL_RANK``.
+    over gloo) and the process pinned to ``device()``; ``RLHF_DIST_BACKEND`` overrides the backend
+    (``gloo`` lets two ranks share one GPU for a smoke test, which NCCL refuses).
     Idempotent: a second call returns True without re-initialising.
 
     Returns:
@@ -85,9 +86,10 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
     from datetime import timedelta
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    # RLHF_DIST_BACKEND overrides (e.g. "gloo": several ranks on ONE GPU, which NCCL refuses)
+    backend = os.environ.get("RLHF_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device())
     dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     return True
 
@@ -133,8 +135,8 @@ def device(preference: str = "auto") -> torch.device:
     """
     if preference == "cpu":
         return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
+    if torch.cuda.is_available():  # more ranks than GPUs (a smoke test on one GPU): they share
+        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
     if preference == "cuda":
         raise DistributedError("device='cuda' but torch.cuda.is_available() is False (a CPU-only torch, "
                                "or no visible GPU)")

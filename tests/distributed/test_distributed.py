@@ -154,9 +154,12 @@ def test_device_preference_resolves_per_rank(monkeypatch):
     with pytest.raises(D.DistributedError, match="device='cuda' but torch.cuda.is_available"):
         D.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert D.device("auto") == D.device("cuda") == torch.device("cuda", 1)  # torchrun's local rank
     assert D.device("cpu") == torch.device("cpu")  # asked for, even with a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # 2 ranks, 1 GPU (gloo smoke): shared
+    assert D.device() == torch.device("cuda", 0)
 
 
 def test_ppo_fsdp2_trains_like_ddp_and_saves_the_gathered_policy(tmp_path):
