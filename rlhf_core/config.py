@@ -48,6 +48,15 @@ class TaskConfig(ConfigBase):
         self.check(0.0 <= self.label_noise < 0.5, "label_noise", "a probability in [0, 0.5)")
 
 
+def check_placement(cfg: Any) -> None:
+    """The ``device`` / ``parallel`` / ``mixed_precision`` fields a training phase shares."""
+    cfg.check(cfg.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
+    cfg.check(cfg.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
+    cfg.check(cfg.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
+    cfg.check(cfg.mixed_precision == "no" or cfg.parallel == "fsdp2", "mixed_precision",
+              "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
+
+
 @dataclass
 class TrainCommon(ConfigBase):
     """Fields every supervised phase shares."""
@@ -85,11 +94,7 @@ class TrainCommon(ConfigBase):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
         self.check(self.log_every > 0, "log_every", "a positive integer")
-        self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
-        self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
-        self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
-        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
-                   "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
+        check_placement(self)
         self.check(self.parallel == "ddp" or getattr(self, "mode", "full") == "full", "parallel",
                    "'ddp' with LoRA/QLoRA (fsdp2 shards full-model training)")
 
@@ -260,10 +265,7 @@ class PPOConfig(LoraFields):
         self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
-        self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
-        self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
-        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
-                   "'no' unless parallel='fsdp2'")
+        check_placement(self)
         self.check(not self.shard_reference or self.parallel == "fsdp2", "shard_reference",
                    "false unless parallel='fsdp2'")
         self.check(not self.shard_reward_model or self.parallel == "fsdp2", "shard_reward_model",
@@ -271,7 +273,6 @@ class PPOConfig(LoraFields):
         self.check(self.parallel == "ddp" or (self.value_model == "shared" and not self.use_lora), "parallel",
                    "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "
                    "value head)")
-        self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
         self.check(self.save_every >= 0, "save_every", "an integer >= 0")
