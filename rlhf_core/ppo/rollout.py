@@ -111,7 +111,8 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
     done = torch.zeros(b, dtype=torch.bool, device=query_ids.device)  # (B,)
     tokens, valid, states = [], [], []
     for _ in range(max_new_tokens):
-        states.append(hidden[:, -1])  # (B, H)
+        if return_hidden:
+            states.append(hidden[:, -1])  # (B, H)
         if bool(done.all()):  # stop_together: this rank is done, another is not: pads, no draws
             nxt = torch.full_like(done, pad_token_id, dtype=torch.long)  # (B,)
         else:
@@ -121,7 +122,10 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
         tokens.append(nxt)
         valid.append(~done)
         done = done | (nxt == eos_token_id)
-        if (D.global_count(0 if bool(done.all()) else 1) == 0) if stop_together else bool(done.all()):
+        finished = bool(done.all())
+        if stop_together:  # finished only when no rank has a row left
+            finished = D.global_count(0 if finished else 1) == 0
+        if finished:
             break
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (B, L+1)
         step_pos = positions[:, -1:] + 1  # (B, 1)
