@@ -5,7 +5,7 @@ stays about process groups, sharding of data and collectives. Imports only torch
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,14 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
             return list(module)
     return []
+
+
+def _mesh_and_precision(bf16: bool) -> tuple[Any, dict[str, torch.dtype]]:
+    """A 1-D mesh over every rank, and the MixedPrecisionPolicy arguments for bf16 compute
+    (fp32 reduction) or none."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    return mesh, (dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {})
 
 
 def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Module:
@@ -37,11 +45,9 @@ def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Modul
     """
     if not (is_initialized() and world_size() > 1):
         return model
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if mixed_precision_bf16 else MixedPrecisionPolicy())
+    mesh, bf16 = _mesh_and_precision(mixed_precision_bf16)
+    mp = MixedPrecisionPolicy(**bf16)
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -66,10 +72,8 @@ def wrap_trunk_fsdp2(trunk: nn.Module, keep_whole: Sequence[nn.Parameter] = (),
     """
     if not (is_initialized() and world_size() > 1):
         return trunk
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
-    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision_bf16 else {}
+    mesh, bf16 = _mesh_and_precision(mixed_precision_bf16)
     units = [fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16)) for block in _blocks(trunk)]
     whole = {p for p in trunk.parameters() if any(p is k for k in keep_whole)}
     units.append(fully_shard(trunk, mesh=mesh, ignored_params=whole or None,
