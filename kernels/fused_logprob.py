@@ -224,14 +224,22 @@ def launch_config(hidden: torch.Tensor) -> dict:
     """Block sizes and precision flags shared by the logprob and KL launchers.
 
     Under the interpreter: small blocks (so tests cross tile edges) and fp32 math everywhere.
-    On a GPU: 64×128×64 tiles; fp32 inputs follow torch's allow_tf32 setting.
+    On a GPU: see ``gpu_launch_config``.
     """
     if hidden.device.type == "cpu":
         return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
-    fp32 = hidden.dtype == torch.float32
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, UPCAST=fp32,
-                PRECISION="tf32" if (fp32 and tf32) else "ieee", num_warps=8)
+    return gpu_launch_config(hidden.dtype, torch.backends.cuda.matmul.allow_tf32)
+
+
+def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """64×128×64 tiles, 8 warps; fp32 inputs follow torch's allow_tf32 setting, fp16/bf16 dots run
+    in the input dtype. tf32 takes BLOCK_H=32: at 64 the backward's three pipeline stages of fp32
+    tiles need 240 KiB of shared memory, over the H100's 227 KiB (found by compiling for sm_90 with
+    benchmarks/kernel_compile_report.py, which checks every launch configuration this returns)."""
+    fp32 = dtype == torch.float32
+    tf32 = fp32 and allow_tf32
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32 if tf32 else 64, UPCAST=fp32,
+                PRECISION="tf32" if tf32 else "ieee", num_warps=8)
 
 
 def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:

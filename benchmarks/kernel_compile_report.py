@@ -1,0 +1,231 @@
+"""Compile the Triton kernels for a Hopper GPU ahead of time, on any machine, and read the result.
+
+    python benchmarks/kernel_compile_report.py                 # sm_90, every kernel × dtype
+    python benchmarks/kernel_compile_report.py --check         # exit 1 when a kernel breaks a limit
+
+No GPU needed: Triton's NVIDIA backend ships ptxas, cuobjdump and nvdisasm, so the kernels go
+through the same pipeline as on an H100 (Triton IR -> PTX -> cubin for sm_90a) with the very
+arguments the launchers pass at the benchmark shape. The binder that the JIT runs before a launch
+turns those arguments into the specialisation (stride 1 becomes a constant, 16-divisible ints and
+pointers get divisibility hints), so the cubin is the one a GPU run would build.
+
+What it reads off each cubin (nothing here is a timing):
+- shared memory per program (metadata) against the H100 limit of 227 KiB per block;
+- registers, stack frame and local memory per thread (cuobjdump --dump-resource-usage): a stack
+  or local-memory size above 0 means register spills;
+- SASS instruction counts (nvdisasm): HGMMA (Hopper warpgroup tensor-core MMA), HMMA (pre-Hopper
+  tensor-core MMA), FP32 atomics, LDL/STL (local memory), LDGSTS/UTMALDG (async copies to shared).
+Programs per SM follow from registers × threads (64 Ki registers per SM) and shared memory.
+
+--check fails when a kernel does not compile, needs more shared memory than the limit, spills,
+or (fp16/bf16) issues no HGMMA — the tensor-core path Hopper needs for its matmul peak.
+Results: benchmarks/results/kernels_sm90_compile.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET"):
+    sys.exit("kernel_compile_report: unset TRITON_INTERPRET; the interpreter cannot compile kernels")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+lp_mod = importlib.import_module("kernels.fused_logprob")
+kl_mod = importlib.import_module("kernels.fused_kl")  # `kernels.fused_kl` itself is the function
+SHARED_LIMIT = 227 * 1024  # H100/H200: max shared memory per block (opt-in), bytes
+REGS_PER_SM, MAX_THREADS_PER_SM = 65536, 2048
+DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
+          "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False)}
+SASS_OPS = {
+    "HGMMA": r"\bHGMMA\.",
+    "HMMA": r"\bHMMA\.",
+    "atomic_f32": r"\b(?:ATOMG|REDG|RED)\.E\.ADD\.(?:F32|FTZ)",
+    "LDL/STL": r"\b(?:LDL|STL)\b",
+    "LDGSTS": r"\bLDGSTS\b",
+    "UTMALDG": r"\bUTMALDG\b",
+    "FFMA": r"\bFFMA\b",
+    "MUFU.EX2": r"\bMUFU\.EX2\b",
+}
+
+
+def tool(name: str) -> str:
+    """Path of a CUDA binary shipped inside Triton's NVIDIA backend."""
+    import triton.backends.nvidia as nv
+
+    path = Path(nv.__file__).parent / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"kernel_compile_report: {path} missing (Triton without its NVIDIA backend?)")
+    return str(path)
+
+
+def cases(n: int, h: int, v: int, dtype: torch.dtype, tf32: bool) -> list[tuple[str, object, tuple, dict]]:
+    """(name, kernel, positional args, constexpr kwargs) exactly as the launchers pass them,
+    with small CPU tensors standing in for the pointers (only dtype and alignment matter)."""
+    x = torch.empty(16, 16, dtype=dtype)  # hidden / weight stand-in
+    i64 = torch.empty(16, dtype=torch.int64)
+    f = torch.empty(16)
+    cfg = lp_mod.gpu_launch_config(dtype, tf32)
+    strides = (h, 1, h, 1)  # contiguous hidden [N, H] and weight [V, H]
+    inv_t, ign = 1.0 / 0.7, -100
+    lp_fwd = (x, x, i64, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
+    lp_bwd = (x, x, i64, f, f, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
+    kl_fwd = (x, x, x, x, f, f, f, n, v, h, h, *strides, *strides, inv_t)
+    kl_bwd = (x, x, x, x, f, f, f, f, f, f, n, v, h, h, *strides, *strides, inv_t)
+    grads = dict(NEED_H=True, NEED_W=True)
+    return [
+        ("logprob_fwd", lp_mod._logprob_fwd_kernel, lp_fwd, cfg),
+        ("logprob_bwd", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=False, **grads, **cfg)),
+        ("logprob_bwd+entropy", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=True, **grads, **cfg)),
+        ("kl_fwd", kl_mod._kl_fwd_kernel, kl_fwd, cfg),
+        ("kl_bwd", kl_mod._kl_bwd_kernel, kl_bwd, dict(**grads, **cfg)),
+    ]
+
+
+def compile_one(kernel, args: tuple, kwargs: dict, arch: int) -> triton.compiler.CompiledKernel:
+    """Run the JIT's own binder on the arguments, then compile for ``arch`` without a driver."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def inspect_cubin(cubin: bytes, workdir: Path, name: str) -> dict:
+    """Registers / stack / local bytes per thread and SASS op counts of one cubin."""
+    path = workdir / f"{name}.cubin"
+    path.write_bytes(cubin)
+    usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", str(path)],
+                           capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    sass = subprocess.run([tool("nvdisasm"), str(path)], capture_output=True, text=True, check=True).stdout
+    ops = {k: len(re.findall(p, sass)) for k, p in SASS_OPS.items()}
+    return dict(registers=int(fields["REG"]), stack_bytes=int(fields["STACK"]),
+                local_bytes=int(fields["LOCAL"]), sass=ops)
+
+
+def problems(row: dict) -> list[str]:
+    """Why ``--check`` would fail this kernel (empty when it passes)."""
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    out = []
+    if row["shared_bytes"] > SHARED_LIMIT:
+        out.append(f"shared memory {row['shared_bytes']} B > {SHARED_LIMIT} B")
+    tensor_core = row["dtype"] in ("fp16", "bf16", "tf32")
+    spills = row["stack_bytes"] or row["local_bytes"] or row["sass"]["LDL/STL"]
+    if spills and tensor_core:  # IEEE fp32 dots run on CUDA cores anyway; their few spilled bytes are noted
+        out.append(f"register spills (stack {row['stack_bytes']} B, local {row['local_bytes']} B)")
+    if tensor_core and row["arch"] >= 90 and not row["sass"]["HGMMA"]:
+        out.append("no HGMMA: the dots are not on Hopper's warpgroup tensor-core path")
+    return out
+
+
+def report(n: int, h: int, v: int, dtypes: list[str], arch: int, workdir: Path) -> list[dict]:
+    rows = []
+    for dname in dtypes:
+        dtype, tf32 = DTYPES[dname]
+        for name, kernel, args, kwargs in cases(n, h, v, dtype, tf32):
+            row = dict(kernel=name, dtype=dname, arch=arch, num_warps=kwargs["num_warps"],
+                       blocks={k: kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")},
+                       precision=kwargs["PRECISION"])
+            t0 = time.perf_counter()
+            try:
+                ck = compile_one(kernel, args, kwargs, arch)
+            except Exception as exc:  # a compile failure is a result to report, not a crash
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            else:
+                row.update(compile_s=round(time.perf_counter() - t0, 2), num_stages=ck.metadata.num_stages,
+                           shared_bytes=ck.metadata.shared,
+                           ptx_target=re.search(r"\.target\s+(\S+)", ck.asm["ptx"]).group(1),
+                           **inspect_cubin(ck.asm["cubin"], workdir, f"{name}_{dname}"))
+                threads = 32 * row["num_warps"]
+                by_regs = REGS_PER_SM // (row["registers"] * threads)
+                by_smem = (228 * 1024) // max(row["shared_bytes"] + 1024, 1)  # +1 KiB reserved per block
+                row["programs_per_sm"] = min(by_regs, by_smem, MAX_THREADS_PER_SM // threads)
+            row["problems"] = problems(row)
+            rows.append(row)
+            print(f"{name:20s} {dname:5s} " + (row.get("error") or
+                  f"regs {row['registers']:3d} smem {row['shared_bytes'] // 1024:3d} KiB "
+                  f"spill {row['stack_bytes'] + row['local_bytes']} HGMMA {row['sass']['HGMMA']} "
+                  f"atomics {row['sass']['atomic_f32']} progs/SM {row['programs_per_sm']}"
+                  + (f"  PROBLEM: {'; '.join(row['problems'])}" if row["problems"] else "")), flush=True)
+    return rows
+
+
+def write_md(rows: list[dict], meta: dict, path: Path) -> None:
+    lines = [
+        f"# Triton kernels compiled ahead of time for sm_{meta['arch']} (no GPU used)", "",
+        f"Command: `{meta['command']}`  ",
+        f"Date: {meta['date']} · triton {meta['triton']} · torch {meta['torch']} · host {meta['host']}", "",
+        f"Launch arguments as at N={meta['N']}, H={meta['H']}, V={meta['V']} (contiguous inputs); "
+        "the cubin is what Triton builds for an H100/H200 from them. These are compiler facts, not timings: "
+        "whether the kernels reach the bf16 matmul peak can only be measured on the GPU "
+        "(benchmarks/gpu_check.sh).", "",
+        "| kernel | dtype | tiles N×V×H | warps | stages | regs/thread | shared KiB | spill B | programs/SM "
+        "| HGMMA | HMMA | FP32 atomics | LDGSTS | problems |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['dtype']} | | | | | | | | | | | | {r['error']} |")
+            continue
+        b, s = r["blocks"], r["sass"]
+        lines.append(
+            f"| {r['kernel']} | {r['dtype']} | {b['BLOCK_N']}×{b['BLOCK_V']}×{b['BLOCK_H']} | {r['num_warps']} "
+            f"| {r['num_stages']} | {r['registers']} | {r['shared_bytes'] / 1024:.0f} "
+            f"| {r['stack_bytes'] + r['local_bytes']} | {r['programs_per_sm']} | {s['HGMMA']} | {s['HMMA']} "
+            f"| {s['atomic_f32']} | {s['LDGSTS']} | {'; '.join(r['problems']) or '—'} |")
+    lines += ["", "SASS columns count static instructions in the kernel body (a loop body counts once). "
+              "fp32 is torch's default (allow_tf32 off: IEEE fp32 dots on CUDA cores, FFMA); tf32 is fp32 "
+              "inputs with torch.backends.cuda.matmul.allow_tf32 on.", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    p.add_argument("--shape", type=int, nargs=3, default=(8192, 4096, 128256), metavar=("N", "H", "V"))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--check", action="store_true", help="exit 1 when any kernel has a problem")
+    args = p.parse_args(argv)
+    n, h, v = args.shape
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"kernel_compile_{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = report(n, h, v, args.dtypes, args.arch, work)
+    meta = dict(arch=args.arch, N=n, H=h, V=v, triton=triton.__version__, torch=torch.__version__,
+                host=f"{platform.machine()} {platform.system()} (no GPU)",
+                date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                command="python benchmarks/kernel_compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"kernels_sm{args.arch}_compile"
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, kernels=rows), indent=1))
+    tmp.replace(stem.with_suffix(".json"))
+    write_md(rows, meta, stem.with_suffix(".md"))
+    bad = [f"{r['kernel']} {r['dtype']}: {'; '.join(r['problems'])}" for r in rows if r["problems"]]
+    for line in bad:
+        print(f"kernel_compile_report: {line}", file=sys.stderr)
+    print(f"wrote {stem}.json and .md")
+    return 1 if (bad and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
