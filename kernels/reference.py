@@ -27,6 +27,10 @@ from kernels import _dispatch
 # (measured on CPU at V=50k: 83-row chunks ran 1.4x slower than 256-row ones).
 CHUNK_ELEMENTS = 1 << 23
 MIN_CHUNK_ROWS = 256
+# The elementwise work on a chunk's logits (logsumexp, softmax, dlogits) runs over row blocks of
+# ~1M elements, so its temporaries are 4 MB instead of another chunk×V buffer each: the GEMMs keep
+# their big chunk, and the peak is one chunk of logits (two for KL) plus d_weight.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
@@ -34,6 +38,12 @@ def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
     if chunk_size is None:
         chunk_size = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab, 1))
     return max(1, min(chunk_size, max(n_rows, 1)))
+
+
+def _row_blocks(n_rows: int, vocab: int):
+    """Slices of about BLOCK_ELEMENTS logits covering ``n_rows`` rows."""
+    step = max(1, BLOCK_ELEMENTS // max(vocab, 1))
+    return (slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step))
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -68,11 +78,13 @@ class _ChunkedLogprob(torch.autograd.Function):
         for s in range(0, n, c):
             e = min(s + c, n)
             z = _logits(hidden[s:e], w32, inv_t)  # (c, V)
-            lse[s:e] = torch.logsumexp(z, dim=-1)
-            logprobs[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1) - lse[s:e]
-            if return_entropy:
-                p = (z - lse[s:e, None]).exp_()  # (c, V)
-                spz[s:e] = torch.linalg.vecdot(p, z)
+            lse_c, spz_c = lse[s:e], spz[s:e]  # (c,) views
+            for b in _row_blocks(e - s, v):
+                lse_c[b] = torch.logsumexp(z[b], dim=-1)
+                if return_entropy:
+                    spz_c[b] = torch.linalg.vecdot((z[b] - lse_c[b, None]).exp_(), z[b])  # Σ p z
+            logprobs[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1) - lse_c
+            del z  # before the next chunk's GEMM allocates its own
         logprobs = torch.where(valid, logprobs, 0.0)
         entropy = torch.where(valid, lse - spz, 0.0) if return_entropy else logprobs.new_empty(0)
         if not return_entropy:
@@ -85,7 +97,7 @@ class _ChunkedLogprob(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         hidden, weight, safe_t, valid, lse, spz = ctx.saved_tensors
         inv_t, c = ctx.inv_t, ctx.chunk
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         w32 = _acc(weight)  # (V, H)
         vmask = valid.to(lse.dtype)  # (N,) ignored rows get no gradient
         g_lp = (g_lp.to(lse.dtype) if g_lp is not None else torch.zeros_like(lse)) * vmask  # (N,)
@@ -96,19 +108,24 @@ class _ChunkedLogprob(torch.autograd.Function):
         d_weight = torch.zeros_like(w32) if need_w else None  # (V, H) fp32 accumulator
         for s in range(0, n, c):
             e = min(s + c, n)
-            z = _logits(hidden[s:e], w32, inv_t)  # (c, V)
-            p = (z - lse[s:e, None]).exp_()  # (c, V)
-            # dlogprob/dz = onehot - p ; dentropy/dz = -p (z - Σ p z)
-            if g_ent is not None:
-                dz = z.sub_(spz[s:e, None]).mul_(-g_ent[s:e, None]).sub_(g_lp[s:e, None]).mul_(p)
-            else:
-                dz = p.mul_(-g_lp[s:e, None])  # (c, V)
-            dz.scatter_add_(1, safe_t[s:e, None], g_lp[s:e, None])
+            dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) logits z, turned into dz in place
+            lse_c, g_lp_c = lse[s:e, None], g_lp[s:e, None]  # (c, 1)
+            for b in _row_blocks(e - s, v):
+                z = dz[b]  # view
+                p = (z - lse_c[b]).exp_()  # (rows, V) block temporary
+                # dlogprob/dz = onehot - p ; dentropy/dz = -p (z - Σ p z)
+                if g_ent is not None:
+                    z.sub_(spz[s:e, None][b]).mul_(-g_ent[s:e, None][b]).sub_(g_lp_c[b]).mul_(p)
+                else:
+                    torch.mul(p, -g_lp_c[b], out=z)
+                del z, p  # a live view would keep the whole chunk of logits allocated
+            dz.scatter_add_(1, safe_t[s:e, None], g_lp_c)
             dz.mul_(inv_t)  # chain rule through z = logits / T
             if need_h:
                 d_hidden[s:e] = dz @ w32
             if need_w:
                 d_weight.addmm_(dz.T, _acc(hidden[s:e]))
+            del dz
         d_hidden = d_hidden.to(hidden.dtype) if need_h else None
         d_weight = d_weight.to(weight.dtype) if need_w else None
         return d_hidden, d_weight, None, None, None, None, None
@@ -134,10 +151,14 @@ class _ChunkedKL(torch.autograd.Function):
             e = min(s + c, n)
             zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
             zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
-            lse_p[s:e] = torch.logsumexp(zp, dim=-1)
-            lse_q[s:e] = torch.logsumexp(zq, dim=-1)
-            p = (zp - lse_p[s:e, None]).exp_()  # (c, V)
-            kl[s:e] = torch.linalg.vecdot(p, zp.sub_(zq)) - lse_p[s:e] + lse_q[s:e]
+            lp_c, lq_c, kl_c = lse_p[s:e], lse_q[s:e], kl[s:e]  # (c,) views
+            for b in _row_blocks(e - s, v):
+                lp_c[b] = torch.logsumexp(zp[b], dim=-1)
+                lq_c[b] = torch.logsumexp(zq[b], dim=-1)
+                p = (zp[b] - lp_c[b, None]).exp_()  # (rows, V) block temporary
+                kl_c[b] = torch.linalg.vecdot(p, zp[b].sub_(zq[b])) - lp_c[b] + lq_c[b]
+                del p
+            del zp, zq
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl)
         ctx.inv_t, ctx.chunk = inv_t, c
         return kl
@@ -146,7 +167,7 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, g_kl):
         hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl = ctx.saved_tensors
         inv_t, c = ctx.inv_t, ctx.chunk
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         w32, rw32 = _acc(weight), _acc(ref_weight)  # (V, H) each
         g = g_kl.to(kl.dtype)  # (N,)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -154,16 +175,22 @@ class _ChunkedKL(torch.autograd.Function):
         d_weight = torch.zeros_like(w32) if need_w else None  # (V, H)
         for s in range(0, n, c):
             e = min(s + c, n)
-            zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+            dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) policy logits zp, turned into dz in place
             zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
-            p = (zp - lse_p[s:e, None]).exp_()  # (c, V)
             # dKL/dz_j = p_j ((z_j - zq_j) - (lse - lse_q) - KL)
             shift = (lse_p[s:e] - lse_q[s:e] + kl[s:e])[:, None]  # (c, 1)
-            dz = zp.sub_(zq).sub_(shift).mul_(p).mul_(g[s:e, None] * inv_t)  # (c, V)
+            scale = g[s:e, None] * inv_t  # (c, 1)
+            for b in _row_blocks(e - s, v):
+                zp = dz[b]  # view
+                p = (zp - lse_p[s:e, None][b]).exp_()  # (rows, V) block temporary
+                zp.sub_(zq[b]).sub_(shift[b]).mul_(p).mul_(scale[b])
+                del zp, p  # a live view would keep the whole chunk of logits allocated
+            del zq
             if need_h:
                 d_hidden[s:e] = dz @ w32
             if need_w:
                 d_weight.addmm_(dz.T, _acc(hidden[s:e]))
+            del dz
         d_hidden = d_hidden.to(hidden.dtype) if need_h else None
         d_weight = d_weight.to(weight.dtype) if need_w else None
         return d_hidden, d_weight, None, None, None, None

@@ -4,12 +4,23 @@ import torch
 from kernel_cases import DEVICE, DTYPES, IGNORE, LAYOUTS, TEMPERATURE, check_kl, check_logprobs, grads_of, make_inputs
 
 from kernels import chunked_kl, chunked_logprobs, fused_kl, fused_logprobs
+from kernels import reference
+
+
+@pytest.fixture(params=[None, 3], ids=["blocks-default", "blocks-3rows"])
+def row_block(request, monkeypatch):
+    """Rows per elementwise block inside a chunk: the default (~1M logits), or 3 rows so that the
+    blocks end inside chunks of 8 and the last block of a chunk is short."""
+    if request.param is not None:
+        vocab = LAYOUTS[request.node.callspec.params["layout"]][3]
+        monkeypatch.setattr(reference, "BLOCK_ELEMENTS", request.param * vocab)
+    return request.param
 
 
 @pytest.mark.parametrize("chunk_size", [None, 8])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_chunked_logprobs_match_float64(layout, dtype_name, chunk_size):
+def test_chunked_logprobs_match_float64(layout, dtype_name, chunk_size, row_block):
     case = make_inputs(layout, DTYPES[dtype_name])
 
     def fn(h, w):
@@ -22,7 +33,7 @@ def test_chunked_logprobs_match_float64(layout, dtype_name, chunk_size):
 @pytest.mark.parametrize("chunk_size", [None, 8])
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_chunked_kl_matches_float64(layout, dtype_name, chunk_size):
+def test_chunked_kl_matches_float64(layout, dtype_name, chunk_size, row_block):
     case = make_inputs(layout, DTYPES[dtype_name])
 
     def fn(h, w):
@@ -31,8 +42,11 @@ def test_chunked_kl_matches_float64(layout, dtype_name, chunk_size):
     check_kl(grads_of(fn, case["hidden"], case["weight"], case["g_kl"]), case, dtype_name)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("block_rows", [None, 1, 2])
+def test_gradcheck_float64(block_rows, monkeypatch):
     """The hand-written backward of both autograd Functions against finite differences."""
+    if block_rows is not None:
+        monkeypatch.setattr(reference, "BLOCK_ELEMENTS", 7 * block_rows)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(5, 4, generator=g, dtype=torch.float64, device="cpu").requires_grad_()
     w = torch.randn(7, 4, generator=g, dtype=torch.float64).requires_grad_()
