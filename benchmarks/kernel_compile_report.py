@@ -1,25 +1,29 @@
 """Compile the Triton kernels for a Hopper GPU ahead of time, on any machine, and read the result.
 
     python benchmarks/kernel_compile_report.py                 # sm_90, every kernel × dtype
+    python benchmarks/kernel_compile_report.py --arch 90 89 80 # also an RTX 4090/L40 and an A100
     python benchmarks/kernel_compile_report.py --check         # exit 1 when a kernel breaks a limit
 
 No GPU needed: Triton's NVIDIA backend ships ptxas, cuobjdump and nvdisasm, so the kernels go
-through the same pipeline as on an H100 (Triton IR -> PTX -> cubin for sm_90a) with the very
-arguments the launchers pass at the benchmark shape. The binder that the JIT runs before a launch
+through the same pipeline as on the GPU (Triton IR -> PTX -> cubin, sm_90a for an H100) with the
+very arguments the launchers pass at the benchmark shape, including the tile configuration
+``gpu_launch_config`` picks for that compute capability's shared memory. The binder that the JIT runs before a launch
 turns those arguments into the specialisation (stride 1 becomes a constant, 16-divisible ints and
 pointers get divisibility hints), so the cubin is the one a GPU run would build.
 
 What it reads off each cubin (nothing here is a timing):
-- shared memory per program (metadata) against the H100 limit of 227 KiB per block;
+- shared memory per program (metadata) against the per-block limit of that compute capability
+  (227 KiB on sm_90, 163 KiB on sm_80, 99 KiB on sm_86/89);
 - registers, stack frame and local memory per thread (cuobjdump --dump-resource-usage): a stack
   or local-memory size above 0 means register spills;
 - SASS instruction counts (nvdisasm): HGMMA (Hopper warpgroup tensor-core MMA), HMMA (pre-Hopper
   tensor-core MMA), FP32 atomics, LDL/STL (local memory), LDGSTS/UTMALDG (async copies to shared).
 Programs per SM follow from registers × threads (64 Ki registers per SM) and shared memory.
 
---check fails when a kernel does not compile, needs more shared memory than the limit, spills,
-or (fp16/bf16) issues no HGMMA — the tensor-core path Hopper needs for its matmul peak.
-Results: benchmarks/results/kernels_sm90_compile.{json,md}.
+--check fails when a kernel does not compile, needs more shared memory than the limit, spills
+(fp16/bf16/tf32), or runs those dots without tensor cores (no HGMMA on sm_90 — the path Hopper
+needs for its matmul peak —, no HMMA before it).
+Results: benchmarks/results/kernels_sm<arch>_compile.{json,md}.
 """
 from __future__ import annotations
 
@@ -48,7 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 lp_mod = importlib.import_module("kernels.fused_logprob")
 kl_mod = importlib.import_module("kernels.fused_kl")  # `kernels.fused_kl` itself is the function
-SHARED_LIMIT = 227 * 1024  # H100/H200: max shared memory per block (opt-in), bytes
 REGS_PER_SM, MAX_THREADS_PER_SM = 65536, 2048
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False)}
@@ -74,13 +77,14 @@ def tool(name: str) -> str:
     return str(path)
 
 
-def cases(n: int, h: int, v: int, dtype: torch.dtype, tf32: bool) -> list[tuple[str, object, tuple, dict]]:
+def cases(n: int, h: int, v: int, dtype: torch.dtype, tf32: bool,
+          shared_kib: int) -> list[tuple[str, object, tuple, dict]]:
     """(name, kernel, positional args, constexpr kwargs) exactly as the launchers pass them,
     with small CPU tensors standing in for the pointers (only dtype and alignment matter)."""
     x = torch.empty(16, 16, dtype=dtype)  # hidden / weight stand-in
     i64 = torch.empty(16, dtype=torch.int64)
     f = torch.empty(16)
-    cfg = lp_mod.gpu_launch_config(dtype, tf32)
+    cfg = lp_mod.gpu_launch_config(dtype, tf32, shared_kib)
     strides = (h, 1, h, 1)  # contiguous hidden [N, H] and weight [V, H]
     inv_t, ign = 1.0 / 0.7, -100
     lp_fwd = (x, x, i64, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
@@ -126,23 +130,27 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [f"does not compile: {row['error']}"]
     out = []
-    if row["shared_bytes"] > SHARED_LIMIT:
-        out.append(f"shared memory {row['shared_bytes']} B > {SHARED_LIMIT} B")
+    limit = row["shared_limit_kib"] * 1024
+    if row["shared_bytes"] > limit:
+        out.append(f"shared memory {row['shared_bytes']} B > {limit} B")
     tensor_core = row["dtype"] in ("fp16", "bf16", "tf32")
     spills = row["stack_bytes"] or row["local_bytes"] or row["sass"]["LDL/STL"]
     if spills and tensor_core:  # IEEE fp32 dots run on CUDA cores anyway; their few spilled bytes are noted
         out.append(f"register spills (stack {row['stack_bytes']} B, local {row['local_bytes']} B)")
     if tensor_core and row["arch"] >= 90 and not row["sass"]["HGMMA"]:
         out.append("no HGMMA: the dots are not on Hopper's warpgroup tensor-core path")
+    if tensor_core and row["arch"] < 90 and not row["sass"]["HMMA"]:
+        out.append("no HMMA: the dots are not on tensor cores")
     return out
 
 
 def report(n: int, h: int, v: int, dtypes: list[str], arch: int, workdir: Path) -> list[dict]:
     rows = []
+    shared_kib = lp_mod.shared_memory_kib((arch // 10, arch % 10))
     for dname in dtypes:
         dtype, tf32 = DTYPES[dname]
-        for name, kernel, args, kwargs in cases(n, h, v, dtype, tf32):
-            row = dict(kernel=name, dtype=dname, arch=arch, num_warps=kwargs["num_warps"],
+        for name, kernel, args, kwargs in cases(n, h, v, dtype, tf32, shared_kib):
+            row = dict(kernel=name, dtype=dname, arch=arch, shared_limit_kib=shared_kib, num_warps=kwargs["num_warps"],
                        blocks={k: kwargs[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H")},
                        precision=kwargs["PRECISION"])
             t0 = time.perf_counter()
@@ -157,11 +165,11 @@ def report(n: int, h: int, v: int, dtypes: list[str], arch: int, workdir: Path) 
                            **inspect_cubin(ck.asm["cubin"], workdir, f"{name}_{dname}"))
                 threads = 32 * row["num_warps"]
                 by_regs = REGS_PER_SM // (row["registers"] * threads)
-                by_smem = (228 * 1024) // max(row["shared_bytes"] + 1024, 1)  # +1 KiB reserved per block
+                by_smem = ((shared_kib + 1) * 1024) // (row["shared_bytes"] + 1024)  # +1 KiB reserved per block
                 row["programs_per_sm"] = min(by_regs, by_smem, MAX_THREADS_PER_SM // threads)
             row["problems"] = problems(row)
             rows.append(row)
-            print(f"{name:20s} {dname:5s} " + (row.get("error") or
+            print(f"sm_{arch} {name:20s} {dname:5s} " + (row.get("error") or
                   f"regs {row['registers']:3d} smem {row['shared_bytes'] // 1024:3d} KiB "
                   f"spill {row['stack_bytes'] + row['local_bytes']} HGMMA {row['sass']['HGMMA']} "
                   f"atomics {row['sass']['atomic_f32']} progs/SM {row['programs_per_sm']}"
@@ -172,10 +180,11 @@ def report(n: int, h: int, v: int, dtypes: list[str], arch: int, workdir: Path) 
 def write_md(rows: list[dict], meta: dict, path: Path) -> None:
     lines = [
         f"# Triton kernels compiled ahead of time for sm_{meta['arch']} (no GPU used)", "",
+        f"Shared memory per block on this compute capability: {meta['shared_limit_kib']} KiB.  ",
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']} · triton {meta['triton']} · torch {meta['torch']} · host {meta['host']}", "",
         f"Launch arguments as at N={meta['N']}, H={meta['H']}, V={meta['V']} (contiguous inputs); "
-        "the cubin is what Triton builds for an H100/H200 from them. These are compiler facts, not timings: "
+        "the cubin is what Triton builds from them on such a GPU. These are compiler facts, not timings: "
         "whether the kernels reach the bf16 matmul peak can only be measured on the GPU "
         "(benchmarks/gpu_check.sh).", "",
         "| kernel | dtype | tiles N×V×H | warps | stages | regs/thread | shared KiB | spill B | programs/SM "
@@ -200,7 +209,8 @@ def write_md(rows: list[dict], meta: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90, help="compute capability × 10 (90: H100/H200)")
+    p.add_argument("--arch", type=int, nargs="+", default=[90],
+                   help="compute capabilities × 10 (90: H100/H200, 89: RTX 40/L4/L40, 86: RTX 30/A10, 80: A100)")
     p.add_argument("--shape", type=int, nargs=3, default=(8192, 4096, 128256), metavar=("N", "H", "V"))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -209,21 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     n, h, v = args.shape
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"kernel_compile_{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
-    rows = report(n, h, v, args.dtypes, args.arch, work)
-    meta = dict(arch=args.arch, N=n, H=h, V=v, triton=triton.__version__, torch=torch.__version__,
-                host=f"{platform.machine()} {platform.system()} (no GPU)",
-                date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                command="python benchmarks/kernel_compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"kernels_sm{args.arch}_compile"
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, kernels=rows), indent=1))
-    tmp.replace(stem.with_suffix(".json"))
-    write_md(rows, meta, stem.with_suffix(".md"))
-    bad = [f"{r['kernel']} {r['dtype']}: {'; '.join(r['problems'])}" for r in rows if r["problems"]]
+    command = "python benchmarks/kernel_compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    bad = []
+    for arch in args.arch:
+        rows = report(n, h, v, args.dtypes, arch, work)
+        meta = dict(arch=arch, shared_limit_kib=rows[0]["shared_limit_kib"], N=n, H=h, V=v,
+                    triton=triton.__version__, torch=torch.__version__,
+                    host=f"{platform.machine()} {platform.system()} (no GPU)",
+                    date=time.strftime("%Y-%m-%d %H:%M:%S"), command=command.strip())
+        stem = args.out / f"kernels_sm{arch}_compile"
+        tmp = stem.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, kernels=rows), indent=1))
+        tmp.replace(stem.with_suffix(".json"))
+        write_md(rows, meta, stem.with_suffix(".md"))
+        print(f"wrote {stem}.json and .md")
+        bad += [f"sm_{arch} {r['kernel']} {r['dtype']}: {'; '.join(r['problems'])}" for r in rows if r["problems"]]
     for line in bad:
         print(f"kernel_compile_report: {line}", file=sys.stderr)
-    print(f"wrote {stem}.json and .md")
     return 1 if (bad and args.check) else 0
 
 

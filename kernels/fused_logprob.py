@@ -224,22 +224,43 @@ def launch_config(hidden: torch.Tensor) -> dict:
     """Block sizes and precision flags shared by the logprob and KL launchers.
 
     Under the interpreter: small blocks (so tests cross tile edges) and fp32 math everywhere.
-    On a GPU: see ``gpu_launch_config``.
+    On a GPU: see ``gpu_launch_config``, sized for the device's shared memory.
     """
     if hidden.device.type == "cpu":
         return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
-    return gpu_launch_config(hidden.dtype, torch.backends.cuda.matmul.allow_tf32)
+    shared_kib = shared_memory_kib(torch.cuda.get_device_capability(hidden.device))
+    return gpu_launch_config(hidden.dtype, torch.backends.cuda.matmul.allow_tf32, shared_kib)
 
 
-def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool) -> dict:
-    """64×128×64 tiles, 8 warps; fp32 inputs follow torch's allow_tf32 setting, fp16/bf16 dots run
-    in the input dtype. tf32 takes BLOCK_H=32: at 64 the backward's three pipeline stages of fp32
-    tiles need 240 KiB of shared memory, over the H100's 227 KiB (found by compiling for sm_90 with
-    benchmarks/kernel_compile_report.py, which checks every launch configuration this returns)."""
+# Shared memory one program may use (the opt-in maximum per block), KiB, by compute capability:
+# the CUDA programming guide's table. Unknown minors take their major's .0 entry, else 99.
+SHARED_KIB = {(8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99, (9, 0): 227, (10, 0): 227, (12, 0): 99}
+
+
+def shared_memory_kib(capability: tuple[int, int]) -> int:
+    return SHARED_KIB.get(tuple(capability), SHARED_KIB.get((capability[0], 0), 99))
+
+
+def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool, shared_kib: int = 227) -> dict:
+    """Tiles 64 rows × 128 vocab × BLOCK_H, 8 warps; fp32 inputs follow torch's allow_tf32 setting,
+    fp16/bf16 dots run in the input dtype.
+
+    BLOCK_H and the pipeline depth are sized to the shared memory (sizes from compiling every case
+    with benchmarks/kernel_compile_report.py, which checks each configuration this returns):
+    - ≥ 160 KiB (H100/H200, A100): 64-wide H steps, 3 stages (bf16 backward 136 KiB on sm_90);
+      tf32 steps by 32, since at 64 its backward needs 240 KiB on sm_90;
+    - smaller (99 KiB: RTX 30/40, A10, L4, L40): 2 stages and H steps of 32, with 32-row blocks
+      for fp32 inputs (so tf32 does not spill); the large-device fp32 backward would need 144 KiB
+      there and fail at its first launch.
+    """
     fp32 = dtype == torch.float32
     tf32 = fp32 and allow_tf32
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32 if tf32 else 64, UPCAST=fp32,
-                PRECISION="tf32" if tf32 else "ieee", num_warps=8)
+    if shared_kib >= 160:
+        block_n, block_h, stages = 64, (32 if tf32 else 64), 3
+    else:
+        block_n, block_h, stages = (32 if fp32 else 64), 32, 2
+    return dict(BLOCK_N=block_n, BLOCK_V=128, BLOCK_H=block_h, UPCAST=fp32,
+                PRECISION="tf32" if tf32 else "ieee", num_warps=8, num_stages=stages)
 
 
 def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
