@@ -21,6 +21,8 @@ Imports only torch.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .utils import masked_mean, masked_var
@@ -186,7 +188,9 @@ def entropy_bonus(
     return bonus, {"policy/entropy": bonus.detach()}
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       variance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                       ) -> torch.Tensor:
     """How much of the variance of the returns the value head explains.
 
     Formula: 1 − Var[R − V] / Var[R] over valid tokens (1 = perfect, 0 = no better than the
@@ -195,10 +199,15 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     Convention: returns 0 when Var[R] = 0 (undefined; CleanRL logs NaN there) so that logs
     stay finite.
 
+    ``variance(x, mask)``: the population variance over valid tokens, by default of this batch
+    (``masked_var(unbiased=False)``); the trainer passes the global one under torchrun
+    (``distributed.global_masked_moments``), so the result is that of the whole global batch.
+
     Shapes: values (B, T), returns (B, T), mask (B, T) -> () detached.
     """
+    var = variance or (lambda x, m: masked_var(x, m, unbiased=False))
     with torch.no_grad():
-        var_r = masked_var(returns, mask, unbiased=False)  # ()
-        var_err = masked_var(returns - values, mask, unbiased=False)  # ()
+        var_r = var(returns, mask)  # ()
+        var_err = var(returns - values, mask)  # ()
         ev = 1.0 - var_err / var_r.clamp_min(torch.finfo(var_r.dtype).tiny)
         return torch.where(var_r > 0, ev, torch.zeros_like(ev))

@@ -207,12 +207,15 @@ class PPOTrainer:
             "objective/scores": float(exp.scores.mean()),
             "objective/rlhf_reward": seq_reward,
             "objective/kl_coef": self.kl_ctl.value,
-            "val/explained_variance": float(explained_variance(exp.values, returns, mask)),
+            # explained variance and tokens/s of the global batch (the row means here are global
+            # already: every rank holds batch_size / world rows)
+            "val/explained_variance": float(explained_variance(
+                exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1])),
             "response/length": float(mask.sum(1).float().mean()),
             "response/eos_fraction": float(has_eos.float().mean()),
             "lr": self.scheduler.get_last_lr()[0],
             "perf/episodes_per_s": cfg.batch_size / elapsed,
-            "perf/tokens_per_s": float(mask.sum()) / elapsed,
+            "perf/tokens_per_s": D.global_count(float(mask.sum())) / elapsed,
             "perf/skipped_steps": self.skipped_steps,
             "time/generate": t_generate - t_start,
             "time/score": t_score - t_generate,

@@ -1,5 +1,5 @@
-"""`torchrun --nproc_per_node 2 -m rlhf_core.cli sft` on tiny sizes: it runs, rank 0 alone writes the
-run folder, and the result matches the same command in one process (same global batch)."""
+"""`torchrun --nproc_per_node 2 -m rlhf_core.cli sft|reward|ppo|pipeline` on tiny sizes: it runs, rank 0
+alone writes the run folder, and the result matches the same command in one process (same global batch)."""
 import contextlib
 import json
 import os
@@ -63,9 +63,9 @@ def copy_run(src: Path, dst: Path, drop_steps: tuple[int, ...]) -> Path:
     return dst
 
 
-def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, phase: str = "sft") -> None:
     from safetensors.torch import load_file
-    wa, wb = (load_file(d / "sft" / "model.safetensors") for d in (a, b))
+    wa, wb = (load_file(d / phase / "model.safetensors") for d in (a, b))
     assert wa.keys() == wb.keys()
     for name, ref in wb.items():
         torch.testing.assert_close(wa[name], ref, rtol=0, atol=atol, msg=name)
@@ -112,32 +112,64 @@ def test_torchrun_fsdp2_sft_resumes_a_one_process_checkpoint_and_matches_it(tiny
     assert s["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
 
 
-PIPELINE = ["pipeline", "--stop-after", "sft", "--task.n_corpus", "120", "--task.n_sft", "40", "--task.n_preferences", "8",
+REWARD = ["--reward.max_steps", "3", "--reward.batch_size", "7", "--reward.log_every", "1", "--reward.max_length", "64",
+          "--reward.learning_rate", "1e-3"]
+
+
+def test_torchrun_reward_model_ddp_and_fsdp2_match_one_process(tiny_model, tmp_path):
+    """``rlhf reward`` on 2 ranks, DDP and FSDP2: pairs of 7 split 4 + 3, so each rank's Bradley-Terry
+    loss must be weighted by its share of the global pairs. The trained model (trunk and the new
+    score head) and the sharded evaluation equal one process (float tolerance)."""
+    common = ["reward", "--model", str(tiny_model), *REWARD]
+    one = tmp_path / "one"
+    rlhf([*common, "--output-dir", str(one)], nproc=1)
+    s1 = json.loads((one / "summary.json").read_text())["reward"]
+    for parallel in ("ddp", "fsdp2"):
+        two = tmp_path / parallel
+        rlhf([*common, "--reward.parallel", parallel, "--output-dir", str(two)], nproc=2)
+        assert_same_weights(two, one, phase="reward")
+        s2 = json.loads((two / "summary.json").read_text())["reward"]
+        assert s2["world_size"] == 2 and s2["steps"] == s1["steps"] == 3
+        assert s2["train_loss"] == pytest.approx(s1["train_loss"], rel=1e-5)
+        for key in ("eval_loss", "eval_accuracy", "eval_margin"):
+            assert s2[key] == pytest.approx(s1[key], rel=1e-4, abs=1e-6), key
+
+
+PIPELINE = ["pipeline", "--task.n_corpus", "120", "--task.n_sft", "40", "--task.n_preferences", "8",
             "--task.n_prompts", "8", "--task.n_eval_prompts", "4", "--model.vocab_size", "300", "--model.hidden_size", "32",
             "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size", "64",
             "--model.max_position_embeddings", "64", "--pretrain.max_steps", "2", "--pretrain.batch_size", "5",
             "--pretrain.block_size", "32", "--pretrain.log_every", "1", "--sft.max_steps", "2", "--sft.batch_size", "5",
-            "--sft.log_every", "1", "--sft.max_length", "48"]
+            "--sft.log_every", "1", "--sft.max_length", "48", "--reward.max_steps", "2", "--reward.batch_size", "5",
+            "--reward.log_every", "1", "--reward.max_length", "48", "--ppo.num_iterations", "2", "--ppo.batch_size", "4",
+            "--ppo.num_mini_batches", "2", "--ppo.response_length", "6"]
 
 
-def test_torchrun_pipeline_pretrain_then_sft_matches_one_process(tmp_path):
-    """``torchrun ... pipeline --stop-after sft``: rank 0 writes the data, the tokenizer and each
+def test_torchrun_pipeline_all_phases_matches_one_process(tmp_path):
+    """``torchrun ... pipeline``, all four phases: rank 0 writes the data, the tokenizer and each
     phase's folder, the next phase reads it on every rank. Batches of 5 blocks split 3 + 2, so
-    pretraining's loss must be the global token-mean (a per-rank mean would weigh ranks equally)."""
+    pretraining's loss must be the global token-mean (a per-rank mean would weigh ranks equally).
+    Pretraining, SFT and the reward model equal one process; PPO runs on both ranks' rollouts (each
+    rank samples with its own seed, so its weights are not compared with one process here: the
+    PPO tests below and tests/distributed/test_distributed.py check PPO's equivalences)."""
     one, two = tmp_path / "one", tmp_path / "two"
     rlhf([*PIPELINE, "--output-dir", str(one)], nproc=1)
     rlhf([*PIPELINE, "--output-dir", str(two)], nproc=2)
     from safetensors.torch import load_file
-    for phase in ("pretrain", "sft"):
+    for phase in ("pretrain", "sft", "reward"):
         w1, w2 = (load_file(d / phase / "model.safetensors") for d in (one, two))
         for name, ref in w1.items():
             torch.testing.assert_close(w2[name], ref, rtol=0, atol=1e-5, msg=f"{phase} {name}")
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["pretrain"]["eval_perplexity"] == pytest.approx(s1["pretrain"]["eval_perplexity"], rel=1e-5)
     assert s2["sft"]["eval_loss"] == pytest.approx(s1["sft"]["eval_loss"], rel=1e-5)
+    assert s2["reward"]["eval_loss"] == pytest.approx(s1["reward"]["eval_loss"], rel=1e-5)
+    assert {s2[p]["world_size"] for p in ("pretrain", "sft", "reward", "ppo")} == {2}
+    assert (two / "ppo" / "model.safetensors").is_file() and (two / "ppo" / "value_head.safetensors").is_file()
     lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["phase"], r["step"]) for r in lines if "loss/train" in r] == [("pretrain", 1), ("pretrain", 2),
-                                                                           ("sft", 1), ("sft", 2)]
+    assert [(r["phase"], r["step"]) for r in lines if "loss/train" in r] == [
+        ("pretrain", 1), ("pretrain", 2), ("sft", 1), ("sft", 2), ("reward", 1), ("reward", 2)]
+    assert [r["step"] for r in lines if r["phase"] == "ppo"] == [0, 1, 2]  # rank 0 alone logs PPO
     assert (two / "report.md").is_file() and (two / "tokenizer" / "tokenizer.json").is_file()
 
 

@@ -14,6 +14,7 @@ import torch
 
 from rlhf_core import distributed as D
 from rlhf_core.ppo.advantages import masked_whiten
+from rlhf_core.ppo.losses import explained_variance
 
 WORKER = Path(__file__).with_name("worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +98,11 @@ def test_global_whitening_equals_masked_whiten_on_the_concatenated_batch(tmp_pat
     # "a" weighted by rows (4 on rank 0 with value 1, 3 on rank 1 with value 2), "b" a plain mean
     assert r0["metrics"] == r1["metrics"] == pytest.approx({"a": (4 * 1 + 3 * 2) / 7, "b": 5.0})
     assert r0["shard"] + r1["shard"] == list(range(11))
+    # explained variance with the global variances = that of the concatenated batch (the trainer's metric)
+    full = explained_variance(r0["values"], x, mask)
+    assert 0.1 < float(full) < 0.99
+    torch.testing.assert_close(r0["ev"], full, rtol=0, atol=1e-12)
+    torch.testing.assert_close(r1["ev"], full, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["ddp_sft", "fsdp2_sft"])

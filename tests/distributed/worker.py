@@ -42,7 +42,10 @@ def case_whiten() -> dict:
     mean, var = D.global_masked_moments(xs, ms)
     metrics = D.reduce_metrics({"a": float(D.rank() + 1), "b": 10.0 * D.rank()},
                                counts={"a": float(len(xs))})
-    return {"x": x, "mask": mask, "mean": mean, "var": var, "metrics": metrics,
+    from rlhf_core.ppo.losses import explained_variance
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64) + torch.nan_to_num(x) * 0.5  # (B, T)
+    ev = explained_variance(D.shard(values), xs, ms, variance=lambda v, m: D.global_masked_moments(v, m)[1])
+    return {"x": x, "mask": mask, "mean": mean, "var": var, "metrics": metrics, "values": values, "ev": ev,
             "white": D.global_masked_whiten(xs, ms), "white_noshift": D.global_masked_whiten(xs, ms, shift_mean=False),
             "shard": list(D.shard(list(range(11)))), "count": D.global_count(int(ms.sum()))}
 
