@@ -112,6 +112,30 @@ def test_torchrun_fsdp2_sft_resumes_a_one_process_checkpoint_and_matches_it(tiny
     assert s["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_torchrun_lora_and_qlora_sft_match_one_process(tiny_model, tmp_path, mode):
+    """``--sft.mode lora|qlora`` on 2 ranks (records of 7 split 4 + 3): the LoRA gradients are
+    all-reduced like full fine-tuning's, so the merged model (LoRA) / the adapter (QLoRA, over the
+    nf4 base) equal one process. LoRA dropout is off: its masks come from each rank's own stream, so
+    with dropout the runs agree only in distribution."""
+    common = ["sft", "--model", str(tiny_model), "--sft.mode", mode, "--sft.lora_dropout", "0",
+              "--sft.max_steps", "3", "--sft.batch_size", "7", "--sft.max_length", "64", "--sft.learning_rate", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rlhf([*common, "--output-dir", str(one)], nproc=1)
+    rlhf([*common, "--output-dir", str(two)], nproc=2)
+    from safetensors.torch import load_file
+    name = "model.safetensors" if mode == "lora" else "adapter_model.safetensors"
+    w1, w2 = (load_file(d / "sft" / name) for d in (one, two))
+    base = load_file(tiny_model / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    if mode == "lora":  # merged: the adapted projections moved, and both runs moved them alike
+        assert max((w1[k] - base[k]).abs().max() for k in w1) > 1e-4
+    for key, ref in w1.items():
+        torch.testing.assert_close(w2[key], ref, rtol=0, atol=1e-6, msg=key)
+    s1, s2 = (json.loads((d / "summary.json").read_text())["sft"] for d in (one, two))
+    assert s2["world_size"] == 2 and s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-6)
+
+
 REWARD = ["--reward.max_steps", "3", "--reward.batch_size", "7", "--reward.log_every", "1", "--reward.max_length", "64",
           "--reward.learning_rate", "1e-3"]
 
