@@ -136,6 +136,32 @@ def test_torchrun_lora_and_qlora_sft_match_one_process(tiny_model, tmp_path, mod
     assert s2["world_size"] == 2 and s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=1e-6)
 
 
+def test_torchrun_fsdp2_pretrain_trains_its_tokenizer_on_every_rank_and_matches_one_process(tmp_path):
+    """``rlhf pretrain --pretrain.parallel fsdp2`` on 2 ranks from raw text, no tokenizer given: every
+    rank trains the BPE tokenizer itself (the trainer is deterministic, so they agree) and the saved
+    tokenizer is byte-identical to one process's; batches of 5 blocks split 3 + 2, sharded params,
+    weights and perplexities equal one process."""
+    import random
+    rng = random.Random(0)
+    words = "the film was good bad great boring plot actor scene music ending story".split()
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + "."})
+                            + "\n" for _ in range(150)))
+    common = ["pretrain", "--data", str(data), "--model.vocab_size", "300", "--model.hidden_size", "32",
+              "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size", "64",
+              "--model.max_position_embeddings", "64", "--pretrain.max_steps", "3", "--pretrain.batch_size", "5",
+              "--pretrain.block_size", "32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    rlhf([*common, "--output-dir", str(one)], nproc=1)
+    rlhf([*common, "--pretrain.parallel", "fsdp2", "--output-dir", str(two)], nproc=2)
+    assert (two / "pretrain" / "tokenizer.json").read_bytes() == (one / "pretrain" / "tokenizer.json").read_bytes()
+    assert_same_weights(two, one, phase="pretrain")
+    s1, s2 = (json.loads((d / "summary.json").read_text())["pretrain"] for d in (one, two))
+    assert s2["world_size"] == 2 and s2["blocks_train"] == s1["blocks_train"]
+    for key in ("eval_perplexity_before", "eval_perplexity"):
+        assert s2[key] == pytest.approx(s1[key], rel=1e-5), key
+
+
 REWARD = ["--reward.max_steps", "3", "--reward.batch_size", "7", "--reward.log_every", "1", "--reward.max_length", "64",
           "--reward.learning_rate", "1e-3"]
 
