@@ -109,13 +109,13 @@ class _ChunkedLogprob(torch.autograd.Function):
         for s in range(0, n, c):
             e = min(s + c, n)
             dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) logits z, turned into dz in place
-            lse_c, g_lp_c = lse[s:e, None], g_lp[s:e, None]  # (c, 1)
+            lse_c, spz_c, g_lp_c = lse[s:e, None], spz[s:e, None], g_lp[s:e, None]  # (c, 1) each
             for b in _row_blocks(e - s, v):
                 z = dz[b]  # view
                 p = (z - lse_c[b]).exp_()  # (rows, V) block temporary
                 # dlogprob/dz = onehot - p ; dentropy/dz = -p (z - Σ p z)
                 if g_ent is not None:
-                    z.sub_(spz[s:e, None][b]).mul_(-g_ent[s:e, None][b]).sub_(g_lp_c[b]).mul_(p)
+                    z.sub_(spz_c[b]).mul_(-g_ent[s:e, None][b]).sub_(g_lp_c[b]).mul_(p)
                 else:
                     torch.mul(p, -g_lp_c[b], out=z)
                 del z, p  # a live view would keep the whole chunk of logits allocated
@@ -178,11 +178,12 @@ class _ChunkedKL(torch.autograd.Function):
             dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) policy logits zp, turned into dz in place
             zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
             # dKL/dz_j = p_j ((z_j - zq_j) - (lse - lse_q) - KL)
-            shift = (lse_p[s:e] - lse_q[s:e] + kl[s:e])[:, None]  # (c, 1)
+            lp_c = lse_p[s:e, None]  # (c, 1)
+            shift = lp_c - lse_q[s:e, None] + kl[s:e, None]  # (c, 1)
             scale = g[s:e, None] * inv_t  # (c, 1)
             for b in _row_blocks(e - s, v):
                 zp = dz[b]  # view
-                p = (zp - lse_p[s:e, None][b]).exp_()  # (rows, V) block temporary
+                p = (zp - lp_c[b]).exp_()  # (rows, V) block temporary
                 zp.sub_(zq[b]).sub_(shift[b]).mul_(p).mul_(scale[b])
                 del zp, p  # a live view would keep the whole chunk of logits allocated
             del zq
