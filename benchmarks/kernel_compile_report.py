@@ -171,7 +171,7 @@ def report(n: int, h: int, v: int, dtypes: list[str], arch: int, workdir: Path) 
             rows.append(row)
             print(f"sm_{arch} {name:20s} {dname:5s} " + (row.get("error") or
                   f"regs {row['registers']:3d} smem {row['shared_bytes'] // 1024:3d} KiB "
-                  f"spill {row['stack_bytes'] + row['local_bytes']} HGMMA {row['sass']['HGMMA']} "
+                  f"spill {row['stack_bytes'] + row['local_bytes']} HGMMA {row['sass']['HGMMA']} HMMA {row['sass']['HMMA']} "
                   f"atomics {row['sass']['atomic_f32']} progs/SM {row['programs_per_sm']}"
                   + (f"  PROBLEM: {'; '.join(row['problems'])}" if row["problems"] else "")), flush=True)
     return rows
