@@ -39,7 +39,8 @@ ROWS = ("trl", "ours-trl-structure", "ours-best")
 # the GPU scales roll out 64 episodes of up to 64 tokens per iteration.
 GPU_HP = {"iterations": 4, "batch_size": 64, "num_mini_batches": 4, "response_length": 64}
 SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2},
-            "pythia-160m": GPU_HP, "pythia-410m": GPU_HP, "pythia-1b": GPU_HP}
+            "pythia-160m": GPU_HP, "pythia-410m": GPU_HP, "pythia-1b": GPU_HP,
+            "neox-tiny": {"iterations": 1, "batch_size": 4, "response_length": 6}}
 DEFAULT_SCALES = {"cpu": "tiny,gpt2-10m", "cuda": "pythia-160m,pythia-410m,pythia-1b"}
 
 
@@ -51,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scales", default="", help="comma-separated, of: " + ", ".join(SCALE_HP)
                    + " (default: " + "; ".join(f"{d}: {v}" for d, v in DEFAULT_SCALES.items()) + ")")
     p.add_argument("--iterations", type=int, default=0, help="PPO iterations per run (0: the per-scale default)")
+    p.add_argument("--batch-size", type=int, default=0, help="episodes per iteration (0: the per-scale default)")
+    p.add_argument("--response-length", type=int, default=0, help="max new tokens (0: the per-scale default)")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds of every row (>= 3 for medians)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads per run (1: on a shared 2-core VM, 2 threads spin-wait)")
@@ -77,10 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def scale_hparams(scale: str, args: argparse.Namespace, **extra) -> "HParams":
-    """The run's HParams: defaults, the scale's overrides, then device, dtype and --iterations."""
+    """The run's HParams: defaults, the scale's overrides, then device, dtype, --iterations, --batch-size, --response-length."""
     hp = {**SCALE_HP[scale], "device": args.device, "dtype": args.dtype, **extra}
-    if args.iterations > 0:
-        hp["iterations"] = args.iterations
+    for key in ("iterations", "batch_size", "response_length"):
+        if getattr(args, key) > 0:
+            hp[key] = getattr(args, key)
     return HParams(**hp)
 
 
