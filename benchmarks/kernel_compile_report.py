@@ -60,6 +60,8 @@ SASS_OPS = {
     "HMMA": r"\bHMMA\.",
     "atomic_f32": r"\b(?:ATOMG|REDG|RED)\.E\.ADD\.(?:F32|FTZ)",
     "LDL/STL": r"\b(?:LDL|STL)\b",
+    "MEMBAR.GPU": r"\bMEMBAR\.(?:ALL\.)?GPU\b",  # a GPU-wide fence (acq_rel atomics bring one each)
+    "CCTL.IVALL": r"\bCCTL\.IVALL\b",  # L1 invalidation (likewise)
     "LDGSTS": r"\bLDGSTS\b",
     "UTMALDG": r"\bUTMALDG\b",
     "FFMA": r"\bFFMA\b",
@@ -137,6 +139,8 @@ def problems(row: dict) -> list[str]:
     spills = row["stack_bytes"] or row["local_bytes"] or row["sass"]["LDL/STL"]
     if spills and tensor_core:  # IEEE fp32 dots run on CUDA cores anyway; their few spilled bytes are noted
         out.append(f"register spills (stack {row['stack_bytes']} B, local {row['local_bytes']} B)")
+    if row["sass"]["MEMBAR.GPU"] or row["sass"]["CCTL.IVALL"]:
+        out.append("GPU-wide fences / L1 invalidations (acquire-release atomics where relaxed ones do)")
     if tensor_core and row["arch"] >= 90 and not row["sass"]["HGMMA"]:
         out.append("no HGMMA: the dots are not on Hopper's warpgroup tensor-core path")
     if tensor_core and row["arch"] < 90 and not row["sass"]["HMMA"]:
@@ -188,19 +192,19 @@ def write_md(rows: list[dict], meta: dict, path: Path) -> None:
         "whether the kernels reach the bf16 matmul peak can only be measured on the GPU "
         "(benchmarks/gpu_check.sh).", "",
         "| kernel | dtype | tiles N×V×H | warps | stages | regs/thread | shared KiB | spill B | programs/SM "
-        "| HGMMA | HMMA | FP32 atomics | LDGSTS | problems |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| HGMMA | HMMA | FP32 atomics | GPU fences | LDGSTS | problems |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['dtype']} | | | | | | | | | | | | {r['error']} |")
+            lines.append(f"| {r['kernel']} | {r['dtype']} | | | | | | | | | | | | | {r['error']} |")
             continue
         b, s = r["blocks"], r["sass"]
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {b['BLOCK_N']}×{b['BLOCK_V']}×{b['BLOCK_H']} | {r['num_warps']} "
             f"| {r['num_stages']} | {r['registers']} | {r['shared_bytes'] / 1024:.0f} "
             f"| {r['stack_bytes'] + r['local_bytes']} | {r['programs_per_sm']} | {s['HGMMA']} | {s['HMMA']} "
-            f"| {s['atomic_f32']} | {s['LDGSTS']} | {'; '.join(r['problems']) or '—'} |")
+            f"| {s['atomic_f32']} | {s['MEMBAR.GPU'] + s['CCTL.IVALL']} | {s['LDGSTS']} | {'; '.join(r['problems']) or '—'} |")
     lines += ["", "SASS columns count static instructions in the kernel body (a loop body counts once). "
               "fp32 is torch's default (allow_tf32 off: IEEE fp32 dots on CUDA cores, FFMA); tf32 is fp32 "
               "inputs with torch.backends.cuda.matmul.allow_tf32 on.", ""]

@@ -10,6 +10,9 @@ forms dlogits, and adds dlogits @ W into d_hidden and dlogits^T @ hidden into d_
 fp32 tl.atomic_add. Atomics instead of a second pass over vocab blocks because either split
 would recompute the logits a second time (another 2·N·H·V FLOPs) or hold a [BLOCK_N, H]
 accumulator that does not fit in registers at H = 4096; Cut Cross-Entropy makes the same choice.
+The atomics are relaxed: nothing in the kernel reads the accumulators, and the kernel's end orders
+them before any later reader. Triton's default (acq_rel) put a GPU-wide fence and an L1
+invalidation (MEMBAR.ALL.GPU, CCTL.IVALL in the sm_90 SASS) around every accumulation.
 Cost: 2·N·H·V forward; 6·N·H·V backward (2 to recompute, 2 per gradient).
 
 bf16 is loaded and converted to fp32 at once under the interpreter (its bf16 math is wrong);
@@ -98,7 +101,7 @@ def _accumulate_grads(
                 w = w.to(tl.float32)
             dh = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)  # (BLOCK_N, BLOCK_H)
             tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh,
-                          mask=row_ok[:, None] & k_ok[None, :])
+                          mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
         if NEED_W:
             x = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
@@ -106,7 +109,7 @@ def _accumulate_grads(
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(dz.to(x.dtype)), x, input_precision=PRECISION)  # (BLOCK_V, BLOCK_H)
             tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw,
-                          mask=col_ok[:, None] & k_ok[None, :])
+                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 @triton.jit
