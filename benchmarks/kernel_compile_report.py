@@ -36,7 +36,6 @@ import re
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET"):
@@ -50,8 +49,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-lp_mod = importlib.import_module("kernels.fused_logprob")
-kl_mod = importlib.import_module("kernels.fused_kl")  # `kernels.fused_kl` itself is the function
+lp_mod = importlib.import_module("kernels.triton_logprob")
+kl_mod = importlib.import_module("kernels.triton_kl")
 REGS_PER_SM, MAX_THREADS_PER_SM = 65536, 2048
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True),
           "fp16": (torch.float16, False), "bf16": (torch.bfloat16, False)}

@@ -7,9 +7,6 @@ package: the distribution is ``rlhf-core`` and it exports none of that package's
 """
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 
 from kernels._dispatch import KernelBackendError, load_triton, resolve_backend
@@ -71,7 +68,7 @@ def fused_logprobs(
     # an empty batch needs no kernel launch (a grid of 0 programs is an error in Triton)
     if resolve_backend(backend, hidden, weight, targets) == "torch" or hidden.shape[0] == 0:
         return chunked_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
-    mod = load_triton("fused_logprob", hidden.device)
+    mod = load_triton("triton_logprob", hidden.device)
     return mod.triton_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
 
 
@@ -106,19 +103,6 @@ def fused_kl(
         raise ValueError(f"fused_kl: temperature must be > 0, got {temperature}")
     if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight) == "torch" or hidden.shape[0] == 0:
         return chunked_kl(hidden, weight, ref_hidden, ref_weight, temperature)
-    mod = load_triton("fused_kl", hidden.device)
+    mod = load_triton("triton_kl", hidden.device)
     return mod.triton_kl(hidden, weight, ref_hidden, ref_weight, temperature)
 
-
-class _Package(types.ModuleType):
-    """Keeps ``kernels.fused_kl`` the function once ``kernels/fused_kl.py`` (the Triton module) is
-    imported: the import system would otherwise rebind the package attribute to the submodule.
-    Reach the submodule itself with ``importlib.import_module("kernels.fused_kl")``."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

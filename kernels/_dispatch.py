@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_TRITON_MODULES = ("kernels.fused_logprob", "kernels.fused_kl")
+_TRITON_MODULES = ("kernels.triton_logprob", "kernels.triton_kl")
 
 
 class KernelBackendError(RuntimeError):

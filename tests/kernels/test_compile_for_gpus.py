@@ -59,7 +59,7 @@ def test_kernels_compile_for_sm90_and_sm89_within_limits(tmp_path):
 
 
 def test_launch_config_fits_the_device_shared_memory():
-    from kernels.fused_logprob import gpu_launch_config, shared_memory_kib
+    from kernels.triton_logprob import gpu_launch_config, shared_memory_kib
 
     assert [shared_memory_kib(cc) for cc in ((9, 0), (8, 0), (8, 6), (8, 9), (12, 0), (10, 3), (13, 1))] == [
         227, 163, 99, 99, 99, 227, 99]

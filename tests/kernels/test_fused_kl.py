@@ -1,4 +1,4 @@
-"""kernels/fused_kl.py: exact full-vocabulary KL from hidden states (Triton, interpreter on CPU)."""
+"""kernels/triton_kl.py: exact full-vocabulary KL from hidden states (Triton, interpreter on CPU)."""
 import pytest
 import torch
 from kernel_cases import DTYPES, LAYOUTS, TEMPERATURE, check_kl, grads_of, make_inputs

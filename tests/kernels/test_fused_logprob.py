@@ -1,4 +1,4 @@
-"""kernels/fused_logprob.py: the Triton kernels (interpreter on CPU) against float64 references."""
+"""kernels/triton_logprob.py: the Triton kernels (interpreter on CPU) against float64 references."""
 import pytest
 import torch
 from kernel_cases import DTYPES, IGNORE, LAYOUTS, TEMPERATURE, check_logprobs, grads_of, make_inputs

@@ -10,7 +10,6 @@ same code path) and IEEE fp32, so the GPU-only branches are checked against floa
 import importlib
 
 import pytest
-import torch
 from kernel_cases import DEVICE, DTYPES, IGNORE, TEMPERATURE, check_kl, check_logprobs, grads_of, make_inputs
 
 from kernels import fused_kl, fused_logprobs
@@ -22,8 +21,8 @@ pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU these are the 
 def gpu_config(request, monkeypatch):
     """Both launchers take the GPU configuration for a device with that many KiB of shared memory
     (without num_warps / num_stages, which only mean something to the GPU compiler)."""
-    lp_mod = importlib.import_module("kernels.fused_logprob")
-    kl_mod = importlib.import_module("kernels.fused_kl")
+    lp_mod = importlib.import_module("kernels.triton_logprob")
+    kl_mod = importlib.import_module("kernels.triton_kl")
     used = []
 
     def config(hidden):

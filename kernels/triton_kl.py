@@ -9,7 +9,7 @@ s_p by e^{m_old - m_new} whenever m_p grows. At the end
 
 Backward (policy side only; the reference model is frozen in PPO, so ref_hidden/ref_weight are
 constants): dKL/dz_j = p_j ((z_j - zq_j) - (lse_p - lse_q) - KL), then the same atomic
-accumulation of d_hidden / d_weight as the logprob kernel (see fused_logprob.py for why).
+accumulation of d_hidden / d_weight as the logprob kernel (see triton_logprob.py for why).
 Cost: 4·N·H·V forward (two GEMMs); 8·N·H·V backward (two recomputed, two gradients).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels import _dispatch
-from kernels.fused_logprob import _accumulate_grads, _logits_tile, _same_dtype, launch_config
+from kernels.triton_logprob import _accumulate_grads, _logits_tile, _same_dtype, launch_config
 
 
 @triton.jit
