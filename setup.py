@@ -19,6 +19,7 @@ setup(
         "safetensors",
         "tokenizers",
         "datasets",
+        "pyarrow",
         "accelerate",
         "numpy",
         "tqdm",

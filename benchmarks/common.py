@@ -86,7 +86,7 @@ def bench_tokenizer(vocab: int, seed: int = 0):
     The task corpus alone yields ~535 tokens; the pseudo-words give the 8192-vocab scale a real
     vocabulary, so decoded text re-encodes to about the same length (ours re-tokenizes for the RM).
     """
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     from rlhf_core.data.tokenizer import train_tokenizer
     texts = list(generate_task(seed=seed).corpus)
     if vocab > 600:
@@ -156,7 +156,7 @@ def n_params(path: str) -> int:
 def task_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """(training prompts, held-out eval prompts) of the embedded movie-review task."""
     from rlhf_core.config import TaskConfig
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     task = generate_task(TaskConfig(n_prompts=max(n, 1)), seed=seed)
     return task.prompts[:n], task.eval_prompts
 
@@ -168,7 +168,7 @@ def task_prompts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 def warm_start_policy(policy_path: str, tok_path: str, steps: int, seed: int = 0, lr: float = 3e-3) -> dict:
     """A few hundred CLM steps on the task's SFT pairs; returns the new policy state dict."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(tok_path)
     model = AutoModelForCausalLM.from_pretrained(policy_path)

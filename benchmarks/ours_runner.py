@@ -76,7 +76,7 @@ def run_ours(paths: dict[str, str], hp: HParams, scale: str, row: str = "ours-be
     setting = ROWS[row]
     tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
     if reward == "gold":
-        from rlhf_core.data.task import gold_reward as reward_fn
+        from rlhf_core.data.movie_reviews import gold_reward as reward_fn
     else:
         rm = load_model(AutoModelForSequenceClassification, paths["reward"], hp, num_labels=1).to(hp.device)
         reward_fn = RewardModelScorer(rm, tok, batch_size=hp.batch_size)

@@ -63,8 +63,8 @@ def make_logger():
 
 def run(args: argparse.Namespace) -> dict:
     from rlhf_core.config import PPOConfig, TinyModelConfig
-    from rlhf_core.data.task import gold_reward
-    from rlhf_core.phases.ppo import tiny_setup
+    from rlhf_core.data.movie_reviews import gold_reward
+    from rlhf_core.testing import tiny_setup
     from rlhf_core.ppo.policy import PolicyWithValue
     from rlhf_core.ppo.trainer import PPOTrainer
 

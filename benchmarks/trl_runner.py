@@ -38,7 +38,7 @@ class GoldRewardStub(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # so .to(device) works
 
     def scores(self, query_responses: torch.Tensor, context_length: int) -> torch.Tensor:
-        from rlhf_core.data.task import gold_reward
+        from rlhf_core.data.movie_reviews import gold_reward
         prompts = self.tokenizer.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
         responses = self.tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
         return torch.tensor(gold_reward(prompts, responses), dtype=torch.float32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_core.config import PPOConfig, TinyModelConfig
-from rlhf_core.phases.ppo import tiny_setup
+from rlhf_core.testing import tiny_setup
 from rlhf_core.ppo import approx_kl, masked_mean, policy_loss, register_advantage_estimator, value_loss
 from rlhf_core.ppo.policy import PolicyWithValue
 from rlhf_core.ppo.trainer import PPOTrainer

@@ -19,9 +19,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
+from safetensors.torch import load, load_file, save, save_file
 
-from . import distributed as D
+from . import distributed as D, fsdp
 from .errors import CheckpointError, ConfigError
 
 
@@ -81,15 +83,6 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         raise
 
 
-def save_pretrained_atomic(out_dir: str | Path, model: Any, tokenizer: Any | None = None) -> Path:
-    """``save_pretrained`` (safetensors) of a model (and tokenizer) into ``out_dir`` atomically."""
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training checkpoints: DIR/step-XXXXXX/{tensors.safetensors, state.json, manifest.json}
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +104,6 @@ def sha256_file(path: Path) -> str:
 def save_checkpoint(root: str | Path, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write ``root/step-{step:06d}`` atomically (tmp dir, fsync, rename) and keep the newest ``keep``."""
-    from safetensors.torch import save_file
     path = Path(root) / f"{PREFIX}{step:06d}"
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -160,7 +152,6 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Verify, then read (tensors, state) of one checkpoint folder."""
-    from safetensors.torch import load_file
     path = Path(path)
     verify_checkpoint(path)
     return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
@@ -248,7 +239,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     params = [p for group in optimizer.param_groups for p in group["params"]]  # state ids index this list
 
     def value(v: Any, param: torch.Tensor) -> Any:
-        return D.shard_like(tensors[v["__tensor__"]], param) if isinstance(v, dict) and "__tensor__" in v else v
+        return fsdp.shard_like(tensors[v["__tensor__"]], param) if isinstance(v, dict) and "__tensor__" in v else v
     state = {int(pid): {k: value(v, params[int(pid)]) for k, v in entry.items()}
              for pid, entry in structure["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": structure["param_groups"]})
@@ -256,7 +247,6 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 
 def rng_to_flat(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """python, numpy, torch CPU (+ CUDA) and the given generators' states."""
-    import numpy as np
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(keys.astype(np.int64)),
                **{f"rng.gen.{name}": g.get_state() for name, g in generators.items()}}
@@ -269,7 +259,6 @@ def rng_to_flat(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch
 
 def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                   generators: dict[str, torch.Generator]) -> None:
-    import numpy as np
     version, internal, gauss_next = meta["python"]
     random.setstate((version, tuple(internal), gauss_next))
     kind, pos, has_gauss, gauss = meta["numpy"]
@@ -284,13 +273,11 @@ def rng_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
 
 def _pack(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
     """(tensors, JSON) as one blob: 8-byte JSON length, JSON, safetensors bytes (no pickle)."""
-    from safetensors.torch import save
     head = json.dumps(meta).encode()
     return len(head).to_bytes(8, "little") + head + save({k: v.contiguous() for k, v in tensors.items()})
 
 
 def _unpack(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load
     n = int.from_bytes(data[:8], "little")
     return load(data[8 + n:]), json.loads(data[8:8 + n])
 
@@ -332,7 +319,7 @@ def _full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     drop the gathered copies). Plain tensors pass through."""
     out = {}
     for name, t in tensors.items():
-        full = D.full_tensor(t)
+        full = fsdp.full_tensor(t)
         if full is t:
             out[name] = t
         elif D.is_main():
@@ -366,7 +353,7 @@ def restore_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], params
         raise CheckpointError(f"checkpoint weights do not match the model (first difference: '{diff[0]}')")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(D.shard_like(tensors[f"param.{name}"], p))  # FSDP2: this rank's shard
+            p.copy_(fsdp.shard_like(tensors[f"param.{name}"], p))  # FSDP2: this rank's shard
     optimizer_from_flat(optimizer, tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rng_tensors, rng_meta, exact = rng_of_this_rank(tensors, meta["rng"])

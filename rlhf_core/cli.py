@@ -14,8 +14,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PHASES, ConfigBase, PipelineConfig, load_config_file
-from .errors import ConfigError, RLHFError
+import torch
+
+# Without a GPU, Triton kernels run only in Triton's interpreter (``--ppo.kernel_backend triton``:
+# slow, for checking). triton.jit picks compiled or interpreted when a kernel is decorated, and
+# transformers imports triton.language while this package loads, so the switch comes first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import distributed  # noqa: E402
+from .config import PHASES, ConfigBase, PipelineConfig, load_config_file  # noqa: E402
+from .errors import ConfigError, RLHFError  # noqa: E402
+from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline  # noqa: E402
+from .presets import PRESETS, get_preset  # noqa: E402
 
 # Shortcut flags for the common paths: --model, --data, ... map to the phase's own field.
 SHORTCUTS: dict[str, dict[str, str]] = {
@@ -66,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         p.add_argument("--seed", default=argparse.SUPPRESS, help="seed for every phase (overrides the sections' seeds)")
         if command == "pipeline":
-            p.add_argument("--preset", default="tiny", help="model/data preset: 'tiny' (random init, local tokenizer) or 'smollm2' "
-                                "(SmolLM2-135M-Instruct + MiniLM reward model, `make real`; docs/real_weights.md)")
+            p.add_argument("--preset", help="model/data preset (default: the config file's, else 'tiny'): " + "; ".join(
+                f"'{name}': {preset.description}" for name, preset in PRESETS.items()))
             p.add_argument("--stop-after", choices=["pretrain", "sft", "reward", "ppo"], default="ppo",
                            help="last phase to run")
             sections = PipelineConfig.SECTIONS
@@ -84,12 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     """File (if any) → overrides from flags → validate."""
     data = load_config_file(args.config) if args.config else {}
-    if (getattr(args, "preset", None) or data.get("preset")) == "smollm2":
-        from .real import preset_defaults
-        data = preset_defaults(data)  # the preset's sizes under the file's values
+    preset = getattr(args, "preset", None) or data.get("preset") or "tiny"
+    data = get_preset(str(preset)).defaults(data)  # the preset's sizes under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")
-    if getattr(args, "preset", None):
-        cfg.preset = args.preset
+    cfg.preset = str(preset)
     if hasattr(args, "seed"):
         cfg.apply_override("seed", args.seed)
         for phase in PHASES:
@@ -97,8 +106,6 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     for key, raw in vars(args).items():
         if key.startswith("override:"):
             cfg.apply_override(key.split(":", 1)[1], raw)
-    if cfg.preset not in ("tiny", "smollm2"):
-        raise ConfigError(f"preset '{cfg.preset}': unknown (available: tiny, smollm2)")
     cfg.validate()
     return cfg
 
@@ -107,36 +114,22 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _triton_on_cpu_needs_interpreter() -> None:
-    """Forced Triton kernels without a GPU run in Triton's interpreter (slow: for checking only).
-    The switch must precede transformers' import of triton.language, hence here, before the phases."""
-    import os
-
-    import torch
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.showwarning = one_line_warning
     try:
         cfg = resolve_config(args)
-        import torch
         # Denormal floats (tiny Adam moments, near-zero LoRA grads) slow CPU math ~10x: flush them.
         # Process-wide FP state, so only the CLI sets it, never a library call.
         torch.set_flush_denormal(True)
-        if cfg.ppo.kernel_backend == "triton":
-            _triton_on_cpu_needs_interpreter()
-        from . import distributed
-        from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline
-        if distributed.init_from_env() and args.command == "pipeline" and cfg.preset == "smollm2":
-            raise ConfigError("rlhf pipeline --preset smollm2 under torchrun is not supported: run its phases "
+        pipeline = args.command == "pipeline"
+        if distributed.init_from_env() and pipeline and get_preset(cfg.preset).models:
+            raise ConfigError(f"rlhf pipeline --preset {cfg.preset} under torchrun is not supported: run its phases "
                               "one by one with torchrun, or the tiny preset (docs/distributed.md)")
-
-        stop = PHASE_ORDER.index(args.stop_after) + 1 if args.command == "pipeline" else 0
-        preflight(cfg, PHASE_ORDER[:stop] if stop else (args.command,))  # bad data: fail before writing
+        phases = PHASE_ORDER[:PHASE_ORDER.index(args.stop_after) + 1] if pipeline else (args.command,)
+        phases = tuple(p for p in phases if not pipeline or p in get_preset(cfg.preset).phases)
+        preflight(cfg, phases)  # bad data: fail before writing
         out = Path(args.output_dir)
         if distributed.is_main():  # the others wait; if rank 0 fails, torchrun stops them
             out = prepare_output_dir(out, overwrite=args.overwrite, resume=args.resume)

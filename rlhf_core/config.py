@@ -48,53 +48,57 @@ class TaskConfig(ConfigBase):
         self.check(0.0 <= self.label_noise < 0.5, "label_noise", "a probability in [0, 0.5)")
 
 
-def check_placement(cfg: Any) -> None:
-    """The ``device`` / ``parallel`` / ``mixed_precision`` fields a training phase shares."""
-    cfg.check(cfg.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
-    cfg.check(cfg.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
-    cfg.check(cfg.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
-    cfg.check(cfg.mixed_precision == "no" or cfg.parallel == "fsdp2", "mixed_precision",
-              "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
-
-
 @dataclass
-class TrainCommon(ConfigBase):
-    """Fields every supervised phase shares."""
+class PhaseCommon(ConfigBase):
+    """Fields every training phase shares, the supervised ones and PPO (steps: optimizer steps;
+    PPO logs and saves per iteration)."""
     learning_rate: float = opt(1e-3, "peak AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "AdamW weight decay (TRL's PPO uses 0)")
     batch_size: int = opt(16, "sequences per optimizer step")
-    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)")
-    warmup_ratio: float = opt(0.05, "fraction of steps with linear LR warm-up")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    eval_fraction: float = opt(0.1, "fraction of records held out for evaluation")
-    seed: int = opt(0, "seed for init, shuffling and dropout")
+    seed: int = opt(0, "seed for init, shuffling, dropout and sampling")
     log_every: int = opt(10, "log metrics every N optimizer steps")
     save_every: int = opt(200, "write a resumable checkpoint every N optimizer steps "
-                                       "(and at the end; 0: end only)")
+                               "(and at the end; 0: end only)")
     keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
     max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
-                                                "non-finite loss or gradient")
+                                     "non-finite loss or gradient")
     device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
-    parallel: str = opt("ddp", "under torchrun: 'ddp' (a full replica per rank, gradients averaged) or 'fsdp2' "
-                               "(fully_shard per transformer block: weights, gradients and optimizer state "
-                               "sharded over ranks; full models only)")
+    parallel: str = opt("ddp", "under torchrun: 'ddp' (a full replica per rank) or 'fsdp2' (fully_shard per "
+                               "transformer block: weights, gradients and optimizer state sharded over ranks; "
+                               "full models only; PPO shards the policy's trunk, the value head stays replicated)")
     mixed_precision: str = opt("no", "'no' or 'bf16' (needs parallel='fsdp2': bf16 compute, fp32 weights and "
                                      "gradient reduction)")
 
     def validate(self) -> None:
-        self.check(self.save_every >= 0, "save_every", "an integer >= 0")
-        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer")
-        self.check(self.max_skipped_steps > 0, "max_skipped_steps", "a positive integer")
         self.check(self.learning_rate > 0, "learning_rate", "a positive number")
         self.check(self.weight_decay >= 0, "weight_decay", "a number >= 0")
         self.check(self.batch_size > 0, "batch_size", "a positive integer")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+        self.check(self.log_every > 0, "log_every", "a positive integer")
+        self.check(self.save_every >= 0, "save_every", "an integer >= 0")
+        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer")
+        self.check(self.max_skipped_steps > 0, "max_skipped_steps", "a positive integer")
+        self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
+        self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
+        self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
+        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
+                   "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
+
+
+@dataclass
+class TrainCommon(PhaseCommon):
+    """Fields every supervised phase (pretrain, SFT, reward model) adds."""
+    epochs: float = opt(1.0, "passes over the training data (fractions allowed)")
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)")
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear LR warm-up")
+    eval_fraction: float = opt(0.1, "fraction of records held out for evaluation")
+
+    def validate(self) -> None:
+        super().validate()
         self.check(self.epochs > 0, "epochs", "a positive number")
         self.check(0 <= self.warmup_ratio < 1, "warmup_ratio", "a fraction in [0, 1)")
-        self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
-        self.check(self.log_every > 0, "log_every", "a positive integer")
-        check_placement(self)
         self.check(self.parallel == "ddp" or getattr(self, "mode", "full") == "full", "parallel",
                    "'ddp' with LoRA/QLoRA (fsdp2 shards full-model training)")
 
@@ -168,13 +172,15 @@ class RewardConfig(LoraFields, TrainCommon):
 
 
 @dataclass
-class PPOConfig(LoraFields):
-    """Phase 3: PPO with a value head and a KL-penalized reward (defaults sized for the tiny preset)."""
+class PPOConfig(LoraFields, PhaseCommon):
+    """Phase 3: PPO with a value head and a KL-penalized reward (defaults sized for the tiny preset).
+
+    Shares PhaseCommon's fields; its defaults differ for batch_size, learning_rate, log_every and
+    save_every (PPO logs and saves per iteration)."""
     _section = "ppo"
     policy: str = opt("", "SFT policy folder (default in the pipeline: phase 1's output)")
     reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function'")
     prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
-    seed: int = opt(0, "seed for sampling, shuffling and init")
     num_iterations: int = opt(100, "rollout + update iterations")
     batch_size: int = opt(32, "prompts (episodes) per rollout")
     num_mini_batches: int = opt(2, "minibatches per PPO epoch (batch_size must divide evenly)")
@@ -189,10 +195,8 @@ class PPOConfig(LoraFields):
     top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
     learning_rate: float = opt(1e-4, "peak AdamW learning rate")
     lr_schedule: str = opt("linear", "'constant', 'linear' decay or 'cosine'")
-    weight_decay: float = opt(0.0, "AdamW weight decay (TRL's PPO uses 0)")
     adam_eps: float = opt(1e-5, "AdamW epsilon (CleanRL's PPO uses 1e-5; TRL 1e-8)")
     warmup_steps: int = opt(0, "optimizer steps of linear warm-up")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
     kl_coef: float = opt(0.2, "initial KL penalty coefficient beta (TRL defaults to 0.05; 0.1 let seed 3 hack the tiny RM)")
     kl_estimator: str = opt("k1", "per-token KL in the reward: 'k1', 'k2', 'k3' or 'exact' (full vocabulary)")
     adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
@@ -213,16 +217,10 @@ class PPOConfig(LoraFields):
     value_init_from_reward: bool = opt(False, "initialize the separate value model from the reward model")
     use_lora: bool = opt(False, "train LoRA adapters; the reference is the adapter-disabled policy")
     kernel_backend: str = opt("auto", "fused logprob backend: 'auto', 'torch' or 'triton'")
-    parallel: str = opt("ddp", "under torchrun: 'ddp' (a full policy per rank, gradients summed) or 'fsdp2' "
-                               "(the policy's blocks and trunk sharded over ranks; shared value head, full "
-                               "models; the reference stays a replica)")
-    mixed_precision: str = opt("no", "'no' or 'bf16' (needs parallel='fsdp2': the sharded trunk computes in "
-                                     "bf16, fp32 weights and gradient reduction)")
     shard_reference: bool = opt(False, "with parallel='fsdp2': shard the reference model's trunk like the "
                                        "policy's instead of a full replica per rank")
     shard_reward_model: bool = opt(False, "with parallel='fsdp2' and a reward-model folder: shard the reward "
                                           "model (blocks, then the whole classifier) instead of a replica per rank")
-    device: str = opt("auto", "'auto' (cuda:LOCAL_RANK when torch sees a GPU, else cpu), 'cuda' or 'cpu'")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
     fast_activations: bool = opt(True, "swap GPT-2's five-op tanh GELU for torch's one-kernel "
@@ -230,16 +228,16 @@ class PPOConfig(LoraFields):
     eval_every: int = opt(20, "measure the gold reward on held-out prompts every N iterations (0: end only)")
     log_every: int = opt(1, "log metrics every N iterations")
     save_every: int = opt(10, "write a resumable checkpoint every N iterations (and at the end; 0: end only)")
-    keep_checkpoints: int = opt(2, "keep the newest N checkpoints (older ones are deleted)")
-    max_skipped_steps: int = opt(10, "stop with an error after N optimizer steps in a row skipped for a "
-                                                "non-finite loss or gradient")
     trace: bool = opt(False, "dump every tensor of the first iteration to trace.json (docs/how_ppo_works.md)")
     num_threads: int = opt(0, "torch CPU threads (0: auto = 1 for models narrower than 256, where thread sync "
                               "costs more than the math, else every core)")
 
-    def validate(self) -> None:
+    def validate(self, world_size: int = 1) -> None:
+        """Check every field; with ``world_size`` ranks (torchrun) also that the batch splits into
+        whole groups per rank and into num_mini_batches on each."""
+        super().validate()
         self.validate_lora()
-        for k in ("num_iterations", "batch_size", "num_mini_batches", "ppo_epochs", "response_length",
+        for k in ("num_iterations", "num_mini_batches", "ppo_epochs", "response_length",
                   "max_prompt_length", "group_size"):
             self.check(getattr(self, k) > 0, k, "a positive integer")
         self.check(self.batch_size % self.num_mini_batches == 0, "batch_size",
@@ -248,7 +246,6 @@ class PPOConfig(LoraFields):
         self.check(self.micro_batch_size >= 0 and (self.micro_batch_size == 0 or mb % self.micro_batch_size == 0),
                    "micro_batch_size", f"0 or a divisor of the minibatch size {mb}")
         self.check(self.batch_size % self.group_size == 0, "batch_size", f"divisible by group_size={self.group_size}")
-        self.check(self.learning_rate > 0, "learning_rate", "a positive number")
         self.check(self.temperature > 0, "temperature", "a positive number")
         self.check(self.top_k >= 0, "top_k", "an integer >= 0")
         self.check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
@@ -262,10 +259,8 @@ class PPOConfig(LoraFields):
         self.check(self.vf_coef >= 0, "vf_coef", "a number >= 0")
         self.check(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")
         self.check(0 <= self.lam <= 1, "lam", "a number in [0, 1]")
-        self.check(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         self.check(self.value_model in ("shared", "separate"), "value_model", "shared or separate")
         self.check(self.kernel_backend in ("auto", "torch", "triton"), "kernel_backend", "auto, torch or triton")
-        check_placement(self)
         self.check(not self.shard_reference or self.parallel == "fsdp2", "shard_reference",
                    "false unless parallel='fsdp2'")
         self.check(not self.shard_reward_model or self.parallel == "fsdp2", "shard_reward_model",
@@ -275,11 +270,12 @@ class PPOConfig(LoraFields):
                    "value head)")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
-        self.check(self.save_every >= 0, "save_every", "an integer >= 0")
-        self.check(self.keep_checkpoints > 0, "keep_checkpoints", "a positive integer")
-        self.check(self.max_skipped_steps > 0, "max_skipped_steps", "a positive integer")
         self.check(self.advantage_estimator != "rloo" or self.group_size >= 2, "group_size",
                    ">= 2 with advantage_estimator=rloo")
+        per_rank = self.batch_size // world_size
+        self.check(self.batch_size % (world_size * self.group_size) == 0 and per_rank % self.num_mini_batches == 0,
+                   "batch_size", f"a split into {world_size} ranks of whole groups (group_size={self.group_size}) "
+                                 f"and num_mini_batches={self.num_mini_batches}")
 
 
 PHASES: dict[str, type[ConfigBase]] = {

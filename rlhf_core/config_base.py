@@ -125,7 +125,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     try:
         if p.suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # PyYAML: optional, only YAML config files need it
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text) if text.strip() else {}

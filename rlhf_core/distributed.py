@@ -1,4 +1,4 @@
-"""torch.distributed helpers: torchrun set-up, sharding, global statistics, DDP / FSDP2 wrappers.
+"""torch.distributed helpers: torchrun set-up, sharding, collectives, global statistics, DDP.
 
 Every helper is a no-op (or the single-process formula) when the process group is not
 initialised, so the phases call them unconditionally and a plain ``python -m rlhf_core.cli``
@@ -16,12 +16,12 @@ Conventions:
   ``N_global = Σ_r n_r`` from one all-reduce (:func:`global_count`); then
   ``(1/W) Σ_r ∇loss_r = ∇(Σ_all ℓ) / N_global``. With :func:`all_reduce_gradients` (a sum,
   no averaging) the factor W is dropped.
-- Whitening statistics: population variance over the valid tokens of the **global** batch,
-  the convention of ``rlhf_core.ppo.advantages.masked_whiten`` (two all-reduces: sum & count,
-  then the sum of squared deviations — numerically the same two passes as ``masked_var``).
+- Whitening statistics: population variance over the valid tokens of the **global** batch
+  (:func:`global_masked_moments`, passed to ``rlhf_core.ppo.advantages.masked_whiten`` as its
+  ``moments``: two all-reduces, sum & count, then the sum of squared deviations — numerically
+  the same two passes as ``masked_var``).
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) runs on CPU with gloo in torch 2.13, in fp32 and
-with bf16 mixed precision (both tested on CPU; never run on CUDA/NCCL here).
+FSDP2 (sharded models) lives in :mod:`rlhf_core.fsdp`, which builds on this module.
 
 Imports only torch.
 
@@ -32,19 +32,20 @@ RLHF with PPO" (advantage whitening over the whole batch).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "init_from_env", "shutdown", "is_initialized", "rank", "local_rank", "world_size", "is_main", "barrier",
     "device", "shard", "shard_bounds", "all_reduce_sum", "global_count", "all_gather_bytes", "all_gather_rows",
     "all_reduce_gradients",
-    "global_masked_moments", "global_masked_whiten", "reduce_metrics", "wrap_ddp", "wrap_fsdp2",
-    "wrap_trunk_fsdp2", "clip_grad_norm",
-    "is_sharded", "full_tensor", "shard_like", "full_state_dict", "unwrap", "DistributedError",
+    "global_masked_moments", "reduce_metrics", "wrap_ddp", "unwrap", "is_dtensor", "DistributedError",
 ]
 
 T = TypeVar("T")
@@ -85,7 +86,6 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
-    from datetime import timedelta
     # RLHF_DIST_BACKEND overrides (e.g. "gloo": several ranks on ONE GPU, which NCCL refuses)
     backend = os.environ.get("RLHF_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
@@ -237,7 +237,7 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], average: bool = False) 
         return
     grads = []
     for p in params:
-        if _is_dtensor(p):  # FSDP2 shards: their backward already reduce-scattered them
+        if is_dtensor(p):  # FSDP2 shards: their backward already reduce-scattered them
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -278,22 +278,6 @@ def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Te
     return mean, sq[0] / count
 
 
-def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``masked_whiten`` with statistics over the global batch (all ranks).
-
-    Formula: x̂ = (x − μ)/√(σ² + 1e-8), plus μ when ``shift_mean`` is False; μ, σ² from
-    :func:`global_masked_moments`. Equals ``masked_whiten(cat_r x_r, cat_r mask_r)`` row-sliced
-    back to this rank. Padding returned as 0.
-
-    Shapes: x (B_r, T), mask (B_r, T) -> (B_r, T).
-    """
-    mean, var = global_masked_moments(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
 def reduce_metrics(metrics: dict[str, float], counts: dict[str, float] | None = None) -> dict[str, float]:
     """Mean of each metric over ranks, weighted by ``counts[key]`` where given (else weight 1).
 
@@ -322,7 +306,6 @@ def wrap_ddp(model: nn.Module, **kwargs: Any) -> nn.Module:
     """
     if not (is_initialized() and world_size() > 1):
         return model
-    from torch.nn.parallel import DistributedDataParallel
     ids = [local_rank()] if torch.cuda.is_available() else None
     return DistributedDataParallel(model, device_ids=ids, **kwargs)
 
@@ -332,12 +315,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
+def is_dtensor(t: Any) -> bool:
+    """True for an FSDP2 shard (a ``DTensor``); its gradients are reduced by FSDP2 itself."""
     return isinstance(t, DTensor)
-
-
-# FSDP2 wrappers and sharded-tensor helpers live in fsdp.py; re-exported here, where the phases look.
-from .fsdp import (  # noqa: E402,F401
-    clip_grad_norm, full_state_dict, full_tensor, is_sharded, shard_like, wrap_fsdp2, wrap_trunk_fsdp2,
-)

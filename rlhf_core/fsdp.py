@@ -1,7 +1,8 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for the phases and PPO, and sharded-tensor helpers.
 
-Re-exported by :mod:`rlhf_core.distributed` (``D.wrap_fsdp2`` etc.); split out so that module
-stays about process groups, sharding of data and collectives. Imports only torch.
+Builds on :mod:`rlhf_core.distributed` (process groups, collectives), which stays about data
+sharding and never imports this module. FSDP2 runs on CPU with gloo in torch 2.13, in fp32 and
+with bf16 mixed precision (both tested on CPU; never run on CUDA/NCCL here). Imports only torch.
 """
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
-from .distributed import _is_dtensor, all_reduce_sum, device, is_initialized, world_size
+from .distributed import all_reduce_sum, device, is_dtensor, is_initialized, world_size
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -24,7 +29,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 def _mesh_and_precision(bf16: bool) -> tuple[Any, dict[str, torch.dtype]]:
     """A 1-D mesh over every rank, and the MixedPrecisionPolicy arguments for bf16 compute
     (fp32 reduction) or none."""
-    from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
     return mesh, (dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {})
 
@@ -45,7 +49,6 @@ def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Modul
     """
     if not (is_initialized() and world_size() > 1):
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh, bf16 = _mesh_and_precision(mixed_precision_bf16)
     mp = MixedPrecisionPolicy(**bf16)
     for block in _blocks(model):
@@ -72,7 +75,6 @@ def wrap_trunk_fsdp2(trunk: nn.Module, keep_whole: Sequence[nn.Parameter] = (),
     """
     if not (is_initialized() and world_size() > 1):
         return trunk
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh, bf16 = _mesh_and_precision(mixed_precision_bf16)
     units = [fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16)) for block in _blocks(trunk)]
     whole = {p for p in trunk.parameters() if any(p is k for k in keep_whole)}
@@ -90,37 +92,36 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Ten
     rule). Shards contribute their local squares, all-reduced; replicated gradients (already equal
     on every rank) count once. Without shards it is ``clip_grad_norm_`` itself."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not any(_is_dtensor(g) for g in grads):
+    if not any(is_dtensor(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    sharded = sum((g.to_local().double().pow(2).sum() for g in grads if _is_dtensor(g)),
+    sharded = sum((g.to_local().double().pow(2).sum() for g in grads if is_dtensor(g)),
                   torch.zeros((), dtype=torch.float64, device=device()))
     sharded = all_reduce_sum(sharded.to(device()))
-    replicated = sum((g.double().pow(2).sum() for g in grads if not _is_dtensor(g)),
+    replicated = sum((g.double().pow(2).sum() for g in grads if not is_dtensor(g)),
                      torch.zeros((), dtype=torch.float64, device=device()))
     norm = (sharded + replicated.to(sharded.device)).sqrt().float()
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     if coef < 1:
         for g in grads:
-            g.mul_(coef.to(g.device) if not _is_dtensor(g) else float(coef))
+            g.mul_(coef.to(g.device) if not is_dtensor(g) else float(coef))
     return norm
 
 
 def is_sharded(model: nn.Module) -> bool:
     """True when ``model`` holds FSDP2-sharded (DTensor) parameters."""
-    return any(_is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP2 shard (an all-gather: every rank calls it), else ``t``."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``full`` laid out like the DTensor ``like`` (same mesh and placements; a collective) when
     ``like`` is one of the same shape, else ``full`` unchanged. For loading full checkpoints."""
-    if not _is_dtensor(like) or full.shape != like.shape:
+    if not is_dtensor(like) or full.shape != like.shape:
         return full
-    from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
 
 
@@ -131,5 +132,4 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``cpu_offload``: one parameter is all-gathered at a time, so no rank holds the whole model
     on its device.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -16,10 +16,14 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
+                          LlamaConfig, LlamaForCausalLM)
+from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+from transformers.utils import logging as hf_logging
 
 from .checkpoint import atomic_dir
 from .config import LoraFields, TinyModelConfig
@@ -34,7 +38,6 @@ ADAPTER_FILE = "adapter_config.json"
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports/progress bars (expected when swapping heads), then restore."""
-    from transformers.utils import logging as hf_logging
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -62,7 +65,6 @@ def build_tiny_model(tokenizer: Any, model_cfg: TinyModelConfig, seed: int = 0) 
 
     pad/eos/bos ids come from the tokenizer; the vocabulary is ``len(tokenizer)`` so added tokens fit.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
     model_cfg.validate()
     config = LlamaConfig(
         vocab_size=max(len(tokenizer), model_cfg.vocab_size),
@@ -84,7 +86,6 @@ def build_tiny_model(tokenizer: Any, model_cfg: TinyModelConfig, seed: int = 0) 
 
 def load_tokenizer(path: str) -> Any:
     """Load a tokenizer folder; ensure a pad token distinct from eos and right padding."""
-    from transformers import AutoTokenizer
     p = Path(path) if path else None
     if p is None or not p.is_dir():
         raise ConfigError(f"tokenizer folder not found: '{path}'")
@@ -101,7 +102,7 @@ def load_tokenizer(path: str) -> Any:
 
 def lora_config(lora: LoraFields, task_type: str, modules_to_save: list[str] | None = None) -> Any:
     """peft LoraConfig from the shared LoRA fields."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # peft takes seconds to import: only LoRA paths pay for it
     return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                       target_modules=list(lora.lora_target_modules), task_type=task_type,
                       modules_to_save=modules_to_save)
@@ -126,7 +127,6 @@ def load_causal_lm(path: str, mode: str = "full", lora: LoraFields | None = None
         lora: LoRA settings (defaults: r=8, alpha=32, dropout 0.05, q_proj/v_proj).
     An adapter folder (a saved QLoRA run) loads as its base with the adapter attached.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     if mode not in ("full", "lora", "qlora"):
         raise ConfigError(f"mode={mode!r}: expected one of full, lora, qlora")
     p = check_model_dir(path)
@@ -145,7 +145,7 @@ def load_causal_lm(path: str, mode: str = "full", lora: LoraFields | None = None
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training  # seconds to import: LoRA paths only
     if mode == "qlora":
         # bnb repacks 4-bit weights in place for CPU eval (avx512bf16 path); that layout fails on
         # small shapes (RuntimeError: shape '[32, 0]') and alternates with training: keep one layout.
@@ -160,7 +160,6 @@ def load_causal_lm(path: str, mode: str = "full", lora: LoraFields | None = None
 
 
 def _seq_cls_from(path: Path, num_labels: int, pad_token_id: int | None) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=num_labels, trust_remote_code=False, dtype=torch.float32)
@@ -191,7 +190,7 @@ def build_reward_model_from_lm(path: str, mode: str = "full", lora: LoraFields |
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if mode == "lora":
-        from peft import get_peft_model
+        from peft import get_peft_model  # seconds to import: LoRA paths only
         model = get_peft_model(model, lora_config(lora or LoraFields(), "SEQ_CLS", modules_to_save=["score"]))
     return model
 
@@ -221,7 +220,6 @@ def fast_activations(*models: nn.Module | None) -> int:
     one ``F.gelu(x, approximate="tanh")`` kernel. Results differ by float rounding only.
     Returns: the number of modules swapped.
     """
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
     swapped = 0
     for model in models:
         if not isinstance(model, nn.Module):
@@ -234,16 +232,25 @@ def fast_activations(*models: nn.Module | None) -> int:
     return swapped
 
 
-def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge: bool = True,
-               base_path: str | None = None) -> Path:
-    """Save safetensors + tokenizer into ``out_dir`` atomically.
+def is_peft(model: nn.Module) -> bool:
+    """True for a peft-wrapped model (``PeftModel``), told by its adapter API rather than by
+    importing peft (seconds) on every save."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
-    A peft model is merged into a plain model when ``merge`` (LoRA); a quantized (QLoRA) model
-    always saves its adapter, whose config points at the absolute ``base_path``.
+
+def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge: bool = True,
+               base_path: str | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """Save safetensors + tokenizer into ``out_dir`` atomically: the one save path of every phase.
+
+    A peft model is merged into a plain model when ``merge`` (LoRA; in place — pass a copy to keep
+    training the adapter); a quantized (QLoRA) model always saves its adapter, whose config points
+    at the absolute ``base_path``. ``state_dict``: the full weights to write instead of the
+    model's own (FSDP2 shards gathered by :func:`rlhf_core.fsdp.full_state_dict`). ``extra(folder)``
+    writes more files into the same atomic folder (PPO's value head, its trace).
     """
-    from peft import PeftModel
     out_dir = Path(out_dir)
-    if isinstance(model, PeftModel):
+    if is_peft(model):
         if is_quantized(model) or not merge:
             if base_path is not None:
                 for cfg in model.peft_config.values():
@@ -251,7 +258,27 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | Path, merge: boo
         else:
             model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp, quiet_transformers():
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
     return out_dir
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Merge a saved (Q)LoRA adapter into its float32 base, so the next phase loads a plain model.
+
+    The base is the folder the adapter's config names (``base_model_name_or_path``). For QLoRA
+    (trained on the nf4 base) this is standard practice; the merged model is not bit-identical to
+    the 4-bit one it was trained against.
+    """
+    from peft import PeftModel  # seconds to import; only adapter merges need it
+    adapter_dir = check_model_dir(str(adapter_dir), "adapter")
+    base = base_path_of(adapter_dir)
+    if base is None:
+        raise ConfigError(f"{adapter_dir}: no {ADAPTER_FILE}: not an adapter folder, nothing to merge")
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return save_model(model, load_tokenizer(str(adapter_dir)), out_dir, merge=True)

@@ -1,9 +1,13 @@
 """The seeded pipeline: task data → tokenizer → pretrain → SFT → reward model → PPO.
 
+One pipeline for every preset (``rlhf_core/presets``): the preset says which task, which models,
+which phases and how their inputs are wired; this module runs them in order, each phase's output
+the next one's input.
+
 Layout of a run folder (a single phase command writes the same layout with one phase):
 
     DIR/config.json      the resolved configuration (what actually ran)
-    DIR/data/*.jsonl     the embedded task in TRL formats (pipeline only)
+    DIR/data/*.jsonl     the preset's task in TRL formats (pipeline only)
     DIR/tokenizer/       the locally trained byte-level BPE tokenizer (pipeline, tiny preset)
     DIR/pretrain/ sft/ reward/ ppo/   each phase's HF-format folder (safetensors + tokenizer)
     DIR/metrics.jsonl    every logged metric, one JSON object per line, with its phase
@@ -23,11 +27,20 @@ from typing import Any
 from . import distributed as D
 from .checkpoint import check_resume_config, write_json_atomic
 from .config import PipelineConfig
+from .data.loaders import load_records
+from .data.tasks import Task
+from .data.tokenizer import train_tokenizer
 from .errors import ConfigError, RLHFError
+from .models import load_tokenizer, merge_adapter
+from .phases import ppo, pretrain, reward_model, sft
+from .phases.common import resolve_device
+from .presets import get_preset
+from .report import write_report
 from .tracking import MetricsLogger, update_summary
 
 MARKER = "config.json"  # an output dir holding this was made by rlhf and may be replaced with --overwrite
 PHASE_ORDER = ("pretrain", "sft", "reward", "ppo")
+RUNNERS = {"pretrain": pretrain.run, "sft": sft.run, "reward": reward_model.run, "ppo": ppo.run}
 
 
 def prepare_output_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
@@ -61,8 +74,6 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     """Read every data file the phases will use before the output dir is touched, so a bad record
     (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
     same for a ``device='cuda'`` that this machine cannot give."""
-    from .data.loaders import load_records
-    from .phases.common import resolve_device
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]
@@ -79,35 +90,24 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
         else:
             raise errors[0]
         if phase == "ppo" and cfg.ppo.policy and cfg.ppo.on_long_prompt == "error":
-            from .models import load_tokenizer
-            from .phases.ppo import check_prompt_lengths
-            check_prompt_lengths([r["prompt"] for r in records], load_tokenizer(cfg.ppo.policy), cfg.ppo)
+            ppo.check_prompt_lengths([r["prompt"] for r in records], load_tokenizer(cfg.ppo.policy), cfg.ppo)
 
 
-def _done(out: Path, name: str) -> bool:
-    """A phase finished in an earlier attempt: its folder and its summary entry both exist."""
-    return (out / name).is_dir() and name in (_load_summary(out) if (out / "summary.json").exists() else {})
+def _load_summary(out: Path) -> dict[str, Any]:
+    return json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
 
 
 def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger, resume: bool = False,
-               **extra: Any) -> dict[str, Any]:
-    if resume and _done(out, name):
+               task: Task | None = None) -> dict[str, Any]:
+    """One phase into ``out/name``; with ``resume`` a phase that already finished (its folder and its
+    summary entry both exist) is kept, not rerun."""
+    if resume and (out / name).is_dir() and name in _load_summary(out):
         return _load_summary(out)[name]
     section = getattr(cfg, name)
-    extra.update(checkpoint_dir=out / "checkpoints" / name, resume=resume)
+    extra: dict[str, Any] = {"model_cfg": cfg.model} if name == "pretrain" else {}
     t0 = time.time()
-    if name == "pretrain":
-        from .phases import pretrain
-        result = pretrain.run(section, out / name, logger, model_cfg=cfg.model, **extra)
-    elif name == "sft":
-        from .phases import sft
-        result = sft.run(section, out / name, logger, **extra)
-    elif name == "reward":
-        from .phases import reward_model
-        result = reward_model.run(section, out / name, logger, **extra)
-    else:
-        from .phases import ppo
-        result = ppo.run(section, out / name, logger, **extra)
+    result = RUNNERS[name](section, out / name, logger, task=task, checkpoint_dir=out / "checkpoints" / name,
+                           resume=resume, **extra)
     result.setdefault("wall_seconds", round(time.time() - t0, 2))
     result.setdefault("device", str(D.device(section.device)))  # where the phase ran (rank 0's)
     result.setdefault("world_size", D.world_size())  # processes (torchrun ranks) that trained it
@@ -125,65 +125,66 @@ def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogge
     return MetricsLogger(out / "metrics.jsonl", echo=False, resume=resume)
 
 
+def _finish(out: Path, logger: MetricsLogger) -> dict[str, Any]:
+    summary = _load_summary(out)
+    write_report(out, logger.records, summary)
+    return summary
+
+
 def run_phase_command(name: str, cfg: PipelineConfig, out: Path, resume: bool = False) -> dict[str, Any]:
     """`rlhf PHASE`: one phase with the paths given on the command line (defaults: embedded task)."""
     logger = _start(cfg, out, resume)
     _run_phase(name, cfg, out, logger, resume=resume)
-    if not D.is_main():
-        return {}
-    _finish(out, logger)
-    return _load_summary(out)
+    return _finish(out, logger) if D.is_main() else {}
+
+
+def wire_inputs(cfg: PipelineConfig, out: Path, models: dict[str, Path]) -> None:
+    """Fill each phase's input fields the user left empty from the preset's templates (``{out}``, the
+    preset's model paths). A QLoRA SFT output is an adapter on a 4-bit base, so PPO reads its merge
+    into the float base (``out/sft_merged``, written after SFT)."""
+    names = {"out": str(out), **{k: str(v) for k, v in models.items()}}
+    for phase, values in get_preset(cfg.preset).inputs.items():
+        section = getattr(cfg, phase)
+        unset = {k: v.format(**names) for k, v in values.items() if not getattr(section, k)}  # the user's win
+        setattr(cfg, phase, dataclasses.replace(section, **unset))
+    if cfg.sft.mode == "qlora" and cfg.ppo.policy == str(out / "sft"):
+        cfg.ppo = dataclasses.replace(cfg.ppo, policy=str(out / "sft_merged"))
 
 
 def run_pipeline(cfg: PipelineConfig, out: Path, stop_after: str = "ppo", resume: bool = False) -> dict[str, Any]:
-    """`rlhf pipeline`: build the task, then run the phases in order, each fed the previous output."""
-    if cfg.preset == "smollm2":  # real weights: no phase 0, its own task (rlhf_core/real.py)
-        from .real import run_real_pipeline
-        return run_real_pipeline(cfg, out, stop_after, resume)
-    from .data.task import generate_task, write_task
-    from .data.tokenizer import train_tokenizer
-
+    """`rlhf pipeline`: build the preset's models and task, then run its phases in order."""
     t0 = time.time()
-    task = generate_task(cfg.task, seed=cfg.seed)  # seeded: the same on every rank
+    preset = get_preset(cfg.preset)
+    models = {name: locate() for name, locate in preset.models.items()}  # e.g. a GGUF converted once, cached
+    tokenizer = load_tokenizer(str(models[preset.task_tokenizer])) if preset.task_tokenizer else None
+    task = preset.make_task(cfg.task, cfg.seed, tokenizer)  # seeded: the same on every rank
     # torchrun: rank 0 writes the data and the tokenizer; each phase's folder (written by rank 0)
     # is the next phase's input, read by every rank (several nodes need a shared filesystem)
     if D.is_main():
-        write_task(task, out / "data")
-    if cfg.pretrain.model == "tiny" and not cfg.pretrain.tokenizer:
+        task.write(out / "data")
+    if "pretrain" in preset.phases and cfg.pretrain.model == "tiny" and not cfg.pretrain.tokenizer:
         if D.is_main() and not (resume and (out / "tokenizer").is_dir()):
-            tok = train_tokenizer(task.corpus, vocab_size=cfg.model.vocab_size)
-            tok.save_pretrained(out / "tokenizer")
+            train_tokenizer(task.corpus, vocab_size=cfg.model.vocab_size).save_pretrained(out / "tokenizer")
         D.barrier()
         cfg.pretrain = dataclasses.replace(cfg.pretrain, tokenizer=str(out / "tokenizer"))
-    # Wire each phase's model input to the previous phase's output unless the user named one. Data
-    # left empty means the embedded task (passed in memory, identical to DIR/data/*.jsonl), which
-    # also lets the reward phase score held-out pairs against the gold judge.
-    fill = {
-        "sft": {"model": str(out / "pretrain")},
-        "reward": {"model": str(out / "pretrain")},
-        "ppo": {"policy": str(out / "sft"), "reward": str(out / "reward")},
-    }
-    for phase, values in fill.items():
-        section = getattr(cfg, phase)
-        setattr(cfg, phase, dataclasses.replace(section, **{k: v for k, v in values.items() if not getattr(section, k)}))
+    # A phase whose data field is empty reads the task in memory (identical to DIR/data/*.jsonl),
+    # which also lets the reward phase score held-out pairs against the task's gold judge.
+    wire_inputs(cfg, out, models)
     logger = _start(cfg, out, resume)
     if D.is_main():
-        update_summary(out / "summary.json", "pipeline", {"seed": cfg.seed, "preset": cfg.preset})
+        update_summary(out / "summary.json", "pipeline", {"seed": cfg.seed, "preset": cfg.preset,
+                                                          **{f"{k}_model": str(v) for k, v in models.items()}})
     for phase in PHASE_ORDER:
-        _run_phase(phase, cfg, out, logger, resume, task=task)
+        if phase in preset.phases:
+            _run_phase(phase, cfg, out, logger, resume, task=task)
+            merged = out / "sft_merged"
+            if phase == "sft" and cfg.ppo.policy == str(merged) and not (resume and merged.is_dir()):
+                if D.is_main():
+                    merge_adapter(out / "sft", merged)
+                D.barrier()
         if phase == stop_after:
             break
     if not D.is_main():
         return {}
     update_summary(out / "summary.json", "pipeline", {"wall_seconds": round(time.time() - t0, 2)})
-    _finish(out, logger)
-    return _load_summary(out)
-
-
-def _load_summary(out: Path) -> dict[str, Any]:
-    return json.loads((out / "summary.json").read_text())
-
-
-def _finish(out: Path, logger: MetricsLogger) -> None:
-    from .report import write_report
-    write_report(out, logger.records, _load_summary(out))
+    return _finish(out, logger)

@@ -23,6 +23,8 @@ def plot_phase(phase: str, records: list[dict[str, Any]], path: Path) -> bool:
     keys = _keys(records)
     if not keys:
         return False
+    # Here, not at the top: pyplot takes ~0.5 s to import, only reports need it, and the headless
+    # Agg backend must be chosen before it loads.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+from tqdm.auto import tqdm
+
 from .checkpoint import write_json_atomic
 
 T = TypeVar("T")
@@ -53,7 +55,6 @@ class MetricsLogger:
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
     """tqdm progress bar with ETA on stderr; silent when RLHF_NO_PROGRESS=1 or not a terminal in CI."""
     disable = os.environ.get("RLHF_NO_PROGRESS") == "1" or (os.environ.get("CI") == "true")
-    from tqdm.auto import tqdm
     return iter(tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False))
 
 
@@ -64,3 +65,19 @@ def update_summary(path: str | Path, phase: str, values: dict[str, Any]) -> dict
     summary.setdefault(phase, {}).update(values)
     write_json_atomic(path, summary)
     return summary
+
+
+class MeanMetrics:
+    """Sum and count per key, so a mean only averages values that were written (TRL #7012)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, float]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self) -> dict[str, float]:
+        return {k: s / self.counts[k] for k, s in self.sums.items()}

@@ -21,7 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rlhf_core.errors import ConfigError, DataError
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, DataError
 
 FORMATS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -166,7 +168,6 @@ def _read_json(path: Path) -> list[Any]:
 
 
 def _read_parquet(path: Path) -> list[Any]:
-    import pyarrow.parquet as pq
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for corrupt/non-parquet files
@@ -174,7 +175,7 @@ def _read_parquet(path: Path) -> list[Any]:
 
 
 def _read_datasets_folder(path: Path) -> list[Any]:
-    import datasets
+    import datasets  # about a second to import; only save_to_disk folders need it
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError/ValueError for foreign folders

@@ -14,16 +14,14 @@ Text conventions (every split follows them):
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from rlhf_core.config import TaskConfig
+from ..config import TaskConfig
+from .tasks import Task
 
 # ----------------------------------------------------------------------------------------------
 # Lexicon: small on purpose (BPE vocab 512 holds nearly every word as one token)
@@ -257,13 +255,12 @@ def _degenerate(rng: random.Random) -> str:
 # The task
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class TaskData:
-    """Every split of the embedded task (see the module docstring for text conventions)."""
-    corpus: list[str]  # raw review documents (phase 0 pretraining)
-    sft: list[dict]  # {"prompt": str, "completion": str}
-    preferences: list[dict]  # {"prompt": str, "chosen": str, "rejected": str}
-    prompts: list[str]  # PPO training prompts
-    eval_prompts: list[str]  # held-out PPO prompts (never in `prompts`), for the gold evaluation
+class MovieReviewTask(Task):
+    """Every split of the movie-review task (see the module docstring for text conventions); the
+    corpus holds the raw review documents for phase 0."""
+
+    def gold_score(self, prompt: str, response: str) -> float:
+        return gold_score(prompt, response)
 
 
 def _prompt_pool(titles: list[str], genre: dict[str, str], rng: random.Random) -> list[str]:
@@ -298,7 +295,7 @@ def _preference(rng: random.Random, prompt: str, label_noise: float) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def generate_task(cfg: "TaskConfig | None" = None, seed: int = 0) -> TaskData:
+def generate_task(cfg: TaskConfig | None = None, seed: int = 0, tokenizer: Any = None) -> MovieReviewTask:
     """Generate every split of the movie-review task, deterministically from ``seed``.
 
     Each split draws from its own stream (``random.Random(f"{seed}/split")``) so changing one
@@ -308,13 +305,12 @@ def generate_task(cfg: "TaskConfig | None" = None, seed: int = 0) -> TaskData:
     Args:
         cfg: sizes and label noise (``rlhf_core.config.TaskConfig``); defaults when None.
         seed: the task seed.
+        tokenizer: unused (the prompts are plain text); the signature every task module shares.
 
     Returns:
-        A :class:`TaskData`.
+        A :class:`MovieReviewTask`.
     """
-    if cfg is None:
-        from rlhf_core.config import TaskConfig
-        cfg = TaskConfig()
+    cfg = cfg or TaskConfig()
     cfg.validate()
     titles = [f"The {a} {n}" for a in TITLE_ADJ for n in TITLE_NOUN]
     random.Random(f"{seed}/titles").shuffle(titles)
@@ -338,30 +334,5 @@ def generate_task(cfg: "TaskConfig | None" = None, seed: int = 0) -> TaskData:
 
     prompts = _cycle(train_pool, cfg.n_prompts)
     eval_prompts = _cycle(_prompt_pool(eval_titles, genre, random.Random(f"{seed}/eval")), cfg.n_eval_prompts)
-    return TaskData(corpus, sft, preferences, prompts, eval_prompts)
-
-
-def write_task(task: TaskData, out_dir: str | Path) -> dict[str, Path]:
-    """Write every split as JSONL in the loaders' formats.
-
-    Args:
-        task: the generated task.
-        out_dir: folder to write into (created if missing).
-
-    Returns:
-        Split name -> path: corpus.jsonl ``{"text"}``, sft.jsonl ``{"prompt", "completion"}``,
-        preferences.jsonl ``{"prompt", "chosen", "rejected"}``, prompts.jsonl and
-        eval_prompts.jsonl ``{"prompt"}``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = {"corpus": [{"text": t} for t in task.corpus], "sft": task.sft,
-              "preferences": task.preferences, "prompts": [{"prompt": p} for p in task.prompts],
-              "eval_prompts": [{"prompt": p} for p in task.eval_prompts]}
-    paths = {}
-    for name, records in splits.items():
-        path = out / f"{name}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        paths[name] = path
-    return paths
+    return MovieReviewTask(sft=sft, preferences=preferences, prompts=prompts, eval_prompts=eval_prompts,
+                           corpus=corpus)

@@ -1,22 +1,24 @@
-"""The real-weights task: short questions with a programmatic gold judge (correct, brief, polite).
+"""The short-question task: arithmetic and factual questions with a programmatic gold judge
+(correct, brief, polite); the task of the ``smollm2`` preset (real weights).
 
 Seeded and offline. SFT answers mix five styles on purpose (polite, plain, verbose, rude, wrong) so
 the SFT policy has room to improve; preferences are labelled by the gold judge with label noise; the
 held-out questions never appear in training data. Used by ``rlhf pipeline --preset smollm2``.
+
+Formats: SFT pairs and PPO prompts are in the policy's chat format (its chat template, with a
+system prompt); the reward model reads plain text, "Question: ...\nAnswer:" + " answer"
+(:meth:`ShortQuestionTask.reward_text`), in its own tokenizer.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .config import TaskConfig
+from ..config import TaskConfig
+from ..errors import ConfigError
+from .tasks import Task
 
 # ----------------------------------------------------------------------------------------------
 # The real task: answer correctly, briefly and politely (gold judge held out from training)
@@ -128,13 +130,23 @@ STYLE_WEIGHTS = {"polite": 0.25, "plain": 0.25, "verbose": 0.2, "rude": 0.2, "wr
 
 
 @dataclass
-class RealTask:
+class ShortQuestionTask(Task):
     """Every split: SFT pairs and PPO prompts in the policy's chat format; RM preferences as
-    plain text ("Question: ...\\nAnswer:" + " answer") for the reward model's own tokenizer."""
-    sft: list[dict]  # {"prompt": chat prompt, "completion": answer}
-    preferences: list[dict]  # {"prompt": RM prompt, "chosen", "rejected"}
-    prompts: list[str]  # PPO training prompts (chat format)
-    eval_prompts: list[str]  # held-out questions (chat format), never in any training split
+    plain text ("Question: ...\nAnswer:" + " answer") for the reward model's own tokenizer.
+    No corpus: the preset's model is already pretrained."""
+
+    def gold_score(self, prompt: str, response: str) -> float:
+        return gold_score(prompt, response)
+
+    def gold_parts(self, prompt: str, response: str) -> dict[str, float]:
+        return gold_parts(prompt, response)
+
+    def shown_prompt(self, prompt: str) -> str:
+        return question_of(prompt)
+
+    def reward_text(self, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+        """The chat prompt becomes "Question: ...\nAnswer:", the answer " " + its stripped text."""
+        return [rm_prompt(question_of(p)) for p in prompts], [" " + r.strip() for r in responses]
 
 
 def rm_prompt(question: str) -> str:
@@ -150,7 +162,7 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
                                          tokenize=False, add_generation_prompt=True)
 
 
-def generate_real_task(cfg: "TaskConfig", seed: int = 0, tokenizer: Any = None) -> RealTask:
+def generate_task(cfg: TaskConfig, seed: int = 0, tokenizer: Any = None) -> ShortQuestionTask:
     """Seeded splits: ``cfg.n_eval_prompts`` questions held out first, the rest train SFT (mixed
     styles), preferences (two styles, labelled by the gold judge, flipped w.p. ``cfg.label_noise``)
     and PPO prompts.  ``tokenizer`` supplies the chat template (None: bare questions)."""
@@ -178,15 +190,5 @@ def generate_real_task(cfg: "TaskConfig", seed: int = 0, tokenizer: Any = None) 
         preferences.append({"prompt": rm_prompt(q), "chosen": " " + chosen, "rejected": " " + rejected})
     rng = random.Random(f"{seed}/real-prompts")
     prompts = [chat_prompt(tokenizer, rng.choice(train)[0]) for _ in range(cfg.n_prompts)]
-    return RealTask(sft, preferences, prompts, [chat_prompt(tokenizer, q) for q, _, _ in held])
-
-
-def write_real_task(task: RealTask, out_dir: Path) -> dict[str, Path]:
-    """JSONL files in the loaders' formats: sft, preferences, prompts, eval_prompts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    splits = {"sft": task.sft, "preferences": task.preferences,
-              "prompts": [{"prompt": p} for p in task.prompts],
-              "eval_prompts": [{"prompt": p} for p in task.eval_prompts]}
-    for name, records in splits.items():
-        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return {name: out_dir / f"{name}.jsonl" for name in splits}
+    return ShortQuestionTask(sft=sft, preferences=preferences, prompts=prompts,
+                             eval_prompts=[chat_prompt(tokenizer, q) for q, _, _ in held])

@@ -2,8 +2,9 @@
 
 The loops stay plain PyTorch: AdamW, linear warm-up then linear decay to 0, gradient clipping,
 seeded shuffling, tokens/s next to the loss (nanoGPT habit). Each phase supplies one function
-``loss_fn(indices) -> (loss, n_tokens)``; everything else (schedule, logging, progress, skipping
-non-finite steps, checkpoints and exact resume) lives here.
+``loss_fn(indices) -> (loss, n_tokens)``; everything else (batches, logging, progress, evaluation,
+checkpoints and exact resume) lives here. The optimizer, the LR schedule and the rule for
+non-finite steps are ``rlhf_core/optim.py``'s, shared with PPO.
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import distributed as D, fsdp
 from ..checkpoint import capture_state, load_for_resume, restore_state, save_checkpoint
-from ..errors import ConfigError, NumericError
-from ..models import module_device
-from .. import distributed as D
 from ..config import TrainCommon
+from ..data.batching import chunks
+from ..errors import ConfigError
+from ..models import module_device, save_model
+from ..optim import count_skip, finish_step, make_optimizer
 from ..tracking import MetricsLogger, progress
 
 
@@ -73,24 +76,6 @@ def num_training_steps(n_train: int, cfg: TrainCommon) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
 
 
-def make_optimizer(model: nn.Module, cfg: TrainCommon, total_steps: int
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over trainable parameters (no weight decay on biases/norms/1-d tensors) and a
-    schedule: lr·s/warmup for s < warmup, then linear decay to 0 at ``total_steps``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(0.9, 0.95))
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def batch_indices(n: int, batch_size: int, total_steps: int, generator: torch.Generator) -> Iterator[list[int]]:
     """``total_steps`` batches of indices into ``n`` items; a fresh permutation each epoch,
     the short tail of an epoch is dropped so every step sees ``min(batch_size, n)`` items."""
@@ -103,21 +88,6 @@ def batch_indices(n: int, batch_size: int, total_steps: int, generator: torch.Ge
                 return
             produced += 1
             yield perm[start:start + bs]
-
-
-def chunks(n: int, batch_size: int) -> Iterator[list[int]]:
-    """Consecutive index batches over ``n`` items (evaluation order)."""
-    for start in range(0, n, batch_size):
-        yield list(range(start, min(n, start + batch_size)))
-
-
-def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    """Right-pad integer lists to the longest one.  Returns (B, T_max) long."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out
 
 
 def lm_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -139,7 +109,7 @@ def eval_batches(model: nn.Module, n: int, batch_size: int) -> list[list[int]]:
     torchrun (all of them for an FSDP2 model, whose every forward is a collective). The batches
     themselves are the one-process ones, so each one's result is bitwise the same."""
     batches = list(chunks(n, batch_size))
-    return batches if D.is_sharded(model) else list(D.shard(batches))
+    return batches if fsdp.is_sharded(model) else list(D.shard(batches))
 
 
 @torch.no_grad()
@@ -156,7 +126,7 @@ def eval_lm_loss(model: nn.Module, n: int, batch_size: int,
     for idx in eval_batches(model, n, batch_size):
         nll, k = lm_nll(model, **collate(idx))
         sums.append([float(nll), k])
-    if not D.is_sharded(model):
+    if not fsdp.is_sharded(model):
         sums = D.all_gather_rows(torch.tensor(sums, dtype=torch.float64).reshape(-1, 2)).tolist()
     model.train(was_training)
     total, count = 0.0, 0
@@ -169,16 +139,9 @@ def save_trained(model: nn.Module, tokenizer: Any, output_dir: str | Path, **sav
     """Rank 0 saves ``model`` + ``tokenizer`` (``models.save_model``, atomic); every rank calls this
     and waits until it is written. An FSDP2 model is first gathered into a full state dict on
     rank 0's CPU (a collective) and saved from it (full models only: fsdp2 refuses LoRA)."""
-    from ..checkpoint import atomic_dir
-    from ..models import quiet_transformers, save_model
-    if D.is_sharded(model):
-        state = D.full_state_dict(model)  # {} on the other ranks
-        if D.is_main():
-            with atomic_dir(output_dir) as tmp, quiet_transformers():
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-    elif D.is_main():
-        save_model(model, tokenizer, output_dir, **save_kwargs)
+    state = fsdp.full_state_dict(model) if fsdp.is_sharded(model) else None  # {} on the other ranks
+    if D.is_main():
+        save_model(model, tokenizer, output_dir, state_dict=state, **save_kwargs)
     D.barrier()
 
 
@@ -189,24 +152,6 @@ class LoopResult:
     steps: int
     tokens: int
     seconds: float
-
-
-def _optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                    sched: Any, max_grad_norm: float, sharded: bool = False) -> bool:
-    """backward, clip, step; False (weights, optimizer and schedule untouched) on a non-finite loss/grad."""
-    opt.zero_grad(set_to_none=True)
-    if D.global_count(0 if torch.isfinite(loss) else 1) > 0:  # any rank non-finite: every rank skips
-        return False
-    loss.backward()
-    if not sharded:  # FSDP2's backward already reduce-scattered the mean over ranks
-        D.all_reduce_gradients(params, average=True)  # DDP's mean over ranks; no-op in one process
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        return False
-    opt.step()
-    sched.step()
-    return True
 
 
 def _resume_loop(checkpoint_dir: Any, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any,
@@ -237,13 +182,16 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
     """
     total = num_training_steps(n_train, cfg)
     if cfg.parallel == "fsdp2":  # in place, before the optimizer sees the (now sharded) parameters
-        D.wrap_fsdp2(model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
+        fsdp.wrap_fsdp2(model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
         if D.world_size() == 1:
             warnings.warn(f"{phase}.parallel='fsdp2' without torchrun: one process trains the whole model "
                           "unsharded, in fp32", stacklevel=2)
-    sharded = D.is_sharded(model)
-    opt, sched = make_optimizer(model, cfg, total)
+    sharded = fsdp.is_sharded(model)
+    opt, sched = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.learning_rate,
+                                cfg.weight_decay, "linear", int(cfg.warmup_ratio * total), total,
+                                betas=(0.9, 0.95), decay_1d=False)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     model.train()
     loop = {"step": 0, "tokens": 0, "skipped": 0, "in_row": 0, "window": [], "tail": []}
     if resume and checkpoint_dir is not None:
@@ -255,14 +203,15 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
         # torchrun: each rank takes its contiguous shard of the global batch (rlhf_core/distributed.py)
         loss, n_tok = loss_fn(list(D.shard(idx)))
         n_tok = int(D.global_count(n_tok))
-        if _optimizer_step(loss, list(named.values()), opt, sched, cfg.max_grad_norm, sharded):
-            loop["in_row"] = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not sharded:  # FSDP2's backward already reduce-scattered the mean over ranks
+            D.all_reduce_gradients(params, average=True)  # DDP's mean over ranks; no-op in one process
+        stepped = finish_step(params, opt, sched, cfg.max_grad_norm, bool(torch.isfinite(loss))) is not None
+        loop["skipped"], loop["in_row"] = count_skip(stepped, loop["skipped"], loop["in_row"],
+                                                     cfg.max_skipped_steps, f"{phase} step {step}")
+        if stepped:
             loop["window"].append(D.reduce_metrics({"loss": float(loss.detach())})["loss"])
-        else:
-            loop["skipped"], loop["in_row"] = loop["skipped"] + 1, loop["in_row"] + 1
-            if loop["in_row"] >= cfg.max_skipped_steps:
-                raise NumericError(f"{phase} step {step}: {loop['in_row']} optimizer steps in a row had a "
-                                   "non-finite loss or gradient; stopped (the last checkpoint is intact)")
         loop["step"], loop["tokens"], window_tokens = step, loop["tokens"] + n_tok, window_tokens + n_tok
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()

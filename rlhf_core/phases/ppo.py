@@ -1,10 +1,12 @@
 """Phase 3: PPO on the SFT policy against a reward source, measured by the task's gold judge.
 
 Reads ``cfg.policy`` (an HF causal-LM folder with its tokenizer), ``cfg.reward`` (see
-``rlhf_core.ppo.reward_sources``) and the prompts (``cfg.prompts`` or the embedded task's);
-evaluation prompts are the task's held-out ones. Writes ``output_dir`` atomically: the PPO policy
-(safetensors + tokenizer; LoRA merged), ``value_head.safetensors`` and, with ``cfg.trace``,
-``trace.json`` holding every tensor of the first iteration (docs/how_ppo_works.md uses it).
+``rlhf_core.ppo.reward_sources``) and the prompts (``cfg.prompts`` or the task's); evaluation
+prompts are the task's held-out ones, judged by the task's gold judge (default task: movie
+reviews). Writes ``output_dir`` atomically: the PPO policy (safetensors + tokenizer; LoRA merged),
+``value_head.safetensors``, ``samples.md`` (held-out generations before and after, with their gold
+scores) and, with ``cfg.trace``, ``trace.json`` holding every tensor of the first iteration
+(docs/how_ppo_works.md uses it).
 """
 from __future__ import annotations
 
@@ -15,20 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from .. import distributed as D
-from ..checkpoint import atomic_dir, write_json_atomic
-from ..config import PPOConfig, TaskConfig, TinyModelConfig
+from .. import distributed as D, fsdp
+from ..checkpoint import load_for_resume, write_json_atomic
+from ..config import PPOConfig, TaskConfig
+from ..data import movie_reviews
+from ..data.loaders import load_or_default
+from ..data.tasks import Task
 from ..errors import ConfigError, DataError
+from ..models import load_causal_lm, load_reward_model, load_tokenizer, place, save_model
+from ..ppo.policy import PolicyWithValue
+from ..ppo.reward_sources import make_reward_fn
+from ..ppo.trainer import PPOTrainer
 from ..tracking import MetricsLogger
-from ..models import place
 from .common import resolve_device, setup_torch
 
+N_SAMPLES = 8  # held-out generations shown before/after in samples.md
 
-def load_prompts(cfg: PPOConfig, task: Any, tokenizer: Any = None) -> list[str]:
+
+def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None) -> list[str]:
     """Training prompts from ``cfg.prompts`` ({"prompt"} records) or the embedded task; with a
     tokenizer, prompts over ``max_prompt_length`` tokens follow ``cfg.on_long_prompt``."""
-    from ..data.loaders import load_or_default
     records = load_or_default(cfg.prompts, "prompt", [{"prompt": p} for p in task.prompts])
     prompts = [r["prompt"] for r in records]
     if tokenizer is not None:
@@ -58,8 +68,6 @@ def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> 
 def build_policy(cfg: PPOConfig, model: torch.nn.Module) -> Any:
     """Wrap ``model`` in a PolicyWithValue; the separate value trunk comes from the reward model
     (``value_init_from_reward``, same vocabulary required) or a full copy of the policy folder."""
-    from ..models import load_causal_lm, load_reward_model
-    from ..ppo.policy import PolicyWithValue
     backbone = None
     if cfg.value_model == "separate" and cfg.value_init_from_reward:
         backbone, _ = load_reward_model(cfg.reward)
@@ -86,22 +94,40 @@ def trace_to_json(trace: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, Any] | None = None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json), atomically.
+                state_dict: dict[str, torch.Tensor] | None = None, texts: dict[str, str] | None = None) -> None:
+    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json, + ``texts``:
+    file name -> content, e.g. samples.md), all in one atomic folder.
 
-    ``state_dict``: the policy's full weights when they are FSDP2 shards (``D.full_state_dict``,
+    ``state_dict``: the policy's full weights when they are FSDP2 shards (``fsdp.full_state_dict``,
     gathered by every rank; this function then runs on rank 0 only).
     """
-    from safetensors.torch import save_file
-    model = policy.model
-    if policy.is_lora:
-        model = copy.deepcopy(model).merge_and_unload()
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        save_file(policy.value_state_dict(), str(tmp / "value_head.safetensors"))
+    def value_head_and_trace(folder: Path) -> None:
+        save_file(policy.value_state_dict(), str(folder / "value_head.safetensors"))
         if trace:
-            write_json_atomic(tmp / "trace.json", trace_to_json(trace))
+            write_json_atomic(folder / "trace.json", trace_to_json(trace))
+        for name, text in (texts or {}).items():
+            (folder / name).write_text(text, encoding="utf-8")
+
+    model = copy.deepcopy(policy.model) if policy.is_lora else policy.model  # merged in the copy only
+    save_model(model, tokenizer, output_dir, merge=True, state_dict=state_dict, extra=value_head_and_trace)
+
+
+def samples_table(task: Task, prompts: list[str], before: list[str], after: list[str]) -> str:
+    """A markdown table of the first held-out prompts with the responses before and after PPO and
+    their gold scores (the evaluations' own samples)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+    rows = ["| prompt | before PPO (gold) | after PPO (gold) |", "|---|---|---|"]
+    for p, b, a in list(zip(prompts, before, after))[:N_SAMPLES]:
+        rows.append(f"| {cell(task.shown_prompt(p))} | {cell(b)} ({task.gold_score(p, b):+.2f}) | "
+                    f"{cell(a)} ({task.gold_score(p, a):+.2f}) |")
+    return "\n".join(rows) + "\n"
+
+
+def gold_part_means(task: Task, prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """The mean of each of the judge's components (``task.gold_parts``) over the responses."""
+    parts = [task.gold_parts(p, r) for p, r in zip(prompts, responses)]
+    return {k: sum(x[k] for x in parts) / len(parts) for k in parts[0]} if parts and parts[0] else {}
 
 
 def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
@@ -110,7 +136,6 @@ def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
     The configuration must match the one that wrote the checkpoint (bar logging/saving fields),
     or the resumed run would not be the run that was interrupted.
     """
-    from ..checkpoint import load_for_resume
     found = load_for_resume(checkpoint_dir, cfg.to_dict(), "ppo.")
     if found is None:
         return 0
@@ -118,47 +143,47 @@ def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
     return trainer.iteration
 
 
-def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = None,
+def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train the policy with PPO and save it; return the phase summary.
 
     Returns: ``gold_reward_before/after`` (mean gold score on the held-out prompts, SFT vs PPO
     policy, responses sampled at ``cfg.temperature``), ``scores_before/after`` (the reward source's
     mean there), ``kl_to_ref`` (mean over responses of the summed exact per-token KL of the final
-    policy to the reference), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it).
+    policy to the reference), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it), and
+    ``NAME_before/after`` for each component of a judge that has them (``task.gold_parts``).
     With ``checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` iterations; with
     ``resume`` the newest valid one there is loaded first and the run goes on from it.
     """
-    from ..data.task import generate_task, gold_reward
-    from ..models import load_causal_lm, load_tokenizer
-    from ..ppo.reward_sources import make_reward_fn
-    from ..ppo.trainer import PPOTrainer
     t0 = time.perf_counter()
     cfg.validate()
     setup_torch(cfg.seed)
     # Only the prompt splits are needed (each split has its own stream: the others stay identical).
-    task = task if task is not None else generate_task(TaskConfig(n_corpus=1, n_sft=1, n_preferences=1),
-                                                       seed=cfg.seed)
+    task = task or movie_reviews.generate_task(TaskConfig(n_corpus=1, n_sft=1, n_preferences=1), seed=cfg.seed)
     device = resolve_device(cfg, "ppo")
     tokenizer = load_tokenizer(cfg.policy)
     model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
     hidden = model.get_output_embeddings().weight.shape[1]
     torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
-    reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device)
+    reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device, task=task)
     if cfg.shard_reward_model:  # every rank scores the same number of chunks: the forwards pair up
         if not isinstance(getattr(reward_fn, "model", None), torch.nn.Module):
             raise ConfigError(f"ppo.shard_reward_model=true: ppo.reward={cfg.reward!r} is not a reward-model folder")
-        D.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
+        fsdp.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
     policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
     trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task, tokenizer),
-                         task.eval_prompts, logger, gold_fn=gold_reward)
+                         task.eval_prompts, logger, gold_fn=task.gold_reward)
     if resume and checkpoint_dir is not None:
         resume_trainer(trainer, cfg, Path(checkpoint_dir))
     result = trainer.train(checkpoint_dir)
-    full = D.full_state_dict(policy.model) if trainer.sharded else None  # a collective: every rank
+    full = fsdp.full_state_dict(policy.model) if trainer.sharded else None  # a collective: every rank
+    before, after = trainer.responses["before"], trainer.responses["last"]
     if D.is_main():
-        save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None, full)
+        samples = {"samples.md": samples_table(task, task.eval_prompts, before, after)} if before and after else {}
+        save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None, full, samples)
     D.barrier()
+    parts = {f"{k}_{when}": v for when, texts in (("before", before), ("after", after))
+             for k, v in gold_part_means(task, task.eval_prompts, texts).items()}
     return {
         "gold_reward_before": result.get("gold_reward_before"),
         "gold_reward_after": result.get("gold_reward_after"),
@@ -167,23 +192,9 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Any = Non
         "kl_to_ref": result.get("kl_to_ref_after"),
         "episodes_per_s": result["episodes_per_s"],
         "skipped_steps": result["skipped_steps"],
+        **parts,
         "sharded_models": [name for name, m in (("policy", policy.model), ("reference", policy.ref_model),
                                                 ("reward_model", getattr(reward_fn, "model", None)))
-                           if isinstance(m, torch.nn.Module) and D.is_sharded(m)],  # FSDP2 (torchrun)
+                           if isinstance(m, torch.nn.Module) and fsdp.is_sharded(m)],  # FSDP2 (torchrun)
         "wall_seconds": time.perf_counter() - t0,
     }
-
-
-def tiny_setup(seed: int = 0, n_prompts: int = 64, n_eval_prompts: int = 64,
-               model_cfg: TinyModelConfig | None = None) -> tuple[Any, torch.nn.Module, Any]:
-    """A random-init tiny policy for tests and examples: (tokenizer, model, task), all offline.
-
-    The tokenizer is trained on a 400-document slice of the task corpus (under a second).
-    """
-    from ..data.task import generate_task
-    from ..data.tokenizer import train_tokenizer
-    from ..models import build_tiny_model
-    task = generate_task(TaskConfig(n_corpus=400, n_sft=1, n_preferences=1, n_prompts=n_prompts,
-                                    n_eval_prompts=n_eval_prompts), seed=seed)
-    tokenizer = train_tokenizer(task.corpus, vocab_size=512)
-    return tokenizer, build_tiny_model(tokenizer, model_cfg or TinyModelConfig(), seed), task

@@ -16,6 +16,10 @@ import torch
 
 from .. import distributed as D
 from ..config import PretrainConfig, TinyModelConfig
+from ..data import movie_reviews
+from ..data.loaders import load_records
+from ..data.tasks import Task
+from ..data.tokenizer import train_tokenizer
 from ..errors import ConfigError, DataError
 from ..models import build_tiny_model, check_model_dir, load_causal_lm, load_tokenizer, place
 from ..tracking import MetricsLogger
@@ -36,15 +40,12 @@ def group_texts(token_lists: Sequence[Sequence[int]], block_size: int, eos_id: i
     return torch.tensor(stream[:n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
-def load_texts(cfg: PretrainConfig, task: Any | None = None) -> list[str]:
-    """The corpus: ``cfg.data`` (records with a 'text' field) or the embedded task's corpus."""
+def load_texts(cfg: PretrainConfig, task: Task | None = None) -> list[str]:
+    """The corpus: ``cfg.data`` (records with a 'text' field) or the task's (default: movie reviews)."""
     if cfg.data:
-        from ..data.loaders import load_records
         records = load_records(cfg.data, "text")
         return [r["text"] if isinstance(r, dict) else str(r) for r in records]
-    if task is None:
-        from ..data.task import generate_task
-        task = generate_task(seed=cfg.seed)
+    task = task or movie_reviews.generate_task(seed=cfg.seed)
     return list(task.corpus)
 
 
@@ -55,7 +56,6 @@ def model_and_tokenizer(cfg: PretrainConfig, model_cfg: TinyModelConfig, texts: 
         if cfg.tokenizer:
             tokenizer = load_tokenizer(cfg.tokenizer)
         else:
-            from ..data.tokenizer import train_tokenizer
             tokenizer = train_tokenizer(texts, vocab_size=model_cfg.vocab_size)
         return build_tiny_model(tokenizer, model_cfg, seed=cfg.seed), tokenizer
     path = check_model_dir(cfg.model)
@@ -67,7 +67,7 @@ def model_and_tokenizer(cfg: PretrainConfig, model_cfg: TinyModelConfig, texts: 
 
 
 def run(cfg: PretrainConfig, output_dir: Path, logger: MetricsLogger,
-        model_cfg: TinyModelConfig | None = None, task: Any | None = None,
+        model_cfg: TinyModelConfig | None = None, task: Task | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Train a causal LM on the corpus and save it (safetensors + tokenizer) to ``output_dir``.
 

@@ -6,8 +6,8 @@ The model is ``AutoModelForSequenceClassification(num_labels=1)``: a backbone pl
 ``score`` head read at the last non-pad token (HF finds it through ``config.pad_token_id``, so
 the pad token must differ from EOS). The input is the text ``prompt + response`` tokenized with
 the reward model's own tokenizer (which may differ from the policy's), right padded, with the
-EOS appended when the tokenizer has one. :func:`encode_for_reward` / :func:`score` are the same
-encoding for PPO's reward calls.
+EOS appended when the tokenizer has one: ``reward_sources.encode_for_reward``, the encoding PPO's
+reward-model scores use too (``reward_sources.reward_scores``).
 
 On the embedded task the held-out pairs are also judged against the gold scorer: the accuracy
 that matters is agreement with the true judge, not with the (noisy) labels.
@@ -21,41 +21,18 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as D, fsdp
 from ..config import RewardConfig
+from ..data import movie_reviews
+from ..data.loaders import load_records
+from ..data.tasks import Task
 from ..errors import ConfigError, DataError
-from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, module_device, place
+from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, place
+from ..ppo.reward_sources import encode_for_reward, reward_forward
 from ..tracking import MetricsLogger
-from .. import distributed as D
-from .common import chunks, eval_batches, pad, resolve_device, save_trained, setup_torch, split_eval, train_loop
+from .common import eval_batches, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "reward"
-
-
-def encode_for_reward(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
-                      max_length: int) -> list[list[int]]:
-    """Token ids of ``prompt + response`` (+ EOS) for each pair, truncated on the right to
-    ``max_length`` (the EOS is kept as the last token so the head reads the end of the text)."""
-    texts = [p + r for p, r in zip(prompts, responses)]
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(texts, truncation=True, max_length=max_length - (eos is not None))["input_ids"]
-    return [s + [eos] if eos is not None and (not s or s[-1] != eos) else s for s in ids]
-
-
-def reward_forward(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Scalar rewards for token sequences (right padded in one batch).  Returns (B,) float."""
-    dev = module_device(model)
-    input_ids = pad(seqs, pad_id).to(dev)                           # (B, T)
-    attention_mask = pad([[1] * len(s) for s in seqs], 0).to(dev)   # (B, T)
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-
-
-@torch.no_grad()
-def score(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
-          max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
-    """Reward-model scores of (prompt, response) pairs, the encoding used in training.  Returns (B,)."""
-    seqs = encode_for_reward(tokenizer, prompts, responses, max_length)
-    return torch.cat([reward_forward(model, [seqs[i] for i in idx], tokenizer.pad_token_id)
-                      for idx in chunks(len(seqs), batch_size)])
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -63,15 +40,12 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def load_preferences(cfg: RewardConfig, task: Any | None = None) -> tuple[list[dict[str, str]], bool]:
-    """(prompt/chosen/rejected records, whether they come from the embedded task)."""
+def load_preferences(cfg: RewardConfig, task: Task | None = None) -> tuple[list[dict[str, str]], Task | None]:
+    """(prompt/chosen/rejected records, the task they come from: None for the user's own file)."""
     if cfg.data:
-        from ..data.loaders import load_records
-        return list(load_records(cfg.data, "preference")), False
-    if task is None:
-        from ..data.task import generate_task
-        task = generate_task(seed=cfg.seed)
-    return [dict(r) for r in task.preferences], True
+        return list(load_records(cfg.data, "preference")), None
+    task = task or movie_reviews.generate_task(seed=cfg.seed)
+    return [dict(r) for r in task.preferences], task
 
 
 def encode_pairs(records: list[dict[str, str]], tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -102,7 +76,7 @@ def evaluate(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], p
                for idx in eval_batches(model, len(pairs), batch_size)]  # torchrun: this rank's share
     model.train(was_training)
     both = torch.cat(rewards) if rewards else torch.zeros(0, 2, device=model.device)  # (n_local, 2)
-    if not D.is_sharded(model):
+    if not fsdp.is_sharded(model):
         both = D.all_gather_rows(both)  # (n, 2) in pair order: the one-process tensor
     chosen, rejected = both[:, 0], both[:, 1]
     margin = chosen - rejected
@@ -123,13 +97,12 @@ def gold_labels(records: list[dict[str, str]], gold_fn: Callable[[str, str], flo
     return out
 
 
-def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
-        checkpoint_dir: Path | None = None, resume: bool = False,
-        gold_fn: Callable[[str, str], float] | None = None, **_: Any) -> dict[str, Any]:
+def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Task | None = None,
+        checkpoint_dir: Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Train a reward model on preference pairs; save the classifier + its tokenizer to ``output_dir``.
 
-    ``gold_fn(prompt, response)`` is the judge the held-out pairs are also scored against (default:
-    the embedded task's gold scorer when the data is the embedded task).
+    The data is ``cfg.data`` or, when empty, the task's preferences (default: the movie-review
+    task); the held-out pairs of a task are also scored against its gold judge.
     Returns the summary: eval_accuracy (vs gold when a judge is known, else vs labels; named in
     eval_accuracy_against), eval_accuracy_labels, eval_margin, eval_loss, train_loss, wall_seconds.
     """
@@ -142,14 +115,12 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Any | 
     tokenizer = load_tokenizer(cfg.tokenizer or str(path))
     model = place(build_reward_model_from_lm(str(path), mode=cfg.mode, lora=cfg, tokenizer=tokenizer),
                   resolve_device(cfg, PHASE))
-    records, embedded = load_preferences(cfg, task)
+    records, source = load_preferences(cfg, task)
     if len(records) < 2:
         raise DataError(cfg.data or "embedded task", f"need at least 2 preference records, got {len(records)}")
     train_recs, held_recs = split_eval(records, cfg.eval_fraction, cfg.seed)
     train, held = encode_pairs(train_recs, tokenizer, cfg.max_length), encode_pairs(held_recs, tokenizer, cfg.max_length)
-    if gold_fn is None and embedded:
-        from ..data.task import gold_score as gold_fn
-    gold = gold_labels(held_recs, gold_fn) if gold_fn is not None else None
+    gold = gold_labels(held_recs, source.gold_score) if source is not None else None
     pad_id, eval_bs = tokenizer.pad_token_id, 2 * cfg.batch_size
 
     def loss_fn(idx: list[int]) -> tuple[torch.Tensor, int]:

@@ -21,10 +21,14 @@ import torch
 
 from .. import distributed as D
 from ..config import SFTConfig
+from ..data import movie_reviews
+from ..data.batching import pad
+from ..data.loaders import load_records, messages_to_prompt_completion
+from ..data.tasks import Task
 from ..errors import ConfigError, DataError
 from ..models import check_model_dir, load_causal_lm, load_tokenizer, place
 from ..tracking import MetricsLogger
-from .common import eval_lm_loss, lm_nll, pad, resolve_device, save_trained, setup_torch, split_eval, train_loop
+from .common import eval_lm_loss, lm_nll, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
 PHASE = "sft"
 
@@ -46,14 +50,12 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def load_pairs(cfg: SFTConfig, tokenizer: Any, task: Any | None = None) -> list[dict[str, str]]:
-    """prompt/completion records from ``cfg.data`` (prompt/completion or chat messages) or the task."""
+def load_pairs(cfg: SFTConfig, tokenizer: Any, task: Task | None = None) -> list[dict[str, str]]:
+    """prompt/completion records from ``cfg.data`` (prompt/completion or chat messages) or the
+    task's SFT split (default: the movie-review task)."""
     if not cfg.data:
-        if task is None:
-            from ..data.task import generate_task
-            task = generate_task(seed=cfg.seed)
+        task = task or movie_reviews.generate_task(seed=cfg.seed)
         return [dict(r) for r in task.sft]
-    from ..data.loaders import load_records, messages_to_prompt_completion
     try:
         return list(load_records(cfg.data, "prompt_completion"))
     except DataError as first:
@@ -89,7 +91,7 @@ def load_policy(cfg: SFTConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Any | None = None,
+def run(cfg: SFTConfig, output_dir: Path, logger: MetricsLogger, task: Task | None = None,
         checkpoint_dir: Path | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
     """Fine-tune ``cfg.model`` on prompt/completion pairs; save to ``output_dir``.
 

@@ -99,12 +99,20 @@ def compute_gae(
     return adv, returns
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    moments: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
     """Normalise ``x`` to mean 0, variance 1 over the valid positions of the whole batch.
 
     Formula: μ = masked_mean(x), σ² = masked_var(x, unbiased=False),
-        x̂ = (x − μ)/√(σ² + 1e-8), and x̂ + μ when ``shift_mean`` is False (scale only,
-        the choice for rewards — whitening their mean away changes the objective).
+        x̂ = (x − μ)/√(σ² + 1e-8), and x̂ + μ when ``shift_mean`` is False.
+
+    ``shift_mean=False`` is what ``whiten_rewards`` uses (as TRL and the N+ reference do). It is
+    not a pure rescaling: each valid entry becomes x/σ + μ·(1 − 1/σ), so every valid token gains
+    the same constant μ·(1 − 1/σ) — for per-token rewards, a bonus or penalty per response token.
 
     Convention: statistics over valid tokens only, population (biased) variance so that the
     output has variance exactly 1 (up to eps) on the valid tokens; padding returned as 0. An
@@ -113,15 +121,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     Args:
         x: values to whiten (typically advantages).
         mask: 1 on valid tokens.
-        shift_mean: subtract the mean (True) or only divide by the standard deviation.
+        shift_mean: subtract the mean (True) or keep it (False).
+        moments: ``(x, mask) -> (μ, σ²)``; default this batch's masked mean and population
+            variance. The trainer passes ``distributed.global_masked_moments`` so that under
+            torchrun the statistics are those of the global batch (the one-process result).
 
     Shapes: x (B, T), mask (B, T) -> (B, T).
 
     Returns:
         The whitened tensor, in ``x``'s dtype, 0 on padding.
     """
-    mean = masked_mean(x, mask)  # ()
-    var = masked_var(x, mask, unbiased=False)  # ()
+    if moments is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=False)  # (), ()
+    else:
+        mean, var = moments(x, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)  # (B, T)
     if not shift_mean:
         out = out + mean

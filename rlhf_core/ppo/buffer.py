@@ -12,7 +12,7 @@ For "seq-mean-token-mean", n_k counts the rows with at least one valid token ins
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -67,8 +67,8 @@ def accumulation_weights(
 class RolloutBuffer:
     """Experience of one PPO iteration; ``minibatches`` shuffles it once per call (epoch)."""
 
-    def __init__(self) -> None:
-        self._parts: list[Experience] = []
+    def __init__(self, experiences: Sequence[Experience] = ()) -> None:
+        self._parts: list[Experience] = list(experiences)
         self._merged: Experience | None = None
 
     def add(self, exp: Experience) -> None:

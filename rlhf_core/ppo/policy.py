@@ -19,6 +19,9 @@ from torch import nn
 
 from kernels import fused_logprobs
 
+from .. import fsdp
+from ..models import is_peft
+
 IGNORE_INDEX = -100
 
 
@@ -103,7 +106,7 @@ class PolicyWithValue(nn.Module, CausalLMView):
             source = trunk_of(value_backbone) if value_backbone is not None else trunk_of(model)
             self.value_trunk = copy.deepcopy(source)
             self.value_trunk.requires_grad_(True)
-        self.is_lora = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        self.is_lora = is_peft(model)
         self.ref_model: nn.Module | None = None
         if ref_model is not None or not self.is_lora:
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
@@ -138,9 +141,22 @@ class PolicyWithValue(nn.Module, CausalLMView):
             with self.model.disable_adapter():
                 yield CausalLMView(self.model)
 
+    def shard_fsdp2(self, bf16: bool = False, shard_reference: bool = False) -> None:
+        """Under torchrun, shard the policy's trunk with FSDP2 (the unembedding and value head stay
+        replicated, :func:`rlhf_core.fsdp.wrap_trunk_fsdp2`) and, with ``shard_reference``, the frozen
+        reference's trunk likewise. Call before the optimizer is built. No-op in one process."""
+        fsdp.wrap_trunk_fsdp2(trunk_of(self.model), [self.lm_head_weight], bf16)
+        if shard_reference and self.ref_model is not None:  # frozen: no gradients to reduce
+            ref = self.ref_model
+            fsdp.wrap_trunk_fsdp2(trunk_of(ref), [ref.get_output_embeddings().weight], bf16)
+
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Parameters the optimizer updates, by name (the reference and frozen base weights excluded)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref_model.")}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the optimizer updates (the reference and frozen base weights excluded)."""
-        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("ref_model.")]
+        """:meth:`named_trainable_parameters`' values, in order."""
+        return list(self.named_trainable_parameters().values())
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
         """Value head (+ separate trunk) weights, saved next to the policy as value_head.safetensors."""

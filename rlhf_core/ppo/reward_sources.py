@@ -1,8 +1,9 @@
 """Reward sources: anything that maps (prompts, responses) to one float per response.
 
-``make_reward_fn(spec, policy_tokenizer)`` accepts
+``make_reward_fn(spec, policy_tokenizer, task=...)`` accepts
 - a Python callable ``(list[str], list[str]) -> list[float]`` (used as is);
-- ``"gold"``: the embedded task's judge (:func:`rlhf_core.data.task.gold_reward`);
+- ``"gold"``: the task's judge (default: the embedded movie-review task's,
+  :func:`rlhf_core.data.movie_reviews.gold_reward`);
 - ``"path/to/file.py:function"``: a function in the user's own Python file;
 - a folder holding a reward model or any HF sequence classifier (``num_labels=1``) with its
   *own* tokenizer: the policy's text is decoded, then re-encoded with the reward model's
@@ -21,35 +22,76 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..data import movie_reviews
+from ..data.batching import chunks, pad
+from ..data.tasks import Task
 from ..errors import ConfigError, RewardError
+from ..models import load_reward_model, module_device
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+TextFormat = Callable[[list[str], list[str]], tuple[list[str], list[str]]]
+
+
+# The reward model's encoding, shared with its training (``phases/reward_model.py``), so PPO
+# scores exactly the text layout the model was trained on.
+def encode_for_reward(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                      max_length: int) -> list[list[int]]:
+    """Token ids of ``prompt + response`` (+ EOS) for each pair, truncated on the right to
+    ``max_length`` (the EOS is kept as the last token so the head reads the end of the text)."""
+    texts = [p + r for p, r in zip(prompts, responses)]
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, truncation=True, max_length=max_length - (eos is not None))["input_ids"]
+    return [s + [eos] if eos is not None and (not s or s[-1] != eos) else s for s in ids]
+
+
+def reward_forward(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Scalar rewards for token sequences (right padded in one batch).  Returns (B,) float."""
+    dev = module_device(model)
+    input_ids = pad(seqs, pad_id).to(dev)                           # (B, T)
+    attention_mask = pad([[1] * len(s) for s in seqs], 0).to(dev)   # (B, T)
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+@torch.no_grad()
+def reward_scores(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+          max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
+    """Reward-model scores of (prompt, response) pairs, the encoding used in training.  Returns (B,)."""
+    seqs = encode_for_reward(tokenizer, prompts, responses, max_length)
+    return torch.cat([reward_forward(model, [seqs[i] for i in idx], tokenizer.pad_token_id)
+                      for idx in chunks(len(seqs), batch_size)])
 
 
 class RewardModelScorer:
     """A sequence classifier as a reward: text in, the scalar logit out.
 
-    Encoding is the reward phase's own (``rlhf_core.phases.reward_model.score``: the text
-    ``prompt + response`` in the reward model's tokenizer, EOS appended, right padded), so PPO
-    scores exactly what the reward model was trained on.
+    Encoding: :func:`encode_for_reward` (the text ``prompt + response`` in the reward model's
+    tokenizer, EOS appended, right padded), the reward phase's own, so PPO scores exactly what the
+    reward model was trained on.
 
     Args:
         model: ``AutoModelForSequenceClassification`` with ``num_labels=1``.
         tokenizer: the reward model's own tokenizer.
         batch_size: texts per forward pass.
         max_length: longest input in the reward model's tokens (longer ones keep their start).
+        text_format: ``(prompts, responses) -> (prompts, responses)`` applied first, when the
+            reward model was trained on another layout than the policy's text (a task's
+            ``reward_text``).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64, max_length: int = 256):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64, max_length: int = 256,
+                 text_format: TextFormat | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        self.text_format = text_format
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Scores of ``prompt + response`` for each pair."""
-        from ..phases.reward_model import score
-        return score(self.model, self.tokenizer, prompts, responses, self.max_length, self.batch_size).tolist()
+        if self.text_format is not None:
+            prompts, responses = self.text_format(prompts, responses)
+        return reward_scores(self.model, self.tokenizer, prompts, responses, self.max_length,
+                             self.batch_size).tolist()
 
 
 def load_user_function(spec: str) -> RewardFn:
@@ -71,7 +113,7 @@ def load_user_function(spec: str) -> RewardFn:
 
 
 def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",
-                   batch_size: int = 64) -> RewardFn:
+                   batch_size: int = 64, task: Task | None = None) -> RewardFn:
     """Turn a reward spec into a callable ``(prompts, responses) -> list[float]``.
 
     Args:
@@ -79,6 +121,8 @@ def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: s
         policy_tokenizer: the policy's tokenizer (kept for sources that need it; a reward model
             always uses its own).
         device: where a reward model runs.
+        task: the task whose judge ``"gold"`` means and whose ``reward_text`` layout a reward
+            model reads (default: the movie-review task's judge, the policy's text as it is).
     Raises:
         ConfigError: an empty spec, a missing file/function or a folder that is not a model.
     """
@@ -87,14 +131,13 @@ def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: s
     if not spec:
         raise ConfigError("ppo.reward is empty: give a reward-model folder, 'gold' or 'file.py:function'")
     if spec == "gold":
-        from ..data.task import gold_reward
-        return gold_reward
+        return task.gold_reward if task is not None else movie_reviews.gold_reward
     path_part = spec.rpartition(":")[0]
     if path_part.endswith(".py"):
         return load_user_function(spec)
-    from ..models import load_reward_model
     model, tokenizer = load_reward_model(spec)
-    return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size)
+    return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size,
+                             text_format=task.reward_text if task is not None else None)
 
 
 def checked_reward(fn: RewardFn) -> Callable[..., torch.Tensor]:

@@ -43,6 +43,20 @@ def encode_prompts(tokenizer: Any, prompts: list[str], max_prompt_length: int,
     return query_ids.to(device), query_mask.to(device)
 
 
+def next_prompt_batch(prompts: list[str], order: list[int], batch_size: int, group_size: int,
+                      generator: torch.Generator) -> tuple[list[str], list[int]]:
+    """The next ``batch_size // group_size`` prompts of a seeded reshuffle, each repeated ``group_size``
+    times in a row (a group's samples are contiguous), and the indices not used yet (the data cursor).
+
+    ``order`` holds the indices left from earlier batches; when they run short a fresh permutation
+    of all prompts is appended, so every prompt is used once per pass before any repeats.
+    """
+    n = batch_size // group_size
+    while len(order) < n:
+        order = order + torch.randperm(len(prompts), generator=generator).tolist()
+    return [prompts[i] for i in order[:n] for _ in range(group_size)], order[n:]
+
+
 def decode_responses(tokenizer: Any, response_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Text of each response's valid tokens, special tokens (the EOS) dropped."""
     return [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
@@ -158,7 +172,7 @@ def compute_scores(reward_fn: Callable[..., torch.Tensor], prompts: list[str], r
 
 @torch.no_grad()
 def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
-          response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
+          response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None,
           temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",
           hidden: torch.Tensor | None = None) -> Experience:
     """Logprobs, values (policy), ref_logprobs and per-token KL (reference) of a rollout.
@@ -171,7 +185,8 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
     With ``kl_estimator="exact"`` ``kl`` is the full-vocabulary KL(π‖π_ref) per token from
     ``kernels.fused_kl`` on both models' hidden states; otherwise None (the estimator is applied
     in ``kl_penalized_rewards``).
-    Shapes: query (B, Lq); response/mask (B, T); scores (B,).
+    Shapes: query (B, Lq); response/mask (B, T); scores (B,) or None (zeros, to be replaced by the
+    reward once it is computed: the trainer scores the text after this, step 4).
     Returns: an Experience with rewards/advantages/returns left empty (filled by the trainer).
     """
     if hidden is not None:
@@ -201,30 +216,33 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
         values = policy.response_values(hidden, ids, attn) * mask  # (B, T)
     return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                      scores=scores.to(logprobs.device), kl=kl)
+                      scores=(torch.zeros(len(mask)) if scores is None else scores).to(logprobs.device), kl=kl)
 
 
 @torch.no_grad()
 def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: list[str], reward_fn: Callable[..., torch.Tensor],
              gold_fn: Callable[..., torch.Tensor] | None = None, *, max_new_tokens: int,
              max_prompt_length: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, backend: str = "auto", batch_size: int = 64) -> dict[str, float]:
+             seed: int = 0, backend: str = "auto", batch_size: int = 64) -> tuple[dict[str, float], list[str]]:
     """Held-out evaluation: sample one response per prompt and average what it earns.
 
     Sampling uses the training temperature (what PPO optimizes) with a generator re-seeded from
     ``seed`` on every call, so two evaluations of different policies share their random draws.
     Returns ``eval/scores`` (the reward source), ``eval/gold_reward`` (``gold_fn``, if given),
-    ``eval/kl_to_ref`` (mean over responses of Σ_t exact KL(π‖π_ref)) and ``eval/response_length``.
+    ``eval/kl_to_ref`` (mean over responses of Σ_t exact KL(π‖π_ref)) and ``eval/response_length``,
+    and the responses themselves (one per prompt, in order).
     """
     device = policy.lm_head_weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     sums = {"eval/scores": 0.0, "eval/gold_reward": 0.0, "eval/kl_to_ref": 0.0, "eval/response_length": 0.0}
+    responses: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         query_ids, query_mask = encode_prompts(tokenizer, batch, max_prompt_length, device)
         response_ids, mask, _ = generate(policy, query_ids, query_mask, max_new_tokens, temperature, top_k,
                                          top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
         texts = decode_responses(tokenizer, response_ids, mask)
+        responses += texts
         sums["eval/scores"] += float(reward_fn(batch, texts, start // batch_size).sum())
         if gold_fn is not None:
             sums["eval/gold_reward"] += float(gold_fn(batch, texts, start // batch_size).sum())
@@ -235,4 +253,4 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: list[str], reward
     out = {k: v / len(prompts) for k, v in sums.items()}
     if gold_fn is None:
         del out["eval/gold_reward"]
-    return out
+    return out, responses

@@ -10,7 +10,6 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered st
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,21 +17,21 @@ from typing import Any, Callable
 
 import torch
 
-from .. import distributed as D
+from .. import distributed as D, fsdp
 from ..checkpoint import capture_state, restore_state, save_checkpoint
-from ..errors import NumericError
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
 from ..models import fast_activations
-from ..tracking import MetricsLogger, progress
-from .advantages import get_advantage_estimator
+from ..optim import can_fuse, count_skip, finish_step, make_optimizer
+from ..tracking import MeanMetrics, MetricsLogger, progress
+from .advantages import get_advantage_estimator, masked_whiten
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
 from .losses import entropy_bonus, explained_variance, policy_loss, value_loss
-from .policy import PolicyWithValue, response_logprobs, trunk_of
+from .policy import PolicyWithValue, response_logprobs
 from .reward_sources import RewardFn, checked_reward
 from .rewards import AdaptiveKLController, FixedKLController, kl_penalized_rewards
-from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, score
+from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -41,49 +40,21 @@ def ppo_loss(*, logprobs: torch.Tensor, values: torch.Tensor, entropy: torch.Ten
              config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The default loss: policy_loss + vf_coef·value_loss − ent_coef·entropy (token-mean).
 
-    Args: current ``logprobs``/``values``/``entropy`` (B, T) with grad; ``exp`` the minibatch's
-    rollout (old logprobs/values, advantages, returns, mask). A custom ``loss_fn`` gets the same
-    keywords and returns (loss, stats) with the stats as 0-dim tensors.
-    """
+    Args: current ``logprobs``/``values``/``entropy`` (B, T) with grad; ``exp`` the minibatch's rollout
+    (old logprobs/values, advantages, returns, mask). A custom ``loss_fn`` gets the same keywords and
+    returns (loss, stats) with the stats as 0-dim tensors."""
     pg, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, config.clip_range)
     vf, vf_stats = value_loss(values, exp.values, exp.returns, exp.mask, config.clip_range_value)
     ent, ent_stats = entropy_bonus(entropy, exp.mask)
     return pg + config.vf_coef * vf - config.ent_coef * ent, {**stats, **vf_stats, **ent_stats}
 
 
-def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier per optimizer step: linear warm-up, then constant / linear / cosine to 0."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = min(1.0, (step - warmup) / max(1, total - warmup))
-        return {"constant": 1.0, "linear": 1.0 - done, "cosine": 0.5 * (1 + math.cos(math.pi * done))}[schedule]
-    return factor
-
-
-class MeanMetrics:
-    """Sum and count per key, so a mean only averages values that were written (TRL #7012)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, stats: dict[str, float]) -> None:
-        for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def mean(self) -> dict[str, float]:
-        return {k: s / self.counts[k] for k, s in self.sums.items()}
-
-
 class PPOTrainer:
     """PPO with a KL-penalized reward on an HF causal LM wrapped in :class:`PolicyWithValue`.
 
     Args:
-        config: PPOConfig (validated here).
-        policy: the trained policy; its ``reference()`` supplies π_ref.
-        tokenizer: the policy's tokenizer (pad distinct from EOS).
+        config, policy, tokenizer: PPOConfig (validated here); the trained policy, whose ``reference()``
+            supplies π_ref; its tokenizer (pad distinct from EOS).
         reward_fn: ``(prompts, responses) -> list[float]`` (see ``reward_sources.make_reward_fn``).
         prompts / eval_prompts: training prompts, held-out prompts for evaluation.
         logger: MetricsLogger (metrics go under phase "ppo"); gold_fn: the true judge, if known.
@@ -93,11 +64,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy: PolicyWithValue, tokenizer: Any, reward_fn: RewardFn,
                  prompts: list[str], eval_prompts: list[str] | None = None, logger: MetricsLogger | None = None,
                  gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None):
-        config.validate()
-        world = D.world_size()  # torchrun: each rank rolls out batch_size/world rows (whole groups)
-        if config.batch_size % (world * config.group_size) or (config.batch_size // world) % config.num_mini_batches:
-            raise ConfigError(f"ppo.batch_size={config.batch_size} must split into {world} ranks of whole groups "
-                              f"(group_size={config.group_size}) and num_mini_batches={config.num_mini_batches}")
+        config.validate(world_size=D.world_size())  # each rank rolls out batch_size/world rows
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
         try:
@@ -118,25 +85,17 @@ class PPOTrainer:
         if config.fast_activations:  # policy, reference, value trunk and a reward model's network
             fast_activations(policy, getattr(reward_fn, "model", None))
         if config.parallel == "fsdp2":  # shard before the optimizer sees the parameters
-            bf16 = config.mixed_precision == "bf16"
-            D.wrap_trunk_fsdp2(trunk_of(policy.model), [policy.lm_head_weight], bf16)
-            if config.shard_reference and policy.ref_model is not None:  # frozen: no gradients to reduce
-                ref = policy.ref_model
-                D.wrap_trunk_fsdp2(trunk_of(ref), [ref.get_output_embeddings().weight], bf16)
-        self.sharded = D.is_sharded(policy)
+            policy.shard_fsdp2(config.mixed_precision == "bf16", config.shard_reference)
+        self.sharded = fsdp.is_sharded(policy)
         self.params = policy.trainable_parameters()
-        # fused=True: one kernel over all tensors instead of ~10 ops per tensor (CPU and CUDA).
-        fused = not self.sharded and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
-                                         for p in self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, eps=config.adam_eps,
-                                           weight_decay=config.weight_decay, fused=fused)
-        total = config.num_iterations * config.ppo_epochs * config.num_mini_batches
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config.lr_schedule, config.warmup_steps, total))
+        self.optimizer, self.scheduler = make_optimizer(
+            self.params, config.learning_rate, config.weight_decay, config.lr_schedule, config.warmup_steps,
+            config.num_iterations * config.ppo_epochs * config.num_mini_batches, eps=config.adam_eps,
+            fused=can_fuse(self.params))
         self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
         self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
-        self.trace: dict[str, Any] = {}
+        self.responses, self.trace = {"before": [], "last": []}, {}  # eval responses; iteration 1's tensors (docs)
 
     def _clock(self) -> float:
         """perf_counter after the queued GPU work is done, so each phase's time is its own."""
@@ -144,58 +103,51 @@ class PPOTrainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def next_prompts(self) -> list[str]:
-        """batch_size / group_size prompts from a seeded reshuffle, each repeated group_size times."""
-        n = self.cfg.batch_size // self.cfg.group_size
-        while len(self._order) < n:
-            self._order += torch.randperm(len(self.prompts), generator=self.shuffle_gen).tolist()
-        picked, self._order = self._order[:n], self._order[n:]
-        batch = [self.prompts[i] for i in picked for _ in range(self.cfg.group_size)]  # contiguous groups
-        return list(D.shard(batch))  # this rank's contiguous slice of the global batch
-
     def step(self) -> dict[str, float]:
-        """One PPO iteration: rollout, rewards, advantages, PPO epochs. Returns its metrics."""
+        """One PPO iteration; the numbered steps are the sections of docs/how_ppo_works.md."""
         cfg, policy = self.cfg, self.policy
         self.iteration += 1
         t_start = self._clock()
-        # 1. sample a prompt batch (group_size samples per prompt, contiguous)
-        prompts = self.next_prompts()
+        # 1. prompts -> left-padded queries (group_size samples per prompt, contiguous)
+        batch, self._order = next_prompt_batch(self.prompts, self._order, cfg.batch_size, cfg.group_size,
+                                               self.shuffle_gen)
+        prompts = list(D.shard(batch))  # this rank's contiguous slice of the global batch
         query_ids, query_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
-        # 2. generate responses with the KV cache (no grad)
+        # 2. generate responses with the KV cache (no grad), keeping the states they were sampled from
         response_ids, mask, has_eos, hidden = generate(
             policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
             self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True,
             stop_together=self.sharded)
         t_generate = self._clock()
-        # 3. score: the reward (validated before any weight changes), logprobs, ref_logprobs, values
+        # 3. logprobs and values: the policy's from the sampling loop's states, the reference's forward
+        exp = score(policy, query_ids, query_mask, response_ids, mask, None, cfg.temperature,
+                    cfg.kl_estimator, cfg.kernel_backend, hidden if cfg.rollout_logprobs else None)
+        # 4. scores: the reward source on the decoded text (validated before any weight changes)
         texts = decode_responses(self.tokenizer, response_ids, mask)
         scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
-        exp = score(policy, query_ids, query_mask, response_ids, mask, scores, cfg.temperature,
-                    cfg.kl_estimator, cfg.kernel_backend, hidden if cfg.rollout_logprobs else None)
+        exp = replace(exp, scores=scores.to(self.device))
         t_score = self._clock()
-        # 4. compute rewards: −β·KL per token, the score on each row's last valid token (its EOS)
+        # 5. per-token rewards: -beta * KL on every token, the score on each row's last valid token (its EOS)
         estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator
         rewards, kl = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask,
                                            self.kl_ctl.value, estimator, kl=exp.kl)
-        seq_reward = float(rewards.sum(1).mean())  # score − β·Σ kl per episode, before any whitening
-        # 5. whiten rewards (scale only: shifting the mean would change the objective)
-        if cfg.whiten_rewards:
-            rewards = D.global_masked_whiten(rewards, mask, shift_mean=False)  # = masked_whiten in one process
-        # 6. compute advantages with the registered estimator, then whiten them over the batch
+        seq_reward = float(rewards.sum(1).mean())  # score - beta * sum kl per episode, before any whitening
+        if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
+            rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
+        # 6. advantages and returns from the registered estimator
         advantages, returns = self.estimator(rewards=rewards, values=exp.values, mask=mask, scores=exp.scores,
                                              gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
-        exp = replace(exp, rewards=rewards, kl=kl, advantages=D.global_masked_whiten(advantages, mask), returns=returns)
+        # 7. whiten the advantages over the (global) batch
+        exp = replace(exp, rewards=rewards, kl=kl, returns=returns,
+                      advantages=masked_whiten(advantages, mask, moments=D.global_masked_moments))
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
-                          "raw_advantages": advantages, **{k: v for k, v in vars(exp).items()}}
+                          "raw_advantages": advantages, **vars(exp)}
         t_rollout = self._clock()
-        # 7. put the experience in the buffer
-        buffer = RolloutBuffer()
-        buffer.add(exp)
-        # 8. PPO epochs over shuffled minibatches
-        update = self.update(buffer)
+        # 8. the update: PPO epochs over shuffled minibatches of the buffer
+        update = self.update(RolloutBuffer([exp]))
         t_update = self._clock()
-        # 9. adapt the KL coefficient to the observed sequence KL
+        # 9. KL controller: adapt beta to the observed sequence KL
         seq_kl = D.reduce_metrics({"kl": float(kl.sum(1).mean())})["kl"]  # equal rows per rank
         self.kl_ctl.update(seq_kl, cfg.batch_size)
         # 10. metrics, computed once here (update stats are means over minibatch steps)
@@ -207,8 +159,7 @@ class PPOTrainer:
             "objective/scores": float(exp.scores.mean()),
             "objective/rlhf_reward": seq_reward,
             "objective/kl_coef": self.kl_ctl.value,
-            # explained variance and tokens/s of the global batch (the row means here are global
-            # already: every rank holds batch_size / world rows)
+            # explained variance and tokens/s of the global batch (each rank holds batch_size / world rows)
             "val/explained_variance": float(explained_variance(
                 exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1])),
             "response/length": float(mask.sum(1).float().mean()),
@@ -225,15 +176,12 @@ class PPOTrainer:
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
-        cfg = self.cfg
-        metrics = MeanMetrics()
+        cfg, metrics = self.cfg, MeanMetrics()
         for _ in range(cfg.ppo_epochs):
             for minibatch in buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen):
-                stats = self.minibatch_step(minibatch)
-                if stats is None:
-                    continue
-                metrics.add(stats)
-                if cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
+                stats = self.minibatch_step(minibatch)  # None: skipped (non-finite)
+                metrics.add(stats or {})
+                if stats and cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
                     return {**metrics.mean(), "policy/early_stop": 1.0}
         return {**metrics.mean(), "policy/early_stop": 0.0}
 
@@ -271,40 +219,34 @@ class PPOTrainer:
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
-        finite = D.global_count(0 if finite else 1) == 0  # every rank skips or steps alike
-        grad_norm = D.clip_grad_norm(self.params, cfg.max_grad_norm or float("inf"))
-        if not finite or not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps, self.skipped_in_row = self.skipped_steps + 1, self.skipped_in_row + 1
-            if self.skipped_in_row >= cfg.max_skipped_steps:
-                raise NumericError(f"ppo iteration {self.iteration}: {self.skipped_in_row} optimizer steps in a row "
-                                   "had a non-finite loss or gradient; stopped (the last checkpoint is intact)")
+        grad_norm = finish_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm, finite)
+        self.skipped_steps, self.skipped_in_row = count_skip(grad_norm is not None, self.skipped_steps,
+                                                             self.skipped_in_row, cfg.max_skipped_steps,
+                                                             f"ppo iteration {self.iteration}")
+        if grad_norm is None:
             return None
-        self.skipped_in_row = 0
-        self.optimizer.step()
-        self.scheduler.step()
         stats_sum = D.reduce_metrics(stats_sum, dict.fromkeys(stats_sum, n_local))
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
 
-    def evaluate(self) -> dict[str, float]:
-        """Gold reward, reward-source score and KL to the reference on the held-out prompts."""
-        cfg = self.cfg
-        return evaluate(self.policy, self.tokenizer, self.eval_prompts, self.reward, self.gold,
-                        max_new_tokens=cfg.response_length, max_prompt_length=cfg.max_prompt_length,
-                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                        seed=cfg.seed + 7919, backend=cfg.kernel_backend)
+    def evaluate(self, when: str = "last") -> dict[str, float]:
+        """Gold reward, reward-source score and KL to the reference on the held-out prompts; the
+        responses are kept in ``self.responses[when]`` ("before" training, or the "last" evaluation)."""
+        c = self.cfg
+        metrics, self.responses[when] = evaluate(
+            self.policy, self.tokenizer, self.eval_prompts, self.reward, self.gold, max_new_tokens=c.response_length,
+            max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+            seed=c.seed + 7919, backend=c.kernel_backend)  # the same draws at every evaluation
+        return metrics
 
-    RESUMED = ("iteration", "skipped_steps", "skipped_in_row", "episodes", "train_seconds", "evals", "_order")
-
-    def named_trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.policy.named_parameters() if p.requires_grad and not n.startswith("ref_model.")}
+    RESUMED = ("iteration", "skipped_steps", "skipped_in_row", "episodes", "train_seconds", "evals", "_order",
+               "responses")
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything an exact resume needs: trainable weights (full or adapter) and value head, optimizer,
         LR schedule, KL controller, every RNG (of every rank: a collective under torchrun), the data
         cursor (``_order``) and the counters."""
-        gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
-        tensors, meta = capture_state(self.named_trainable(), self.optimizer, self.scheduler, gens)
+        tensors, meta = capture_state(self.policy.named_trainable_parameters(), self.optimizer, self.scheduler,
+                                      {"sample": self.sample_gen, "shuffle": self.shuffle_gen})
         meta.update(config=self.cfg.to_dict(), kl_ctl=self.kl_ctl.state_dict(),
                     ppo={k: getattr(self, k) for k in self.RESUMED})
         return tensors, meta
@@ -316,26 +258,23 @@ class PPOTrainer:
         loads too (weights, optimizer, schedule, KL controller, data cursor), each rank then samples
         from a new stream seeded by (seed, rank, iteration): deterministic, not the uninterrupted run.
         """
-        gens = {"sample": self.sample_gen, "shuffle": self.shuffle_gen}
-        exact = restore_state(tensors, meta, self.named_trainable(), self.optimizer, self.scheduler, gens)
+        exact = restore_state(tensors, meta, self.policy.named_trainable_parameters(), self.optimizer, self.scheduler,
+                              {"sample": self.sample_gen, "shuffle": self.shuffle_gen})
         self.kl_ctl.load_state_dict(meta["kl_ctl"])
         for key in self.RESUMED:
-            setattr(self, key, meta["ppo"][key])
+            setattr(self, key, meta["ppo"].get(key, getattr(self, key)))  # "responses": not in older checkpoints
         if not exact:
             self.sample_gen.manual_seed((self.cfg.seed + D.rank()) * 1_000_003 + self.iteration)
 
     def train(self, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
-        """Run iterations up to ``num_iterations`` (from ``self.iteration``: a resumed trainer goes on)
-        with evaluation before, every eval_every and at the end, and a checkpoint under
-        ``checkpoint_dir`` every save_every iterations and at the end.
-
-        Returns: a summary: eval metrics ``*_before`` / ``*_after``, ``episodes_per_s`` (episodes over
-        training wall time, evaluation excluded), ``wall_seconds`` (everything), skipped steps.
-        """
+        """Iterations up to ``num_iterations`` (a resumed trainer goes on from ``self.iteration``); evaluation
+        before, every eval_every and at the end; a checkpoint under ``checkpoint_dir`` every save_every and
+        at the end. Returns eval metrics ``*_before`` / ``*_after``, ``episodes_per_s`` (training time only),
+        ``wall_seconds`` (everything), skipped steps and iterations."""
         cfg = self.cfg
         t0 = time.perf_counter()
         if self.iteration == 0 and self.eval_prompts:
-            self.evals["before"] = self.evaluate()
+            self.evals["before"] = self.evaluate("before")
             self.logger.log("ppo", 0, self.evals["before"])
         todo = range(self.iteration + 1, cfg.num_iterations + 1)
         for it in progress(todo, total=len(todo), desc="ppo"):

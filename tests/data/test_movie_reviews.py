@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlhf_core.config import TaskConfig
-from rlhf_core.data.task import TITLE_ADJ, TITLE_NOUN, generate_task, gold_reward, gold_score, write_task
+from rlhf_core.data.movie_reviews import TITLE_ADJ, TITLE_NOUN, generate_task, gold_reward, gold_score
 
 SMALL = TaskConfig(n_corpus=200, n_sft=200, n_preferences=200, n_prompts=64, n_eval_prompts=32)
 
@@ -109,7 +109,7 @@ def test_gold_bounded_on_any_text(text):
 
 def test_write_task_roundtrips(tmp_path):
     t = generate_task(SMALL, seed=0)
-    paths = write_task(t, tmp_path / "task")
+    paths = t.write(tmp_path / "task")
     assert set(paths) == {"corpus", "sft", "preferences", "prompts", "eval_prompts"}
     rows = [json.loads(x) for x in paths["preferences"].read_text().splitlines()]
     assert rows == t.preferences

@@ -1,8 +1,7 @@
-"""real.py's task and gold judge: pure Python, runs without the weight packages."""
+"""The short-question task (the smollm2 preset's) and its gold judge: pure Python, no weight packages."""
 from rlhf_core.config import TaskConfig
-from rlhf_core.real import preset_defaults
-from rlhf_core.real_task import (STYLE_WEIGHTS, generate_real_task, gold_parts, gold_score,
-                            question_of, rm_prompt)
+from rlhf_core.data.short_questions import (STYLE_WEIGHTS, generate_task, gold_parts, gold_score, question_of,
+                                            rm_prompt)
 
 CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n<|im_start|>assistant\n")
@@ -27,8 +26,8 @@ def test_question_found_in_chat_rm_and_plain_prompts():
 
 def test_task_is_seeded_and_eval_questions_held_out():
     cfg = TaskConfig(n_sft=200, n_preferences=100, n_prompts=64, n_eval_prompts=24)
-    a, b = generate_real_task(cfg, seed=3), generate_real_task(cfg, seed=3)
-    assert a == b and a != generate_real_task(cfg, seed=4)
+    a, b = generate_task(cfg, seed=3), generate_task(cfg, seed=3)
+    assert a == b and a != generate_task(cfg, seed=4)
     held = set(a.eval_prompts)
     train = {r["prompt"] for r in a.sft} | set(a.prompts) | {question_of(r["prompt"]) for r in a.preferences}
     assert len(held) == 24 and not held & train
@@ -38,8 +37,3 @@ def test_task_is_seeded_and_eval_questions_held_out():
     # SFT mixes styles on purpose: the SFT policy has room to improve under the judge.
     assert abs(sum(STYLE_WEIGHTS.values()) - 1) < 1e-9
     assert 0.1 < sum(gold_score(r["prompt"], r["completion"]) for r in a.sft) / 200 < 0.6
-
-
-def test_preset_values_sit_under_the_users():
-    merged = preset_defaults({"ppo": {"num_iterations": 3}, "seed": 1})
-    assert merged["ppo"]["num_iterations"] == 3 and merged["ppo"]["use_lora"] is True and merged["seed"] == 1

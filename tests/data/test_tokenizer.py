@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlhf_core.config import TaskConfig
-from rlhf_core.data.task import generate_task
+from rlhf_core.data.movie_reviews import generate_task
 from rlhf_core.data.tokenizer import train_tokenizer
 
 

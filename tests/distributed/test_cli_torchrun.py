@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from rlhf_core.config import TaskConfig, TinyModelConfig
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     from rlhf_core.data.tokenizer import train_tokenizer
     from rlhf_core.models import build_tiny_model
     out = tmp_path_factory.mktemp("tiny") / "model"

@@ -18,7 +18,7 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from rlhf_core import distributed as D  # noqa: E402
+from rlhf_core import distributed as D, fsdp as FS  # noqa: E402
 
 B, T = 7, 6  # global rows (odd: ranks hold 4 and 3), response length
 
@@ -42,11 +42,13 @@ def case_whiten() -> dict:
     mean, var = D.global_masked_moments(xs, ms)
     metrics = D.reduce_metrics({"a": float(D.rank() + 1), "b": 10.0 * D.rank()},
                                counts={"a": float(len(xs))})
+    from rlhf_core.ppo.advantages import masked_whiten
     from rlhf_core.ppo.losses import explained_variance
     values = torch.randn(B, T, generator=gen, dtype=torch.float64) + torch.nan_to_num(x) * 0.5  # (B, T)
     ev = explained_variance(D.shard(values), xs, ms, variance=lambda v, m: D.global_masked_moments(v, m)[1])
     return {"x": x, "mask": mask, "mean": mean, "var": var, "metrics": metrics, "values": values, "ev": ev,
-            "white": D.global_masked_whiten(xs, ms), "white_noshift": D.global_masked_whiten(xs, ms, shift_mean=False),
+            "white": masked_whiten(xs, ms, moments=D.global_masked_moments),
+            "white_noshift": masked_whiten(xs, ms, shift_mean=False, moments=D.global_masked_moments),
             "shard": list(D.shard(list(range(11)))), "count": D.global_count(int(ms.sum()))}
 
 
@@ -118,7 +120,7 @@ def train_sft(model: torch.nn.Module, records: list, steps: int, distributed: bo
 def sft_case(wrap: str) -> dict:
     records, steps = sft_batch(), 3
     model = tiny_llama()
-    wrapped = D.wrap_ddp(model) if wrap == "ddp" else D.wrap_fsdp2(model)
+    wrapped = D.wrap_ddp(model) if wrap == "ddp" else FS.wrap_fsdp2(model)
     train_sft(wrapped, records, steps, distributed=True)
     if wrap == "fsdp2":  # gather the DTensor shards into full tensors on every rank
         state = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
@@ -126,10 +128,10 @@ def sft_case(wrap: str) -> dict:
         state = {k: v.detach().clone() for k, v in D.unwrap(wrapped).state_dict().items()}
     out: dict = {"state": state}
     if wrap == "fsdp2":  # bf16 compute (MixedPrecisionPolicy) on a float32 model: works on CPU/gloo
-        bf16 = D.wrap_fsdp2(tiny_llama(dtype=torch.float32), mixed_precision_bf16=True)
+        bf16 = FS.wrap_fsdp2(tiny_llama(dtype=torch.float32), mixed_precision_bf16=True)
         out["bf16_losses"] = train_sft(bf16, records, steps, distributed=True)
         out["bf16_param_dtype"] = next(bf16.parameters()).dtype
-        out["fp32_losses"] = train_sft(D.wrap_fsdp2(tiny_llama(dtype=torch.float32)), records, steps, True)
+        out["fp32_losses"] = train_sft(FS.wrap_fsdp2(tiny_llama(dtype=torch.float32)), records, steps, True)
     if D.is_main():
         ref = tiny_llama()
         out["ref_losses"] = train_sft(ref, records, steps, distributed=False)
@@ -216,8 +218,9 @@ def single_process():
 def case_ppo_trainer() -> dict:
     """PPOTrainer.minibatch_step (micro-batches of 2) on a 4/3 row split vs the whole minibatch."""
     from rlhf_core.config import PPOConfig, TinyModelConfig
-    from rlhf_core.phases.ppo import tiny_setup
+    from rlhf_core.testing import tiny_setup
     from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo.rollout import next_prompt_batch
     from rlhf_core.ppo.trainer import PPOTrainer
     tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0)
@@ -228,19 +231,23 @@ def case_ppo_trainer() -> dict:
         return PPOTrainer(cfg, PolicyWithValue(model), tok, lambda p, r: [0.0] * len(r), task.prompts)
 
     def grads(t: PPOTrainer) -> dict[str, torch.Tensor]:
-        return {n: p.grad.clone() for n, p in t.named_trainable().items()}
+        return {n: p.grad.clone() for n, p in t.policy.named_trainable_parameters().items()}
+
+    def prompts(t: PPOTrainer) -> list[str]:  # what step() rolls out on this rank
+        batch, _ = next_prompt_batch(t.prompts, t._order, t.cfg.batch_size, t.cfg.group_size, t.shuffle_gen)
+        return list(D.shard(batch))
 
     t = trainer()
     exp = ppo_experience(t.policy, torch.Generator().manual_seed(5))
     start, end = D.shard_bounds(len(exp), D.rank(), D.world_size())
     stats = t.minibatch_step(exp.index(slice(start, end)))
-    out: dict = {"grads": grads(t), "stats": stats, "prompts": t.next_prompts()}
+    out: dict = {"grads": grads(t), "stats": stats, "prompts": prompts(t)}
     if D.is_main():
         with single_process():
             ref = trainer()
             out["ref_stats"] = ref.minibatch_step(exp)
             out["ref_grads"] = grads(ref)
-            out["ref_prompts"] = ref.next_prompts()
+            out["ref_prompts"] = prompts(ref)
     return out
 
 
@@ -282,7 +289,8 @@ def case_ppo_fsdp2() -> dict:
     (the sharded run must keep both ranks stepping together). Then the sharded policy is gathered
     and saved by rank 0."""
     from rlhf_core.config import PPOConfig, TinyModelConfig
-    from rlhf_core.phases.ppo import save_policy, tiny_setup
+    from rlhf_core.phases.ppo import save_policy
+    from rlhf_core.testing import tiny_setup
     from rlhf_core.ppo import rollout
     from rlhf_core.ppo.policy import PolicyWithValue
     from rlhf_core.ppo.trainer import PPOTrainer
@@ -325,12 +333,12 @@ def case_ppo_fsdp2() -> dict:
     fsdp, fsdp_metrics, fsdp_lengths = run("fsdp2")
     bf16, bf16_metrics, _ = run("fsdp2", "bf16")
     ref_sharded, ref_sharded_metrics, _ = run("fsdp2", shard_reference=True)
-    full = D.full_state_dict(fsdp.policy.model)  # every rank
+    full = FS.full_state_dict(fsdp.policy.model)  # every rank
     out: dict = {"ddp_lengths": ddp_lengths, "fsdp_lengths": fsdp_lengths, "sharded": fsdp.sharded,
                  "ddp_metrics": ddp_metrics, "fsdp_metrics": fsdp_metrics, "bf16_metrics": bf16_metrics,
                  "bf16_dtypes": sorted({str(p.dtype) for p in bf16.params}),
-                 "ref_sharded": D.is_sharded(ref_sharded.policy.ref_model), "ref_sharded_metrics": ref_sharded_metrics,
-                 "ref_sharded_weights": {k: v.clone() for k, v in D.full_state_dict(ref_sharded.policy.model).items()},
+                 "ref_sharded": FS.is_sharded(ref_sharded.policy.ref_model), "ref_sharded_metrics": ref_sharded_metrics,
+                 "ref_sharded_weights": {k: v.clone() for k, v in FS.full_state_dict(ref_sharded.policy.model).items()},
                  "ddp_weights": {k: v.detach().clone() for k, v in ddp.policy.model.state_dict().items()},
                  "value_head": {k: v.detach().clone() for k, v in fsdp.policy.value_head.state_dict().items()},
                  "ddp_value_head": {k: v.detach().clone() for k, v in ddp.policy.value_head.state_dict().items()}}

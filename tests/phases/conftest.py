@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_core.config import PretrainConfig, TaskConfig, TinyModelConfig
-from rlhf_core.data.task import generate_task
+from rlhf_core.data.movie_reviews import generate_task
 from rlhf_core.tracking import MetricsLogger
 
 TINY = TinyModelConfig(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2,

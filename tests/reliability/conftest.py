@@ -37,7 +37,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-init tiny causal LM + its locally trained tokenizer, saved as an HF folder."""
-    from rlhf_core.phases.ppo import tiny_setup
+    from rlhf_core.testing import tiny_setup
     tok, model, _ = tiny_setup(n_prompts=8, n_eval_prompts=8, model_cfg=TINY)
     path = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(path)
@@ -59,7 +59,7 @@ def cli():
 @pytest.fixture(scope="session")
 def tiny_parts():
     """(tokenizer, task) of the tiny setup, built once (the tokenizer trains in about a second)."""
-    from rlhf_core.phases.ppo import tiny_setup
+    from rlhf_core.testing import tiny_setup
     tok, _, task = tiny_setup(n_prompts=16, n_eval_prompts=4, model_cfg=TINY)
     return tok, task
 

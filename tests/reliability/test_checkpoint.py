@@ -102,7 +102,7 @@ def test_trainer_resumes_from_previous_good_checkpoint(make_trainer, tmp_path):
     with pytest.warns(UserWarning, match="step-000002"):
         assert resume_trainer(fresh, fresh.cfg, tmp_path) == 1
     tensors, _ = load_checkpoint(tmp_path / "step-000001")
-    assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.named_trainable().items())
+    assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.policy.named_trainable_parameters().items())
     assert json.loads((tmp_path / "step-000001" / "state.json").read_text())["ppo"]["iteration"] == 1
 
 
@@ -119,7 +119,7 @@ def test_checkpoint_of_another_world_size_loads_with_a_warning_and_reseeds_sampl
     with pytest.warns(UserWarning, match="checkpoint written by 2 ranks, resumed on 1"):
         fresh.load_state(tensors, meta)
     assert fresh.iteration == 1 and torch.equal(fresh.shuffle_gen.get_state(), trainer.shuffle_gen.get_state())
-    assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.named_trainable().items())
+    assert all(torch.equal(p, tensors[f"param.{n}"]) for n, p in fresh.policy.named_trainable_parameters().items())
     assert not torch.equal(fresh.sample_gen.get_state(), trainer.sample_gen.get_state())
     expected = torch.Generator().manual_seed(fresh.cfg.seed * 1_000_003 + 1)
     assert torch.equal(fresh.sample_gen.get_state(), expected.get_state())

@@ -33,11 +33,11 @@ def optimizer_snapshot(trainer):
 def test_skipped_step_leaves_weights_optimizer_and_schedule_untouched(make_trainer, grad):
     trainer = make_trainer(loss_fn=NaNAfter(start=3, grad=grad), max_skipped_steps=10)
     trainer.step()  # two good optimizer steps: Adam moments exist
-    weights = {n: p.clone() for n, p in trainer.named_trainable().items()}
+    weights = {n: p.clone() for n, p in trainer.policy.named_trainable_parameters().items()}
     moments, lr_step = optimizer_snapshot(trainer), trainer.scheduler.last_epoch
     metrics = trainer.step()  # two NaN steps
     assert metrics["perf/skipped_steps"] == 2 and trainer.skipped_in_row == 2
-    assert all(torch.equal(p, weights[n]) for n, p in trainer.named_trainable().items())
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.policy.named_trainable_parameters().items())
     after = optimizer_snapshot(trainer)
     assert after.keys() == moments.keys()
     assert all(torch.equal(after[i][k], moments[i][k]) for i in moments for k in moments[i])

@@ -93,7 +93,7 @@ def test_resume_flag_errors(flags, message, tmp_path, capsys):
 
 def write_phase_data(phase: str, path: Path) -> Path:
     from rlhf_core.config import TaskConfig
-    from rlhf_core.data.task import generate_task
+    from rlhf_core.data.movie_reviews import generate_task
     task = generate_task(TaskConfig(n_corpus=1, n_sft=48, n_preferences=48, n_prompts=1, n_eval_prompts=1))
     records = task.sft if phase == "sft" else task.preferences
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
