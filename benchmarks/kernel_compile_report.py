@@ -90,14 +90,15 @@ def cases(n: int, h: int, v: int, dtype: torch.dtype, tf32: bool,
     inv_t, ign = 1.0 / 0.7, -100
     lp_fwd = (x, x, i64, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
     lp_bwd = (x, x, i64, f, f, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
-    kl_fwd = (x, x, x, x, f, f, f, n, v, h, h, *strides, *strides, inv_t)
+    kl_fwd = (x, x, x, x, f, f, f, i64, f, f, n, v, h, h, *strides, *strides, 1, inv_t, ign)
     kl_bwd = (x, x, x, x, f, f, f, f, f, f, n, v, h, h, *strides, *strides, inv_t)
     grads = dict(NEED_H=True, NEED_W=True)
     return [
         ("logprob_fwd", lp_mod._logprob_fwd_kernel, lp_fwd, cfg),
         ("logprob_bwd", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=False, **grads, **cfg)),
         ("logprob_bwd+entropy", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=True, **grads, **cfg)),
-        ("kl_fwd", kl_mod._kl_fwd_kernel, kl_fwd, cfg),
+        ("kl_fwd", kl_mod._kl_fwd_kernel, kl_fwd, dict(HAS_TARGETS=False, **cfg)),
+        ("kl_fwd+logprobs", kl_mod._kl_fwd_kernel, kl_fwd, dict(HAS_TARGETS=True, **cfg)),  # the rollout's pass
         ("kl_bwd", kl_mod._kl_bwd_kernel, kl_bwd, dict(**grads, **cfg)),
     ]
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 
 from kernels._dispatch import KernelBackendError, load_triton, resolve_backend
-from kernels.reference import chunked_kl, chunked_logprobs, kl_naive, logprobs_naive
+from kernels.reference import chunked_kl, chunked_logprobs, chunked_logprobs_kl, kl_naive, logprobs_naive
 
 __all__ = [
     "fused_logprobs",
     "fused_kl",
+    "fused_logprobs_kl",
+    "chunked_logprobs_kl",
     "chunked_logprobs",
     "chunked_kl",
     "logprobs_naive",
@@ -29,6 +31,17 @@ def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, what: str) -> None
             f"{what}: expected hidden [N, H] and weight [V, H], "
             f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
+
+
+def _check_pair(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                temperature: float, what: str) -> None:
+    """Policy and reference inputs of one KL op: each [N, H] x [V, H], the same N and V, T > 0."""
+    _check_shapes(hidden, weight, what)
+    _check_shapes(ref_hidden, ref_weight, f"{what} (ref)")
+    if ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{what}: policy and reference must share N and V")
+    if temperature <= 0:
+        raise ValueError(f"{what}: temperature must be > 0, got {temperature}")
 
 
 def fused_logprobs(
@@ -95,14 +108,39 @@ def fused_kl(
     Returns:
         float32 ``kl`` [N] for fp32/fp16/bf16 inputs (float64 stays float64 on the torch backend).
     """
-    _check_shapes(hidden, weight, "fused_kl")
-    _check_shapes(ref_hidden, ref_weight, "fused_kl (ref)")
-    if ref_hidden.shape[0] != hidden.shape[0] or ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError("fused_kl: policy and reference must share N and V")
-    if temperature <= 0:
-        raise ValueError(f"fused_kl: temperature must be > 0, got {temperature}")
+    _check_pair(hidden, weight, ref_hidden, ref_weight, temperature, "fused_kl")
     if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight) == "torch" or hidden.shape[0] == 0:
         return chunked_kl(hidden, weight, ref_hidden, ref_weight, temperature)
     mod = load_triton("triton_kl", hidden.device)
     return mod.triton_kl(hidden, weight, ref_hidden, ref_weight, temperature)
 
+
+def fused_logprobs_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rollout's scoring in one pass: log π(target), log π_ref(target) and the exact
+    KL(π‖π_ref) per token, from both models' hidden states (no gradient).
+
+    Formula: with z = hidden @ weight.T / T and zq = ref_hidden @ ref_weight.T / T,
+    logprob = z[target] − lse(z), ref_logprob = zq[target] − lse(zq),
+    kl = Σ_j softmax(z)_j (z_j − zq_j) − lse(z) + lse(zq). The same numbers as
+    ``fused_logprobs`` on each side and ``fused_kl``, for one sweep over the vocabulary instead of three.
+
+    Shapes: hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'], targets [N]
+        -> (logprobs [N], ref_logprobs [N], kl [N]), float32; the logprobs are 0 where
+        target == ignore_index (the KL of those rows is computed all the same).
+    """
+    _check_pair(hidden, weight, ref_hidden, ref_weight, temperature, "fused_logprobs_kl")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_logprobs_kl: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight, targets) == "torch" or hidden.shape[0] == 0:
+        return chunked_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, temperature, ignore_index)
+    mod = load_triton("triton_kl", hidden.device)
+    return mod.triton_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, temperature, ignore_index)

@@ -6,7 +6,8 @@ Two flavours of the same math, both used by tests and benchmarks:
   Tests call them in float64 as the ground truth.
 * ``chunked_logprobs`` / ``chunked_kl`` walk over row chunks so that at most ``chunk * V``
   logits exist at once, in forward *and* backward (the backward recomputes each chunk's
-  logits instead of saving them). This is the CPU fallback the PPO code runs.
+  logits instead of saving them). This is the CPU fallback the PPO code runs;
+  ``chunked_logprobs_kl`` is the rollout's no-grad pass giving both sides' logprobs and the KL.
 
 Math (z = hidden @ weight.T / T, one row):
     lse      = log Σ_j exp(z_j)
@@ -131,6 +132,36 @@ class _ChunkedLogprob(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None
 
 
+def _kl_pass(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+             inv_t: float, chunk: int, safe_targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """One pass over row chunks of both models' logits: (lse_p, lse_q, kl, logp[target], logq[target]),
+    each (N,); the last two only with ``safe_targets`` (None otherwise)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    w32, rw32 = _acc(weight), _acc(ref_weight)  # (V, H) each
+    dev, acc = hidden.device, w32.dtype
+    lse_p, lse_q, kl = (_dispatch.empty(n, device=dev, dtype=acc) for _ in range(3))  # (N,) each
+    lp = lq = None
+    if safe_targets is not None:
+        lp, lq = (_dispatch.empty(n, device=dev, dtype=acc) for _ in range(2))  # (N,) each
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
+        zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
+        lp_c, lq_c, kl_c = lse_p[s:e], lse_q[s:e], kl[s:e]  # (c,) views
+        for b in _row_blocks(e - s, v):
+            lp_c[b] = torch.logsumexp(zp[b], dim=-1)
+            lq_c[b] = torch.logsumexp(zq[b], dim=-1)
+        if safe_targets is not None:  # before the KL below turns zp into zp - zq in place
+            lp[s:e] = zp.gather(1, safe_targets[s:e, None]).squeeze(1) - lp_c
+            lq[s:e] = zq.gather(1, safe_targets[s:e, None]).squeeze(1) - lq_c
+        for b in _row_blocks(e - s, v):
+            p = (zp[b] - lp_c[b, None]).exp_()  # (rows, V) block temporary
+            kl_c[b] = torch.linalg.vecdot(p, zp[b].sub_(zq[b])) - lp_c[b] + lq_c[b]
+            del p
+        del zp, zq
+    return lse_p, lse_q, kl, lp, lq
+
+
 class _ChunkedKL(torch.autograd.Function):
     """Chunked exact KL(π‖π_ref); reproduces, row by row,
 
@@ -141,24 +172,9 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, chunk_size):
-        n, v = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / temperature
-        w32, rw32 = _acc(weight), _acc(ref_weight)  # (V, H) each
-        dev, acc = hidden.device, w32.dtype
-        lse_p, lse_q, kl = (_dispatch.empty(n, device=dev, dtype=acc) for _ in range(3))  # (N,) each
-        c = _chunk_rows(n, v, chunk_size)
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
-            zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
-            lp_c, lq_c, kl_c = lse_p[s:e], lse_q[s:e], kl[s:e]  # (c,) views
-            for b in _row_blocks(e - s, v):
-                lp_c[b] = torch.logsumexp(zp[b], dim=-1)
-                lq_c[b] = torch.logsumexp(zq[b], dim=-1)
-                p = (zp[b] - lp_c[b, None]).exp_()  # (rows, V) block temporary
-                kl_c[b] = torch.linalg.vecdot(p, zp[b].sub_(zq[b])) - lp_c[b] + lq_c[b]
-                del p
-            del zp, zq
+        c = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_size)
+        lse_p, lse_q, kl, _, _ = _kl_pass(hidden, weight, ref_hidden, ref_weight, inv_t, c)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl)
         ctx.inv_t, ctx.chunk = inv_t, c
         return kl
@@ -256,6 +272,34 @@ def chunked_kl(
         float32 ``kl`` [N] (float64 for float64 inputs); gradients flow to hidden and weight only.
     """
     return _ChunkedKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature), chunk_size)
+
+
+@torch.no_grad()
+def chunked_logprobs_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π(target), log π_ref(target) and the exact KL(π‖π_ref) per row in one pass over the
+    vocabulary, chunked over rows: the rollout's scoring (no gradient).
+
+    Formula: z, zq as in :func:`chunked_kl`; logprob = z[target] - lse(z), ref_logprob =
+    zq[target] - lse(zq), KL = Σ_j p_j (z_j - zq_j) - lse(z) + lse(zq). Accumulates in float32.
+    Equals ``chunked_logprobs`` on each side and ``chunked_kl``, for the cost of one sweep.
+
+    Shapes: hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'], targets [N]
+        -> (logprobs [N], ref_logprobs [N], kl [N]); the logprobs are 0 where target == ignore_index.
+    """
+    valid = targets != ignore_index  # (N,)
+    safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()  # (N,)
+    c = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_size)
+    _, _, kl, lp, lq = _kl_pass(hidden, weight, ref_hidden, ref_weight, 1.0 / temperature, c, safe_t)
+    return torch.where(valid, lp, 0.0), torch.where(valid, lq, 0.0), kl
 
 
 def logprobs_naive(

@@ -11,6 +11,10 @@ Backward (policy side only; the reference model is frozen in PPO, so ref_hidden/
 constants): dKL/dz_j = p_j ((z_j - zq_j) - (lse_p - lse_q) - KL), then the same atomic
 accumulation of d_hidden / d_weight as the logprob kernel (see triton_logprob.py for why).
 Cost: 4·N·H·V forward (two GEMMs); 8·N·H·V backward (two recomputed, two gradients).
+
+With ``HAS_TARGETS`` the same forward sweep also gathers both models' logits of the sampled
+tokens: the rollout's log π(a), log π_ref(a) and exact KL in one pass over the vocabulary
+(``triton_logprobs_kl``), instead of three.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def _kl_fwd_kernel(
     kl_ptr,  # (N,) fp32 out: KL(p‖q)
     lsep_ptr,  # (N,) fp32 out: policy logsumexp, for backward
     lseq_ptr,  # (N,) fp32 out: reference logsumexp, for backward
+    t_ptr,  # (N,) int targets (read only with HAS_TARGETS)
+    lp_ptr,  # (N,) fp32 out: log p(target) (HAS_TARGETS)
+    lq_ptr,  # (N,) fp32 out: log q(target) (HAS_TARGETS)
     N,
     V,
     H,
@@ -43,7 +50,10 @@ def _kl_fwd_kernel(
     stride_rhh,
     stride_rwv,
     stride_rwh,
+    stride_t,
     inv_t,
+    ignore_index,
+    HAS_TARGETS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -57,6 +67,10 @@ def _kl_fwd_kernel(
     m_q = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s_q = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m_p} (z - zq)
+    if HAS_TARGETS:
+        tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=ignore_index)  # (BLOCK_N,)
+        zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # z[target]
+        zqt = tl.zeros([BLOCK_N], dtype=tl.float32)  # zq[target]
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
@@ -64,6 +78,10 @@ def _kl_fwd_kernel(
                          stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
         zq = _logits_tile(rh_ptr, rw_ptr, rows, cols, row_ok, col_ok, HR, stride_rhn, stride_rhh,
                           stride_rwv, stride_rwh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
+        if HAS_TARGETS:
+            hit = cols[None, :] == tgt[:, None]  # (BLOCK_N, BLOCK_V) the target's column
+            zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+            zqt += tl.sum(tl.where(hit, zq, 0.0), axis=1)
         diff = tl.where(col_ok[None, :], z - zq, 0.0)  # (BLOCK_N, BLOCK_V) finite on padding
         z = tl.where(col_ok[None, :], z, float("-inf"))
         zq = tl.where(col_ok[None, :], zq, float("-inf"))
@@ -81,6 +99,10 @@ def _kl_fwd_kernel(
     tl.store(kl_ptr + rows, t / s_p - lse_p + lse_q, mask=row_ok)
     tl.store(lsep_ptr + rows, lse_p, mask=row_ok)
     tl.store(lseq_ptr + rows, lse_q, mask=row_ok)
+    if HAS_TARGETS:
+        valid = tgt != ignore_index
+        tl.store(lp_ptr + rows, tl.where(valid, zt - lse_p, 0.0), mask=row_ok)
+        tl.store(lq_ptr + rows, tl.where(valid, zqt - lse_q, 0.0), mask=row_ok)
 
 
 @triton.jit
@@ -142,6 +164,22 @@ def _strides(hidden, weight, ref_hidden, ref_weight) -> tuple[int, ...]:
     return (*hidden.stride(), *weight.stride(), *ref_hidden.stride(), *ref_weight.stride())
 
 
+def _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, kl, lse_p, lse_q,
+                targets=None, lp=None, lq=None, ignore_index=-100) -> None:
+    """One forward sweep over the vocabulary; with ``targets`` it also writes both models'
+    log-probabilities of the targets into ``lp`` / ``lq``."""
+    n, hdim = hidden.shape
+    v, hr = weight.shape[0], ref_hidden.shape[1]
+    has_t = targets is not None
+    cfg = launch_config(hidden)
+    _kl_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q,
+        targets if has_t else kl, lp if has_t else kl, lq if has_t else kl, n, v, hdim, hr,
+        *_strides(hidden, weight, ref_hidden, ref_weight), targets.stride(0) if has_t else 0,
+        1.0 / temperature, ignore_index, HAS_TARGETS=has_t, **cfg,
+    )
+
+
 class TritonKL(torch.autograd.Function):
     """Fused exact KL(π‖π_ref); reproduces
 
@@ -153,16 +191,8 @@ class TritonKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature):
-        n, hdim = hidden.shape
-        v, hr = weight.shape[0], ref_hidden.shape[1]
-        dev = hidden.device
-        kl, lse_p, lse_q = (_dispatch.empty(n, device=dev) for _ in range(3))  # (N,) each
-        cfg = launch_config(hidden)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _kl_fwd_kernel[grid](
-            hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q, n, v, hdim, hr,
-            *_strides(hidden, weight, ref_hidden, ref_weight), 1.0 / temperature, **cfg,
-        )
+        kl, lse_p, lse_q = (_dispatch.empty(hidden.shape[0], device=hidden.device) for _ in range(3))  # (N,) each
+        _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, kl, lse_p, lse_q)
         ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q)
         ctx.inv_t = 1.0 / temperature
         return kl
@@ -204,3 +234,26 @@ def triton_kl(
     _same_dtype(hidden, weight)
     _same_dtype(ref_hidden, ref_weight)
     return TritonKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature))
+
+
+@torch.no_grad()
+def triton_logprobs_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launcher behind ``kernels.fused_logprobs_kl(backend="triton")``: one sweep over the
+    vocabulary gives log p(target), log q(target) and the exact KL(p‖q) per row (the rollout's
+    scoring; no gradient). Shapes as :func:`triton_kl`, targets [N] -> three [N] float32 tensors;
+    rows whose target is ``ignore_index`` read 0 in the two logprobs (their KL is still computed)."""
+    _same_dtype(hidden, weight)
+    _same_dtype(ref_hidden, ref_weight)
+    n, dev = hidden.shape[0], hidden.device
+    kl, lse_p, lse_q, lp, lq = (_dispatch.empty(n, device=dev) for _ in range(5))  # (N,) each
+    _launch_fwd(hidden, weight, ref_hidden, ref_weight, float(temperature), kl, lse_p, lse_q,
+                targets, lp, lq, ignore_index)
+    return lp, lq, kl

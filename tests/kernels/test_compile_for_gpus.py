@@ -42,7 +42,7 @@ def test_kernels_compile_for_sm90_and_sm89_within_limits(tmp_path):
         rows = json.loads((tmp_path / f"kernels_sm{arch}_compile.json").read_text())["kernels"]
         assert {(r["kernel"], r["dtype"]) for r in rows} == {
             (k, d) for d in ("bf16", "tf32", "fp32")
-            for k in ("logprob_fwd", "logprob_bwd", "logprob_bwd+entropy", "kl_fwd", "kl_bwd")
+            for k in ("logprob_fwd", "logprob_bwd", "logprob_bwd+entropy", "kl_fwd", "kl_fwd+logprobs", "kl_bwd")
         }
         for r in rows:
             assert r["ptx_target"] == ("sm_90a" if arch == 90 else "sm_89"), r  # wgmma needs the "a" target
