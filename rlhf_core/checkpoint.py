@@ -157,10 +157,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return load_file(str(path / TENSORS)), json.loads((path / STATE).read_text(encoding="utf-8"))
 
 
-def load_for_resume(root: str | Path, config: dict[str, Any], where: str
+def load_for_resume(root: str | Path, config: dict[str, Any], where: str, defaults: dict[str, Any] | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(tensors, state) of the newest valid checkpoint under ``root`` (None: there is none), after
-    checking that ``config`` is the configuration that wrote it (bar RESUME_FREE fields).
+    checking that ``config`` is the configuration that wrote it (bar RESUME_FREE fields; settings
+    newer than the checkpoint match at their ``defaults``, see :func:`check_resume_config`).
 
     Under torchrun every rank reads the checkpoint itself, and all must pick the same one: the
     output dir has to be on a filesystem every node can read.
@@ -174,7 +175,7 @@ def load_for_resume(root: str | Path, config: dict[str, Any], where: str
         return None
     tensors, meta = load_checkpoint(path)
     try:
-        check_resume_config(meta.get("config", {}), config, where)
+        check_resume_config(meta.get("config", {}), config, where, defaults)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return tensors, meta
@@ -205,12 +206,22 @@ RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num
                "device"}
 
 
-def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
-    """Raise ConfigError naming the first field (bar RESUME_FREE) where ``now`` differs from ``saved``."""
+def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str,
+                        defaults: dict[str, Any] | None = None) -> None:
+    """Raise ConfigError naming the first field (bar RESUME_FREE) where ``now`` differs from ``saved``.
+
+    ``defaults`` (same nesting as ``now``): a field the saved configuration does not have (it was
+    written before the setting existed) matches when ``now`` holds its default, the behaviour the
+    interrupted run had.
+    """
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(now)):
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            check_resume_config(a, b, f"{where}{key}.")
+            sub = defaults.get(key)
+            check_resume_config(a, b, f"{where}{key}.", sub if isinstance(sub, dict) else None)
+        elif key not in saved and key in defaults and b == defaults[key]:
+            continue
         elif key not in RESUME_FREE and a != b:
             raise ConfigError(f"--resume: {where}{key}={b!r} differs from the interrupted run's {a!r} "
                               "(resume with the same configuration)")

@@ -118,7 +118,7 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
 
 def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogger:
     if resume and (out / MARKER).exists():
-        check_resume_config(json.loads((out / MARKER).read_text()), cfg.to_dict(), "")
+        check_resume_config(json.loads((out / MARKER).read_text()), cfg.to_dict(), "", PipelineConfig().to_dict())
     if not D.is_main():  # torchrun: rank 0 alone writes config, metrics, summary, report
         return MetricsLogger(None, echo=False)
     write_json_atomic(out / MARKER, cfg.to_dict())

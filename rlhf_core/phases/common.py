@@ -157,7 +157,7 @@ class LoopResult:
 def _resume_loop(checkpoint_dir: Any, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer, sched: Any,
                  cfg: TrainCommon) -> dict[str, Any] | None:
     """Load the newest valid checkpoint into params/optimizer/schedule/RNGs; its loop counters (None: none)."""
-    found = load_for_resume(checkpoint_dir, cfg.to_dict(), f"{cfg._section}.")
+    found = load_for_resume(checkpoint_dir, cfg.to_dict(), f"{cfg._section}.", type(cfg)().to_dict())
     if found is None:
         return None
     restore_state(*found, params, opt, sched, {})

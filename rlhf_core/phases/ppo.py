@@ -136,7 +136,7 @@ def resume_trainer(trainer: Any, cfg: PPOConfig, checkpoint_dir: Path) -> int:
     The configuration must match the one that wrote the checkpoint (bar logging/saving fields),
     or the resumed run would not be the run that was interrupted.
     """
-    found = load_for_resume(checkpoint_dir, cfg.to_dict(), "ppo.")
+    found = load_for_resume(checkpoint_dir, cfg.to_dict(), "ppo.", PPOConfig().to_dict())
     if found is None:
         return 0
     trainer.load_state(*found)

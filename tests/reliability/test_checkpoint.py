@@ -123,3 +123,15 @@ def test_checkpoint_of_another_world_size_loads_with_a_warning_and_reseeds_sampl
     assert not torch.equal(fresh.sample_gen.get_state(), trainer.sample_gen.get_state())
     expected = torch.Generator().manual_seed(fresh.cfg.seed * 1_000_003 + 1)
     assert torch.equal(fresh.sample_gen.get_state(), expected.get_state())
+
+
+def test_a_setting_newer_than_the_checkpoint_matches_at_its_default():
+    from rlhf_core.checkpoint import check_resume_config
+    from rlhf_core.errors import ConfigError
+    saved = {"ppo": {"kl_coef": 0.2}}  # written before kl_penalty existed
+    defaults = {"ppo": {"kl_coef": 0.2, "kl_penalty": "reward"}}
+    check_resume_config(saved, {"ppo": {"kl_coef": 0.2, "kl_penalty": "reward"}}, "", defaults)
+    with pytest.raises(ConfigError, match=r"ppo.kl_penalty='loss' differs from the interrupted run's None"):
+        check_resume_config(saved, {"ppo": {"kl_coef": 0.2, "kl_penalty": "loss"}}, "", defaults)
+    with pytest.raises(ConfigError, match="ppo.kl_penalty"):  # without defaults: any new key differs
+        check_resume_config(saved, {"ppo": {"kl_coef": 0.2, "kl_penalty": "reward"}}, "")
