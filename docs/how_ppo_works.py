@@ -860,13 +860,15 @@ The tensors are the fields of one batch of rollouts, [`Experience`](../rlhf_core
 - **Â** (advantages): how much better token a_t did than V expected, GAE then whitened,
   [`Experience.advantages`](../rlhf_core/ppo/experience.py).
 - **ρ** (ratio): ρ_t = π_θ(a_t|s_t) / π_old(a_t|s_t) = exp(logprobs_t − old logprobs_t), 1 at the first step.
-- **Three KLs are logged; they are different quantities:**
+- **Three kinds of KL are logged; they are different quantities:**
   - `policy/approx_kl`: k3 = (ρ − 1) − log ρ averaged over the minibatch's tokens, between π_old and π_θ
     *during the update*. A trust-region diagnostic: how far one optimizer step moved the policy (§8).
-  - `objective/kl`: the batch mean of Σ_t kl_t, the per-token KL estimate to π_ref that the reward
-    penalizes ([`Experience.kl`](../rlhf_core/ppo/experience.py), §5, §9).
+  - `objective/kl`: the batch mean of Σ_t kl_t, the per-token KL estimate to π_ref that the penalty
+    uses ([`Experience.kl`](../rlhf_core/ppo/experience.py), §5, §9); next to it `objective/kl_exact`
+    ([`Experience.kl_exact`](../rlhf_core/ppo/experience.py), §3), `objective/kl_k1` and `objective/kl_k3`:
+    the same rollout's KL measured exactly and by the two estimators.
   - `eval/kl_to_ref`: the exact full-vocabulary KL(π_θ‖π_ref), summed over each response's tokens and
-    averaged over held-out prompts (`rollout:evaluate`, §10). The ground truth for `objective/kl`.
+    averaged over held-out prompts (`rollout:evaluate`, §10), after the update.
 
 ## 1. Prompts → left-padded queries — `rollout:encode_prompts`
 
@@ -898,14 +900,17 @@ The loop also keeps, for each token, the hidden state it was sampled from (§3).
 
 Row 0 token by token: {tokens_line}.
 
-## 3. Logprobs and values — `rollout:score` → `policy:response_logprobs` → `kernels.fused_logprobs`
+## 3. Logprobs and values — `rollout:score` → `kernels.fused_logprobs_kl`
 
 The trunk returns hidden states `h` (B, L, H); response token t is predicted by position `Lq − 1 + t`.
-Those (B·T, H) rows go to the fused kernel:
+Those (B·T, H) rows of the policy and of the reference go to one fused pass over the vocabulary:
 
-    logprob_t = z_t[a_t] − logsumexp(z_t),   z_t = h_t · Wᵀ / temperature          (temperature = {g(cfg['temperature'])})
+    logprob_t     = z_t[a_t] − logsumexp(z_t),     z_t = h_t · Wᵀ / temperature          (temperature = {g(cfg['temperature'])})
+    ref_logprob_t = zq_t[a_t] − logsumexp(zq_t),   zq_t from π_ref's h and W the same way
+    kl_exact_t    = Σ_v softmax(z_t)_v (z_t,v − zq_t,v) − logsumexp(z_t) + logsumexp(zq_t)
 
-computed chunk by chunk (torch reference on CPU, Triton on CUDA), so no (B, T, V) tensor exists.
+computed chunk by chunk (torch reference on CPU, Triton on CUDA), so no (B, T, V) tensor exists, and
+the exact KL of every state comes with the two logprobs at no extra sweep (the `objective/kl_exact` metric).
 For the policy, `h` are the states the KV-cache sampling loop already computed
 (`generate(..., return_hidden=True)` → `score(..., hidden=...)`, `PPOConfig.rollout_logprobs`), so
 π_old needs no second forward; the reference and every PPO update step run the trunk.
@@ -947,8 +952,11 @@ KL(π_old‖π_ref) from the sampled tokens:
 
     k1 = −log r      k2 = ½ (log r)²      k3 = (r − 1) − log r          (kl_estimator = "{cfg['kl_estimator']}")
 
-or, with `kl_estimator="exact"`, the full-vocabulary KL(π‖π_ref) per token from both models'
-hidden states (`kernels.fused_kl`). The reward is −β·kl on each valid token, plus the score on the
+or, with `kl_estimator="exact"`, §3's `kl_exact`. Where the penalty goes is `kl_penalty`
+(= "{cfg['kl_penalty']}" here): in the rewards, in the loss (a differentiated term, §8), or, for the exact KL,
+both — [docs/kl.md](kl.md) shows which pairs train E[score] − β·KL(π‖π_ref) without bias (k1 in the
+reward does; k3 estimates the KL's value without bias but as a reward trains another objective).
+With the penalty in the rewards, the reward is −β·kl on each valid token, plus the score on the
 **last valid token** (the EOS, or the truncation point — not the pad after it):
 
     r_t = −β · kl_t + score · [t = last valid t]          β = kl_coef = {g(beta)}
@@ -1008,7 +1016,9 @@ the rows ({order}); for each of the `ppo_epochs` ({cfg['ppo_epochs']}) passes ov
     L_value  = ½ masked_mean( max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²) )      ε_v = {g(cfg['clip_range_value'])}
     loss     = L_policy + vf_coef · L_value − ent_coef · entropy                             ({g(cfg['vf_coef'])}, {g(cfg['ent_coef'])})
 
-(`trainer:ppo_loss`; replace it with `PPOTrainer(loss_fn=...)`.) The max makes both losses pessimistic: once
+(`objective:ppo_loss`; replace it with `PPOTrainer(loss_fn=...)`; `objective:micro_batch_loss` runs the
+forward and, when `kl_penalty` is "loss" or "both", adds (β/σ_Â)·masked_mean(kl_t) with kl_t under the
+current parameters — [docs/kl.md](kl.md).) The max makes both losses pessimistic: once
 ρ leaves [1−ε, 1+ε] in the direction Â favours, that token's gradient is 0. With micro-batches, each micro
 loss is scaled by its share of the minibatch's valid tokens (`buffer:accumulation_weights`), so the
 step equals the un-accumulated one (tested to 1e-6). A non-finite loss or gradient skips the step
@@ -1039,7 +1049,8 @@ With `adaptive_kl=True` ({str(cfg['adaptive_kl']).lower()} here; Ziegler et al. 
 
     e = clip(KL_seq / kl_target − 1, −0.2, 0.2);     β ← β · (1 + e · batch_size / kl_horizon)
 
-where KL_seq is the batch's mean summed KL (`objective/kl`). Fixed by default. For this batch
+where KL_seq is the batch's mean summed KL that the penalty uses (`objective/kl`: the `kl_estimator`'s,
+wherever `kl_penalty` puts it). Fixed by default. For this batch
 KL_seq = {p4(ad['kl'])}, so with kl_target = {g(cfg['kl_target'])} and kl_horizon = {g(cfg['kl_horizon'])} the adaptive
 controller would compute e = {p4(ad['e'])} and β ← {ad['beta']:.6f}: at most a 20 % change per kl_horizon
 episodes, so it steers slowly, over thousands of responses.
@@ -1049,8 +1060,10 @@ episodes, so it steers slowly, over thousands of responses.
 Logged once per iteration to `RUN/metrics.jsonl` (`log_every`), update statistics being means over the
 optimizer steps that ran: `loss/policy`, `loss/value`, `policy/approx_kl`, `policy/clipfrac`,
 `policy/ratio`, `policy/entropy`, `policy/grad_norm`, `val/explained_variance` (1 − Var[R − V]/Var[R]),
-`val/error`, `val/clipfrac`, `val/mean`, `objective/kl`, `objective/scores`, `objective/rlhf_reward`
-(mean of score − β·Σ_t kl_t, before any reward whitening), `objective/kl_coef`, `response/length`,
+`val/error`, `val/clipfrac`, `val/mean`, `objective/kl` (the penalty's), `objective/kl_exact`,
+`objective/kl_k1` and `objective/kl_k3` (the same rollout's KL three ways: how far an estimator is from
+the truth), `objective/scores`, `objective/rlhf_reward` (mean of score − β·Σ_t kl_t, before any reward
+whitening), `objective/kl_coef`, `loss/kl` (with the penalty in the loss), `response/length`,
 `response/eos_fraction`, `lr`, `perf/episodes_per_s`, `perf/tokens_per_s`, `perf/skipped_steps`,
 `time/generate`, `time/score`, `time/rollout`, `time/update`; before training and every `eval_every`
 iterations (and at the end) `eval/gold_reward`, `eval/scores`, `eval/kl_to_ref` and `eval/response_length`

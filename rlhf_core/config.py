@@ -48,6 +48,14 @@ class TaskConfig(ConfigBase):
         self.check(0.0 <= self.label_noise < 0.5, "label_noise", "a probability in [0, 0.5)")
 
 
+# Where each KL estimator's penalty may go (docs/kl.md has the gradient each pair gives):
+# "reward": -beta*kl_t in token t's reward; "loss": beta*kl_t as a loss term, differentiated (GRPO's
+# placement of k3); "both" (exact only): the next state's KL in the reward, this state's in the loss,
+# the unbiased gradient of E[score] - beta*E[sum_t KL(pi(.|s_t) || pi_ref(.|s_t))].
+KL_PENALTIES = {"k1": ("reward", "loss"), "k2": ("reward", "loss"), "k3": ("reward", "loss"),
+                "exact": ("reward", "loss", "both")}
+
+
 @dataclass
 class PhaseCommon(ConfigBase):
     """Fields every training phase shares, the supervised ones and PPO (steps: optimizer steps;
@@ -198,7 +206,11 @@ class PPOConfig(LoraFields, PhaseCommon):
     adam_eps: float = opt(1e-5, "AdamW epsilon (CleanRL's PPO uses 1e-5; TRL 1e-8)")
     warmup_steps: int = opt(0, "optimizer steps of linear warm-up")
     kl_coef: float = opt(0.2, "initial KL penalty coefficient beta (TRL defaults to 0.05; 0.1 let seed 3 hack the tiny RM)")
-    kl_estimator: str = opt("k1", "per-token KL in the reward: 'k1', 'k2', 'k3' or 'exact' (full vocabulary)")
+    kl_estimator: str = opt("k1", "per-token KL of the penalty: 'k1', 'k2', 'k3' or 'exact' (full vocabulary, "
+                                  "from the fused KL kernel)")
+    kl_penalty: str = opt("reward", "where the KL penalty goes: 'reward' (-beta*kl_t in each token's reward), "
+                                    "'loss' (beta*kl_t as a differentiated loss term) or 'both' (exact only: the "
+                                    "next state's KL in the reward, this state's in the loss; docs/kl.md)")
     adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(1.0, "target sequence KL for the adaptive controller")
     kl_horizon: int = opt(10000, "adaptive controller horizon in episodes")
@@ -251,7 +263,11 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         self.check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine")
         self.check(self.kl_coef >= 0, "kl_coef", "a number >= 0")
-        self.check(self.kl_estimator in ("k1", "k2", "k3", "exact"), "kl_estimator", "k1, k2, k3 or exact")
+        self.check(self.kl_estimator in KL_PENALTIES, "kl_estimator", "k1, k2, k3 or exact")
+        if self.kl_penalty not in KL_PENALTIES[self.kl_estimator]:
+            raise ConfigError(f"ppo.kl_penalty={self.kl_penalty!r} with ppo.kl_estimator={self.kl_estimator!r}: "
+                              f"expected one of {', '.join(KL_PENALTIES[self.kl_estimator])} ('both' needs 'exact'; "
+                              "docs/kl.md)")
         self.check(self.kl_target > 0, "kl_target", "a positive number")
         self.check(self.kl_horizon > 0, "kl_horizon", "a positive integer")
         self.check(self.clip_range > 0, "clip_range", "a positive number")

@@ -43,6 +43,8 @@ def test_overrides_are_typed():
     ("ppo.lam", "-0.1", "ppo.lam"),
     ("ppo.batch_size", "31", "divisible by num_mini_batches"),
     ("ppo.kl_estimator", "k9", "ppo.kl_estimator"),
+    ("ppo.kl_penalty", "both", "ppo.kl_penalty='both' with ppo.kl_estimator='k1': expected one of reward, loss"),
+    ("ppo.kl_penalty", "everywhere", "ppo.kl_penalty='everywhere' with ppo.kl_estimator='k1'"),
     ("sft.mode", "8bit", "sft.mode"),
     ("sft.batch_size", "abc", "expected an integer"),
 ])
@@ -77,12 +79,16 @@ def _cli(args, tmp_path):
                           cwd=tmp_path, timeout=120)
 
 
-def test_cli_bad_config_exits_2_without_traceback(tmp_path):
+@pytest.mark.parametrize("flags, needle", [
+    (["--ppo.clip_range", "-1"], "ppo.clip_range"),
+    (["--ppo.kl_estimator", "k3", "--ppo.kl_penalty", "both"], "ppo.kl_penalty='both' with ppo.kl_estimator='k3'"),
+])
+def test_cli_bad_config_exits_2_without_traceback(tmp_path, flags, needle):
     out = tmp_path / "run"
-    res = _cli(["ppo", "--output-dir", str(out), "--ppo.clip_range", "-1"], tmp_path)
+    res = _cli(["ppo", "--output-dir", str(out), *flags], tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
-    assert "ppo.clip_range" in res.stderr
+    assert needle in res.stderr
     assert not out.exists(), "nothing is written for an invalid config"
 
 

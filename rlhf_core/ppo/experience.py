@@ -36,10 +36,13 @@ class Experience:
         ref_logprobs:  (B, T)  float   log π_ref(a_t|s_t)
         scores:        (B,)    float   sequence-level reward-function / reward-model score
         values:        (B, T)  float   V_old(s_t) from the value head (None without a critic)
-        rewards:       (B, T)  float   per-token rewards: −kl_coef·kl, + score on the last token
-        kl:            (B, T)  float   per-token KL(π_old‖π_ref) estimate, 0 on padding
+        rewards:       (B, T)  float   per-token rewards: −kl_coef·kl (where the penalty is in the
+                                       reward), + score on the last token
+        kl:            (B, T)  float   per-token KL(π_old‖π_ref) the penalty uses (ppo.kl_estimator), 0 on padding
         advantages:    (B, T)  float   A_t (whitened or not), 0 on padding
         returns:       (B, T)  float   value targets R_t, 0 on padding
+        kl_exact:      (B, T)  float   exact KL(π_old(·|s_t)‖π_ref(·|s_t)) over the whole vocabulary,
+                                       0 on padding (always measured at rollout, whatever the penalty uses)
     """
 
     query_ids: torch.Tensor  # (B, Tq)
@@ -54,6 +57,7 @@ class Experience:
     kl: torch.Tensor | None = None  # (B, T)
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
+    kl_exact: torch.Tensor | None = None  # (B, T)
 
     def __post_init__(self) -> None:
         # Catch a (B, T) / (B, T+1) off-by-one at construction, not as a broadcast deep in a loss.

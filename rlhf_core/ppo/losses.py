@@ -33,6 +33,7 @@ __all__ = [
     "policy_loss",
     "value_loss",
     "entropy_bonus",
+    "kl_penalty_loss",
     "explained_variance",
 ]
 
@@ -186,6 +187,25 @@ def entropy_bonus(
     """
     bonus = aggregate(entropy, mask, aggregation)
     return bonus, {"policy/entropy": bonus.detach()}
+
+
+def kl_penalty_loss(
+    kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, aggregation: str = "token-mean"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The KL penalty as a loss term (to minimise), differentiated through ``kl``.
+
+    Formula: loss = kl_coef·aggregate(kl_t), with kl_t computed under the current parameters:
+    an estimator of the sampled tokens (k1/k2/k3 from logprobs with grad; k3 is GRPO's
+    placement) or the exact per-state KL (``kernels.fused_kl``, whose backward gives its gradient).
+    Which of these trains the objective E[score] − β·KL(π‖π_ref) without bias is in docs/kl.md.
+
+    Shapes: kl (B, T) with grad, mask (B, T) -> loss ().
+
+    Returns:
+        loss: scalar; stats: {"loss/kl": the aggregated KL (not multiplied by kl_coef)}.
+    """
+    mean_kl = aggregate(kl, mask, aggregation)
+    return kl_coef * mean_kl, {"loss/kl": mean_kl.detach()}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

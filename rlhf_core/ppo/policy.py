@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from kernels import fused_logprobs
+from kernels import fused_kl, fused_logprobs
 
 from .. import fsdp
 from ..models import is_peft
@@ -198,6 +198,28 @@ def response_logprobs(lm: CausalLMView, query_ids: torch.Tensor, query_mask: tor
     hidden, input_ids, attention_mask = response_hidden(lm, query_ids, query_mask, response_ids, mask)
     return logprobs_from_hidden(lm, hidden, input_ids, attention_mask, response_ids, mask, temperature,
                                 backend, with_values, with_entropy)
+
+
+def response_logprobs_and_kl(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                             response_ids: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                             backend: str = "auto") -> tuple[torch.Tensor, ...]:
+    """:func:`response_logprobs` with values and entropy, plus the exact per-token KL(π‖π_ref) under the
+    current parameters: one policy forward (with grad) and one reference forward (no grad), the KL
+    from ``kernels.fused_kl`` on both hidden states, so its backward trains the policy.
+
+    Shapes: query (B, Lq), response/mask (B, T).
+    Returns: (logprobs, values, entropy, kl), each (B, T) and 0 where mask is 0.
+    """
+    hidden, input_ids, attention_mask = response_hidden(policy, query_ids, query_mask, response_ids, mask)
+    logprobs, values, entropy = logprobs_from_hidden(policy, hidden, input_ids, attention_mask, response_ids, mask,
+                                                     temperature, backend, with_values=True, with_entropy=True)
+    with torch.no_grad(), policy.reference() as ref:
+        ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H')
+        ref_weight = ref.lm_head_weight
+    b, t, h = hidden.shape
+    kl = fused_kl(hidden.reshape(b * t, h), policy.lm_head_weight, ref_hidden.reshape(b * t, -1), ref_weight,
+                  temperature, backend)  # (B·T,)
+    return logprobs, values, entropy, kl.view(b, t) * mask.bool()
 
 
 def logprobs_from_hidden(lm: CausalLMView, hidden: torch.Tensor, input_ids: torch.Tensor,

@@ -6,9 +6,14 @@ penalty and the score is paid once, on the last valid token of each response.
 
 KL estimators follow J. Schulman, "Approximating KL divergence" (2020),
 http://joschu.net/blog/kl-approx.html. With samples a ~ π and log r = log π_ref(a) − log π(a):
-    k1 = −log r              unbiased, high variance, can be negative
-    k2 = ½·(log r)²          biased, low variance, ≥ 0
-    k3 = (r − 1) − log r     unbiased, low variance, ≥ 0
+    k1 = −log r              unbiased value, high variance, can be negative
+    k2 = ½·(log r)²          biased value, low variance, ≥ 0
+    k3 = (r − 1) − log r     unbiased value, low variance, ≥ 0
+"Unbiased" is about the KL's *value*. What matters for training is the gradient each one gives
+where it is placed: as a per-token reward only k1 gives the gradient of KL(π‖π_ref) (k3's is that
+of KL(π‖π_ref) − KL(π_ref‖π)); the exact KL of a state does not depend on the action taken there,
+so it trains only through a loss term (``kl_in_rewards(..., "both")``). docs/kl.md has every
+(estimator, placement) pair's gradient, checked by exact enumeration (tests/ppo/test_kl_gradients.py).
 
 Imports only torch: plain tensors and floats in and out.
 """
@@ -22,7 +27,9 @@ from .utils import last_index
 __all__ = [
     "KL_ESTIMATORS",
     "approx_kl",
+    "kl_in_rewards",
     "kl_penalized_rewards",
+    "sequence_kls",
     "FixedKLController",
     "AdaptiveKLController",
 ]
@@ -116,6 +123,45 @@ def kl_penalized_rewards(
     score_t = scores.to(rewards.dtype).unsqueeze(1)  # (B, 1)
     rewards = rewards + torch.where(at_last, score_t, torch.zeros_like(rewards))  # (B, T)
     return rewards, kl
+
+
+def kl_in_rewards(kl: torch.Tensor, mask: torch.Tensor, penalty: str) -> torch.Tensor:
+    """The per-token KL that a penalty placement puts into the rewards.
+
+    Formula: "reward" → kl_t; "loss" → 0 (the penalty is a loss term only); "both" → kl_{t+1},
+    the *next* state's KL (0 after a row's last valid token): the reward of a_t carries
+    −β·KL(s_{t+1}), the KL that a_t leads to, while s_t's own KL — which a_t cannot change —
+    is trained through the loss (its direct gradient). With the exact per-state KL this makes
+    "both" the unbiased gradient of E[score] − β·E[Σ_t KL(π(·|s_t)‖π_ref(·|s_t))].
+
+    Shapes: kl (B, T), mask (B, T) right-padded -> (B, T), 0 on padding.
+
+    Raises:
+        ValueError: unknown ``penalty``.
+    """
+    valid = mask.bool()  # (B, T)
+    kl = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))  # (B, T)
+    if penalty == "reward":
+        return kl
+    if penalty == "loss":
+        return torch.zeros_like(kl)
+    if penalty == "both":
+        return torch.nn.functional.pad(kl[:, 1:], (0, 1)) * valid  # (B, T) kl_{t+1}; padding stays 0
+    raise ValueError(f"unknown KL penalty placement {penalty!r}; choose reward, loss or both")
+
+
+def sequence_kls(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_exact: torch.Tensor,
+                 mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-response KL to the reference, three ways, on the same rollout: "exact" (Σ_t of the
+    full-vocabulary KL of each state), "k1" and "k3" (Σ_t of the estimates from the sampled tokens).
+    The gap between them is how far an estimator is from the truth on this batch.
+
+    Shapes: logprobs, ref_logprobs, kl_exact, mask (B, T) -> {"exact", "k1", "k3"}: (B,) each.
+    """
+    valid = mask.bool()
+    zero = torch.zeros((), dtype=kl_exact.dtype, device=kl_exact.device)
+    return {"exact": torch.where(valid, kl_exact, zero).sum(-1),
+            **{k: torch.where(valid, approx_kl(logprobs, ref_logprobs, k), zero).sum(-1) for k in ("k1", "k3")}}
 
 
 class FixedKLController:

@@ -16,13 +16,12 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from kernels import fused_kl, fused_logprobs
+from kernels import fused_logprobs_kl
 
 from .. import distributed as D
 
 from .experience import Experience
-from .policy import (CausalLMView, PolicyWithValue, logprobs_from_hidden, position_ids_for, response_hidden,
-                     response_logprobs)
+from .policy import IGNORE_INDEX, CausalLMView, PolicyWithValue, position_ids_for, response_hidden
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_prompt_length: int,
@@ -175,16 +174,17 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
           response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None,
           temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",
           hidden: torch.Tensor | None = None) -> Experience:
-    """Logprobs, values (policy), ref_logprobs and per-token KL (reference) of a rollout.
+    """Logprobs and values (policy), ref_logprobs and the exact per-token KL (reference) of a rollout.
 
+    One pass over the vocabulary (``kernels.fused_logprobs_kl``) gives log π(a_t), log π_ref(a_t)
+    and the exact full-vocabulary KL(π‖π_ref) of every token from both models' hidden states, so
+    ``kl_exact`` is always measured (the ``objective/kl_exact`` metric) at no extra sweep.
     ``hidden`` (B, T, H): the policy's states from the sampling loop (``generate(...,
-    return_hidden=True)``); given, the policy's logprobs (and shared-trunk values) are read from
-    them and its forward pass is skipped. They are the distribution the tokens were drawn from;
-    a fresh forward gives the same numbers up to float rounding (another matmul shape).
+    return_hidden=True)``); given, the policy's forward pass is skipped. They are the distribution the
+    tokens were drawn from; a fresh forward gives the same numbers up to float rounding.
 
-    With ``kl_estimator="exact"`` ``kl`` is the full-vocabulary KL(π‖π_ref) per token from
-    ``kernels.fused_kl`` on both models' hidden states; otherwise None (the estimator is applied
-    in ``kl_penalized_rewards``).
+    ``kl`` is set to the exact KL when ``kl_estimator="exact"`` (else None: the trainer applies the
+    k1/k2/k3 estimator).
     Shapes: query (B, Lq); response/mask (B, T); scores (B,) or None (zeros, to be replaced by the
     reward once it is computed: the trainer scores the text after this, step 4).
     Returns: an Experience with rewards/advantages/returns left empty (filled by the trainer).
@@ -194,29 +194,21 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
         attn = torch.cat([query_mask.long(), mask.long()], dim=1)  # (B, Lq+T)
     else:
         hidden, ids, attn = response_hidden(policy, query_ids, query_mask, response_ids, mask)  # (B, T, H)
-    if kl_estimator != "exact":
-        logprobs, values, _ = logprobs_from_hidden(policy, hidden, ids, attn, response_ids, mask,
-                                                   temperature, backend, with_values=True)
-        with policy.reference() as ref:
-            ref_logprobs, _, _ = response_logprobs(ref, query_ids, query_mask, response_ids, mask,
-                                                   temperature, backend)
-        kl = None  # the trainer's kl_penalized_rewards applies the k1/k2/k3 estimator
-    else:
-        with policy.reference() as ref:
-            ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H)
-            ref_weight = ref.lm_head_weight
-        b, t, h = hidden.shape
-        targets = response_ids.reshape(-1)  # (B·T,)
-        logprobs = fused_logprobs(hidden.reshape(b * t, h), policy.lm_head_weight, targets,
-                                  temperature, backend=backend).view(b, t) * mask  # (B, T)
-        ref_logprobs = fused_logprobs(ref_hidden.reshape(b * t, h), ref_weight, targets,
-                                      temperature, backend=backend).view(b, t) * mask  # (B, T)
-        kl = fused_kl(hidden.reshape(b * t, h), policy.lm_head_weight, ref_hidden.reshape(b * t, h),
-                      ref_weight, temperature, backend=backend).view(b, t) * mask  # (B, T)
-        values = policy.response_values(hidden, ids, attn) * mask  # (B, T)
+    with policy.reference() as ref:
+        ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H')
+        ref_weight = ref.lm_head_weight
+    b, t, h = hidden.shape
+    targets = response_ids.masked_fill(~mask.bool(), IGNORE_INDEX).reshape(-1)  # (B·T,)
+    lp, lq, kl = fused_logprobs_kl(hidden.reshape(b * t, h), policy.lm_head_weight, ref_hidden.reshape(b * t, -1),
+                                   ref_weight, targets, temperature, backend, IGNORE_INDEX)  # (B·T,) each
+    valid = mask.bool()
+    logprobs, ref_logprobs = lp.view(b, t) * valid, lq.view(b, t) * valid  # (B, T) each
+    kl_exact = kl.view(b, t) * valid  # (B, T)
+    values = policy.response_values(hidden, ids, attn) * valid  # (B, T)
     return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
-                      scores=(torch.zeros(len(mask)) if scores is None else scores).to(logprobs.device), kl=kl)
+                      scores=(torch.zeros(len(mask)) if scores is None else scores).to(logprobs.device),
+                      kl=kl_exact if kl_estimator == "exact" else None, kl_exact=kl_exact)
 
 
 @torch.no_grad()
@@ -246,9 +238,8 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: list[str], reward
         sums["eval/scores"] += float(reward_fn(batch, texts, start // batch_size).sum())
         if gold_fn is not None:
             sums["eval/gold_reward"] += float(gold_fn(batch, texts, start // batch_size).sum())
-        exp = score(policy, query_ids, query_mask, response_ids, mask, torch.zeros(len(batch)),
-                    temperature, kl_estimator="exact", backend=backend)
-        sums["eval/kl_to_ref"] += float(exp.kl.sum())  # type: ignore[union-attr]
+        exp = score(policy, query_ids, query_mask, response_ids, mask, None, temperature, backend=backend)
+        sums["eval/kl_to_ref"] += float(exp.kl_exact.sum())  # type: ignore[union-attr]
         sums["eval/response_length"] += float(mask.sum())
     out = {k: v / len(prompts) for k, v in sums.items()}
     if gold_fn is None:

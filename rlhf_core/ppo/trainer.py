@@ -1,9 +1,10 @@
 """PPO for language models: the whole loop, one iteration per ``step()``.
 
-Every formula lives in the functional core (rewards, advantages, losses, buffer, rollout); this
-file only orders the calls, the way CleanRL's ppo.py reads. To change the loss, pass
-``loss_fn=`` (same signature as :func:`ppo_loss`); to change the advantages, register an
-estimator (``register_advantage_estimator``) and name it in ``config.advantage_estimator``.
+Every formula lives in the functional core (rewards, advantages, losses, buffer, rollout; one
+micro-batch's loss in objective.py); this file only orders the calls, the way CleanRL's ppo.py
+reads. To change the loss, pass ``loss_fn=`` (same signature as :func:`ppo_loss`); to change the
+advantages, register an estimator (``register_advantage_estimator``) and name it in
+``config.advantage_estimator``.
 
 References: Schulman et al. 2017 (PPO); Ziegler et al. 2019 (KL-penalized RLHF, adaptive KL);
 Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered steps below).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,26 +28,13 @@ from ..tracking import MeanMetrics, MetricsLogger, progress
 from .advantages import get_advantage_estimator, masked_whiten
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .losses import entropy_bonus, explained_variance, policy_loss, value_loss
-from .policy import PolicyWithValue, response_logprobs
+from .losses import explained_variance
+from .objective import LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable from here too)
+from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
-from .rewards import AdaptiveKLController, FixedKLController, kl_penalized_rewards
+from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
+                      sequence_kls)
 from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
-
-LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-def ppo_loss(*, logprobs: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor, exp: Experience,
-             config: PPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The default loss: policy_loss + vf_coef·value_loss − ent_coef·entropy (token-mean).
-
-    Args: current ``logprobs``/``values``/``entropy`` (B, T) with grad; ``exp`` the minibatch's rollout
-    (old logprobs/values, advantages, returns, mask). A custom ``loss_fn`` gets the same keywords and
-    returns (loss, stats) with the stats as 0-dim tensors."""
-    pg, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, config.clip_range)
-    vf, vf_stats = value_loss(values, exp.values, exp.returns, exp.mask, config.clip_range_value)
-    ent, ent_stats = entropy_bonus(entropy, exp.mask)
-    return pg + config.vf_coef * vf - config.ent_coef * ent, {**stats, **vf_stats, **ent_stats}
 
 
 class PPOTrainer:
@@ -93,6 +81,7 @@ class PPOTrainer:
             config.num_iterations * config.ppo_epochs * config.num_mini_batches, eps=config.adam_eps,
             fused=can_fuse(self.params))
         self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
+        self.adv_std = 1.0  # the last batch's advantage whitening std: the scale of a KL loss term (step 7)
         self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
         self.responses, self.trace = {"before": [], "last": []}, {}  # eval responses; iteration 1's tensors (docs)
@@ -127,19 +116,23 @@ class PPOTrainer:
         scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
         exp = replace(exp, scores=scores.to(self.device))
         t_score = self._clock()
-        # 5. per-token rewards: -beta * KL on every token, the score on each row's last valid token (its EOS)
-        estimator = "k1" if cfg.kl_estimator == "exact" else cfg.kl_estimator
-        rewards, kl = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask,
-                                           self.kl_ctl.value, estimator, kl=exp.kl)
-        seq_reward = float(rewards.sum(1).mean())  # score - beta * sum kl per episode, before any whitening
+        # 5. per-token rewards: the score on each row's last valid token (its EOS) and -beta * KL where
+        #    ppo.kl_penalty puts it (docs/kl.md)
+        kl = exp.kl_exact if cfg.kl_estimator == "exact" else approx_kl(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator)
+        rewards, _ = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl_ctl.value,
+                                          kl=kl_in_rewards(kl, mask, cfg.kl_penalty))
+        seq_kl = {k: float(v.mean()) for k, v in sequence_kls(exp.logprobs, exp.ref_logprobs, exp.kl_exact, mask).items()}
+        seq_reward = float(exp.scores.mean()) - self.kl_ctl.value * float((kl * mask).sum(1).mean())  # the objective
         if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
             rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
         # 6. advantages and returns from the registered estimator
         advantages, returns = self.estimator(rewards=rewards, values=exp.values, mask=mask, scores=exp.scores,
                                              gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
-        # 7. whiten the advantages over the (global) batch
-        exp = replace(exp, rewards=rewards, kl=kl, returns=returns,
-                      advantages=masked_whiten(advantages, mask, moments=D.global_masked_moments))
+        # 7. whiten the advantages over the (global) batch; a KL loss term is scaled alike (objective.py)
+        mean, var = D.global_masked_moments(advantages, mask)
+        self.adv_std = float(torch.sqrt(var + 1e-8))
+        exp = replace(exp, rewards=rewards, kl=kl * mask, returns=returns,
+                      advantages=masked_whiten(advantages, mask, moments=lambda x, m: (mean, var)))
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
                           "raw_advantages": advantages, **vars(exp)}
@@ -147,15 +140,16 @@ class PPOTrainer:
         # 8. the update: PPO epochs over shuffled minibatches of the buffer
         update = self.update(RolloutBuffer([exp]))
         t_update = self._clock()
-        # 9. KL controller: adapt beta to the observed sequence KL
-        seq_kl = D.reduce_metrics({"kl": float(kl.sum(1).mean())})["kl"]  # equal rows per rank
-        self.kl_ctl.update(seq_kl, cfg.batch_size)
+        # 9. KL controller: adapt beta to the sequence KL the penalty uses
+        penalty_kl = D.reduce_metrics({"kl": float(exp.kl.sum(1).mean())})["kl"]  # equal rows per rank
+        self.kl_ctl.update(penalty_kl, cfg.batch_size)
         # 10. metrics, computed once here (update stats are means over minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
         return D.reduce_metrics({
             **update,
-            "objective/kl": seq_kl,
+            "objective/kl": penalty_kl,
+            **{f"objective/kl_{k}": v for k, v in seq_kl.items()},  # exact, k1, k3 of the same rollout
             "objective/scores": float(exp.scores.mean()),
             "objective/rlhf_reward": seq_reward,
             "objective/kl_coef": self.kl_ctl.value,
@@ -203,10 +197,7 @@ class PPOTrainer:
         for weight, part in zip(weights, micro_batches(minibatch, size)):
             if weight == 0 and not self.sharded:  # sharded: every rank runs every forward (collectives)
                 continue
-            logprobs, values, entropy = response_logprobs(
-                self.policy, part.query_ids, part.query_mask, part.response_ids, part.mask, cfg.temperature,
-                cfg.kernel_backend, with_values=True, with_entropy=True)
-            loss, stats = self.loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=cfg)
+            loss, stats, out = micro_batch_loss(self.policy, part, cfg, self.loss_fn, self.kl_ctl.value / self.adv_std)
             if not torch.isfinite(loss):
                 finite = False
                 if not self.sharded:
@@ -214,8 +205,7 @@ class PPOTrainer:
             (loss * weight * share).backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
-                    {"response_ids": part.response_ids, "logprobs": logprobs.detach(), "values": values.detach(),
-                     **{k: v.detach() for k, v in stats.items()}})
+                    {"response_ids": part.response_ids, **{k: v.detach() for k, v in {**out, **stats}.items()}})
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean

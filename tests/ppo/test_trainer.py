@@ -51,8 +51,10 @@ def weights(trainer):
     return {k: v.clone() for k, v in trainer.policy.state_dict().items()}
 
 
-def test_micro_batch_accumulation_equals_full_minibatch():
-    full, micro = make_trainer(micro_batch_size=0), make_trainer(micro_batch_size=2)
+@pytest.mark.parametrize("estimator, penalty", [("k1", "reward"), ("k3", "loss"), ("exact", "both")])
+def test_micro_batch_accumulation_equals_full_minibatch(estimator, penalty):
+    kl = dict(kl_estimator=estimator, kl_penalty=penalty)
+    full, micro = make_trainer(micro_batch_size=0, **kl), make_trainer(micro_batch_size=2, **kl)
     full.step(), micro.step()
     a, b = weights(full), weights(micro)
     assert any(not torch.equal(v, weights(make_trainer())[k]) for k, v in a.items())  # it did train
@@ -75,6 +77,39 @@ def test_step_reports_every_metric_finite():
     assert not missing
     assert all(torch.isfinite(torch.tensor(float(v))) for v in metrics.values())
     assert metrics["perf/skipped_steps"] == 0
+
+
+def test_kl_metrics_measure_the_same_rollout_three_ways():
+    """objective/kl_exact, _k1, _k3 every iteration whatever the penalty uses; objective/kl is the
+    penalty's own (fed to the controller); a loss-placed penalty logs its loss term."""
+    for estimator, penalty in (("k1", "reward"), ("exact", "both"), ("k3", "loss")):
+        trainer = make_trainer(kl_estimator=estimator, kl_penalty=penalty)
+        trainer.step()
+        m = trainer.step()  # iteration 2: the policy has moved, the three measures differ
+        assert m["objective/kl_exact"] > 0 and m["objective/kl_exact"] != m["objective/kl_k1"]
+        assert m["objective/kl"] == pytest.approx(m[f"objective/kl_{estimator}"], rel=1e-5, abs=1e-7)
+        assert ("loss/kl" in m) == (penalty != "reward")
+
+
+def test_exact_kl_in_the_loss_trains_through_the_fused_kernel():
+    """kl_penalty='loss' with the exact KL and nothing else to learn (zero reward, vf_coef 0): the
+    KL loss term's gradient (kernels.fused_kl's backward) pulls a perturbed policy back to π_ref."""
+    trainer = make_trainer(kl_estimator="exact", kl_penalty="loss", vf_coef=0.0, kl_coef=1.0, learning_rate=1e-2,
+                           num_iterations=4)
+    with torch.no_grad():  # π ≠ π_ref: the reference is a copy made before this
+        head = trainer.policy.model.get_output_embeddings().weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    trainer.reward = lambda prompts, responses, batch=0: torch.zeros(len(responses))
+    metrics = [trainer.step() for _ in range(4)]
+    assert metrics[0]["loss/kl"] > 0.01 and metrics[0]["objective/scores"] == 0
+    assert metrics[-1]["objective/kl_exact"] < 0.7 * metrics[0]["objective/kl_exact"]
+
+
+def test_unsupported_kl_pair_is_one_line():
+    from rlhf_core.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"^ppo.kl_penalty='both' with ppo.kl_estimator='k3': expected one of "
+                                          r"reward, loss \('both' needs 'exact'"):
+        PPOConfig(kl_estimator="k3", kl_penalty="both").validate()
 
 
 def nan_loss(**kw):
