@@ -20,8 +20,8 @@ WORKER = Path(__file__).with_name("worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_ranks(case: str, tmp_path: Path, nproc: int = 2) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def run_ranks(case: str, tmp_path: Path, nproc: int = 2, **env_vars: str) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_vars}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), case, str(tmp_path)]
@@ -132,14 +132,19 @@ def test_ppo_minibatch_gradient_equals_single_process(tmp_path):
             torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path):
-    """The wired PPOTrainer: token shares + gradient all-reduce + reduced stats; prompts sharded."""
-    r0, r1 = run_ranks("ppo_trainer", tmp_path)
+@pytest.mark.parametrize("kl", ["k1,reward", "k3,loss", "exact,both"])
+def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path, kl):
+    """The wired PPOTrainer: token shares + gradient all-reduce + reduced stats; prompts sharded. With
+    the KL penalty in the loss (k3; the exact KL through kernels.fused_kl's backward) too."""
+    r0, r1 = run_ranks("ppo_trainer", tmp_path, RLHF_TEST_KL=kl)
     for name, ref in r0["ref_grads"].items():
         for r in (r0, r1):
             torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
-    for key in ("loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/grad_norm"):
+    keys = ["loss/policy", "loss/value", "policy/entropy", "policy/approx_kl", "policy/grad_norm"]
+    for key in keys + (["loss/kl"] if not kl.endswith("reward") else []):
         assert r0["stats"][key] == r1["stats"][key] == pytest.approx(r0["ref_stats"][key], rel=1e-5, abs=1e-7)
+    if not kl.endswith("reward"):
+        assert r0["ref_stats"]["loss/kl"] > 0.01  # a real KL term, not two zeros that agree
     assert r0["prompts"] + r1["prompts"] == r0["ref_prompts"]  # contiguous shards of the global batch
 
 

@@ -158,7 +158,8 @@ def ppo_experience(policy, gen: torch.Generator):
                                                 backend="torch", with_values=True)
     noise = lambda: torch.randn(B, T, generator=gen) * mask  # noqa: E731
     return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
-                      logprobs=logprobs + 0.3 * noise(), ref_logprobs=logprobs, scores=torch.randn(B, generator=gen),
+                      logprobs=logprobs + 0.3 * noise(), ref_logprobs=logprobs + 0.3 * noise(),
+                      scores=torch.randn(B, generator=gen),
                       values=values + 0.5 * noise(), advantages=noise(), returns=noise())
 
 
@@ -223,12 +224,18 @@ def case_ppo_trainer() -> dict:
     from rlhf_core.ppo.rollout import next_prompt_batch
     from rlhf_core.ppo.trainer import PPOTrainer
     tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-    cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0)
+    estimator, penalty = os.environ.get("RLHF_TEST_KL", "k1,reward").split(",")  # the KL penalty's placement
+    cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0,
+                    kl_estimator=estimator, kl_penalty=penalty)
 
     def trainer() -> PPOTrainer:
         tok, model, task = tiny_setup(n_prompts=8, n_eval_prompts=1, model_cfg=tiny)
         torch.manual_seed(0)
-        return PPOTrainer(cfg, PolicyWithValue(model), tok, lambda p, r: [0.0] * len(r), task.prompts)
+        policy = PolicyWithValue(model)  # the reference is a copy made here
+        with torch.no_grad():  # move the policy off its reference, so the KL and its gradient are not 0
+            head = model.get_output_embeddings().weight
+            head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(9)) * 0.3)
+        return PPOTrainer(cfg, policy, tok, lambda p, r: [0.0] * len(r), task.prompts)
 
     def grads(t: PPOTrainer) -> dict[str, torch.Tensor]:
         return {n: p.grad.clone() for n, p in t.policy.named_trainable_parameters().items()}
