@@ -888,8 +888,10 @@ in `tests/ppo/test_policy.py`). Prompts longer than `max_prompt_length` ({cfg['m
 
 One trunk forward over the queries fills the KV cache (`transformers.DynamicCache`); then per step
 only the last position's logits `h_L · Wᵀ` (B, V) are formed and sampled
-(`rollout:sample_next`: temperature / top-k / top-p, then an inverse-CDF draw from a seeded
-`torch.Generator`). A row stops at its EOS; later positions are `{vocab.pad}` and masked out. A row
+(`rollout:sample_next`: divided by the temperature, then an inverse-CDF draw from a seeded
+`torch.Generator`). The draw is from the full softmax: every logprob, ratio and KL below is computed under
+it, so `ppo.top_k` / `ppo.top_p`, which would sample from a truncated one, are refused. A row stops at its
+EOS; later positions are `{vocab.pad}` and masked out. A row
 without EOS is truncated at `response_length` ({cfg['response_length']}) and its mask covers every token.
 The loop also keeps, for each token, the hidden state it was sampled from (§3).
 

@@ -199,8 +199,9 @@ class PPOConfig(LoraFields, PhaseCommon):
     on_long_prompt: str = opt("truncate", "a prompt longer than max_prompt_length: 'truncate' "
                                           "(with a warning) or 'error'")
     temperature: float = opt(1.0, "sampling temperature (logprobs are computed at the same temperature)")
-    top_k: int = opt(0, "top-k sampling (0: off)")
-    top_p: float = opt(1.0, "nucleus sampling mass (1.0: off)")
+    top_k: int = opt(0, "top-k sampling: must stay 0 (off) for PPO rollouts, whose logprobs, ratio and KL are "
+                        "those of the full softmax (docs/how_ppo_works.md, section 2)")
+    top_p: float = opt(1.0, "nucleus sampling mass: must stay 1.0 (off) for PPO rollouts, as top_k")
     learning_rate: float = opt(1e-4, "peak AdamW learning rate")
     lr_schedule: str = opt("linear", "'constant', 'linear' decay or 'cosine'")
     adam_eps: float = opt(1e-5, "AdamW epsilon (CleanRL's PPO uses 1e-5; TRL 1e-8)")
@@ -259,8 +260,12 @@ class PPOConfig(LoraFields, PhaseCommon):
                    "micro_batch_size", f"0 or a divisor of the minibatch size {mb}")
         self.check(self.batch_size % self.group_size == 0, "batch_size", f"divisible by group_size={self.group_size}")
         self.check(self.temperature > 0, "temperature", "a positive number")
-        self.check(self.top_k >= 0, "top_k", "an integer >= 0")
-        self.check(0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        # Truncated sampling draws from another distribution than the softmax every logprob, ratio and KL
+        # is computed under: the importance ratio and the KL would not be the sampling policy's.
+        self.check(self.top_k == 0, "top_k", "0: PPO rollouts sample the full softmax (top-k would make the "
+                                             "ratio and the KL not those of the sampling policy)")
+        self.check(self.top_p == 1.0, "top_p", "1.0: PPO rollouts sample the full softmax (nucleus sampling would "
+                                               "make the ratio and the KL not those of the sampling policy)")
         self.check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine")
         self.check(self.kl_coef >= 0, "kl_coef", "a number >= 0")
         self.check(self.kl_estimator in KL_PENALTIES, "kl_estimator", "k1, k2, k3 or exact")
