@@ -20,6 +20,7 @@ from torch import nn
 from kernels import fused_kl, fused_logprobs
 
 from .. import fsdp
+from ..errors import ConfigError
 from ..models import is_peft
 
 IGNORE_INDEX = -100
@@ -107,6 +108,10 @@ class PolicyWithValue(nn.Module, CausalLMView):
             self.value_trunk = copy.deepcopy(source)
             self.value_trunk.requires_grad_(True)
         self.is_lora = is_peft(model)
+        if self.is_lora and hasattr(model.get_output_embeddings(), "lora_A"):
+            raise ConfigError("lora_target_modules: LoRA on the output layer is not supported: the fused logprob "
+                              "kernel reads the LM head's weight directly, so its adapter would be ignored "
+                              "(leave the LM head out of lora_target_modules)")
         self.ref_model: nn.Module | None = None
         if ref_model is not None or not self.is_lora:
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)

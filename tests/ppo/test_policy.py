@@ -128,3 +128,15 @@ def test_value_head_small_init_and_policy_stays_in_eval():
     policy = PolicyWithValue(tiny_lm(attention_dropout=0.5))
     policy.train()
     assert not policy.training and not policy.model.training
+
+
+def test_lora_on_the_output_layer_is_refused():
+    """The fused logprob reads the LM head's weight directly; a LoRA adapter on it would be ignored, so
+    PolicyWithValue refuses it with one line."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_core.errors import ConfigError
+    model = get_peft_model(tiny_lm(), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ConfigError, match="LoRA on the output layer is not supported") as err:
+        PolicyWithValue(model)
+    assert "\n" not in str(err.value)
