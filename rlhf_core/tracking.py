@@ -68,16 +68,19 @@ def update_summary(path: str | Path, phase: str, values: dict[str, Any]) -> dict
 
 
 class MeanMetrics:
-    """Sum and count per key, so a mean only averages values that were written (TRL #7012)."""
+    """Weighted sum and total weight per key, so a mean only averages values that were written (TRL
+    #7012) and pools them by what they were measured on: update statistics are token means of their
+    minibatch, so weighting each by its tokens gives the token mean over all of them (clipfrac 0.5 on
+    10 tokens and 0 on 100 tokens is 0.045, not 0.25)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
 
-    def add(self, stats: dict[str, float]) -> None:
+    def add(self, stats: dict[str, float], weight: float = 1.0) -> None:
         for k, v in stats.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
+            self.sums[k] = self.sums.get(k, 0.0) + weight * float(v)
+            self.counts[k] = self.counts.get(k, 0.0) + weight
 
     def mean(self) -> dict[str, float]:
-        return {k: s / self.counts[k] for k, s in self.sums.items()}
+        return {k: s / self.counts[k] if self.counts[k] else 0.0 for k, s in self.sums.items()}

@@ -143,7 +143,7 @@ class PPOTrainer:
         # 9. KL controller: adapt beta to the sequence KL the penalty uses
         penalty_kl = D.reduce_metrics({"kl": float(exp.kl.sum(1).mean())})["kl"]  # equal rows per rank
         self.kl_ctl.update(penalty_kl, cfg.batch_size)
-        # 10. metrics, computed once here (update stats are means over minibatch steps)
+        # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
         return D.reduce_metrics({
@@ -174,7 +174,7 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             for minibatch in buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen):
                 stats = self.minibatch_step(minibatch)  # None: skipped (non-finite)
-                metrics.add(stats or {})
+                metrics.add(stats or {}, weight=self.step_tokens)  # pooled over the tokens (tracking.MeanMetrics)
                 if stats and cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
                     return {**metrics.mean(), "policy/early_stop": 1.0}
         return {**metrics.mean(), "policy/early_stop": 0.0}
@@ -190,7 +190,8 @@ class PPOTrainer:
         size = cfg.micro_batch_size or len(minibatch)
         weights = accumulation_weights(minibatch.mask, size)
         n_local = float(minibatch.mask.sum())
-        share = n_local / max(D.global_count(n_local), 1)  # token-mean over the global minibatch
+        self.step_tokens = D.global_count(n_local)  # the global minibatch's valid tokens
+        share = n_local / max(self.step_tokens, 1)  # token-mean over the global minibatch
         self.optimizer.zero_grad(set_to_none=True)
         stats_sum: dict[str, float] = {}
         finite = True

@@ -178,6 +178,29 @@ def test_lr_schedules_and_metric_means():
     m.add({"a": 1.0, "b": 4.0})
     m.add({"a": 3.0})
     assert m.mean() == {"a": 2.0, "b": 4.0}  # b is not diluted by the step that did not write it
+    m = MeanMetrics()
+    m.add({"policy/clipfrac": 0.5}, weight=10)
+    m.add({"policy/clipfrac": 0.0}, weight=100)
+    assert m.mean()["policy/clipfrac"] == pytest.approx(5 / 110)  # pooled over tokens, not 0.25
+
+
+def test_update_pools_minibatch_statistics_over_their_tokens():
+    """Two minibatches of 10 and 100 valid tokens: the logged statistic is the token mean over both."""
+    from rlhf_core.ppo.buffer import RolloutBuffer
+    from rlhf_core.ppo.experience import Experience
+    trainer = make_trainer(num_mini_batches=2, ppo_epochs=1)
+    mask = torch.zeros(2, 100, dtype=torch.long)
+    mask[0, :10], mask[1] = 1, 1
+    zeros = torch.zeros(2, 100)
+    exp = Experience(query_ids=torch.ones(2, 1, dtype=torch.long), query_mask=torch.ones(2, 1, dtype=torch.long),
+                     response_ids=mask.clone(), mask=mask, logprobs=zeros, ref_logprobs=zeros, scores=torch.zeros(2))
+
+    def fake_step(minibatch):
+        trainer.step_tokens = float(minibatch.mask.sum())
+        return {"policy/clipfrac": 0.5 if trainer.step_tokens == 10 else 0.0, "policy/approx_kl": 0.0}
+
+    trainer.minibatch_step = fake_step
+    assert trainer.update(RolloutBuffer([exp]))["policy/clipfrac"] == pytest.approx(5 / 110)
 
 
 def test_example_custom_advantage_runs():
