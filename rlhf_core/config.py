@@ -221,7 +221,9 @@ class PPOConfig(LoraFields, PhaseCommon):
     ent_coef: float = opt(0.0, "entropy bonus weight")
     gamma: float = opt(1.0, "discount factor")
     lam: float = opt(0.95, "GAE lambda")
-    whiten_rewards: bool = opt(False, "whiten per-token rewards before GAE")
+    whiten_rewards: bool = opt(False, "whiten per-token rewards before GAE as TRL and the N+ reference do: "
+                                      "(r - mean)/std + mean, which keeps the mean but adds mean*(1 - 1/std) to "
+                                      "every valid token (a length bonus or penalty), not a pure rescaling")
     advantage_estimator: str = opt("gae", "registered estimator: 'gae' or 'rloo' (group leave-one-out)")
     group_size: int = opt(1, "samples per prompt (rloo needs >= 2)")
     target_kl: float = opt(0.0, "stop the PPO epochs of an iteration when approx KL exceeds this (0: off)")
