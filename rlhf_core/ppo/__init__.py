@@ -13,8 +13,9 @@ from .advantages import (
 )
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .losses import aggregate, entropy_bonus, explained_variance, policy_loss, value_loss
-from .rewards import AdaptiveKLController, FixedKLController, approx_kl, kl_penalized_rewards
+from .losses import aggregate, entropy_bonus, explained_variance, kl_penalty_loss, policy_loss, value_loss
+from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
+                      sequence_kls)
 from .utils import last_index, masked_mean, masked_sum, masked_var
 
 __all__ = [
@@ -30,7 +31,9 @@ __all__ = [
     "entropy_bonus",
     "explained_variance",
     "get_advantage_estimator",
+    "kl_in_rewards",
     "kl_penalized_rewards",
+    "kl_penalty_loss",
     "last_index",
     "masked_mean",
     "masked_sum",
@@ -40,5 +43,6 @@ __all__ = [
     "policy_loss",
     "register_advantage_estimator",
     "rloo_advantages",
+    "sequence_kls",
     "value_loss",
 ]
