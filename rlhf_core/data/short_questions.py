@@ -104,11 +104,6 @@ def gold_score(prompt: str, response: str) -> float:
     return max(-1.0, min(1.0, score))
 
 
-def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """The gold judge as a reward callable."""
-    return [gold_score(p, r) for p, r in zip(prompts, responses)]
-
-
 def _answer(rng: random.Random, style: str, question: str, core: str) -> str:
     """One answer in a style: polite, plain, verbose, rude or wrong (polite but incorrect)."""
     answer = ANSWERS[question]

@@ -118,11 +118,12 @@ class PPOTrainer:
         t_score = self._clock()
         # 5. per-token rewards: the score on each row's last valid token (its EOS) and -beta * KL where
         #    ppo.kl_penalty puts it (docs/kl.md)
-        kl = exp.kl_exact if cfg.kl_estimator == "exact" else approx_kl(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator)
+        kl = (exp.kl_exact if cfg.kl_estimator == "exact"
+              else approx_kl(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator)) * mask  # (B, T) the penalty's KL
         rewards, _ = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl_ctl.value,
                                           kl=kl_in_rewards(kl, mask, cfg.kl_penalty))
         seq_kl = {k: float(v.mean()) for k, v in sequence_kls(exp.logprobs, exp.ref_logprobs, exp.kl_exact, mask).items()}
-        seq_reward = float(exp.scores.mean()) - self.kl_ctl.value * float((kl * mask).sum(1).mean())  # the objective
+        seq_reward = float(exp.scores.mean()) - self.kl_ctl.value * float(kl.sum(1).mean())  # the objective
         if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
             rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
         # 6. advantages and returns from the registered estimator
@@ -131,7 +132,7 @@ class PPOTrainer:
         # 7. whiten the advantages over the (global) batch; a KL loss term is scaled alike (objective.py)
         mean, var = D.global_masked_moments(advantages, mask)
         self.adv_std = float(torch.sqrt(var + 1e-8))
-        exp = replace(exp, rewards=rewards, kl=kl * mask, returns=returns,
+        exp = replace(exp, rewards=rewards, kl=kl, returns=returns,
                       advantages=masked_whiten(advantages, mask, moments=lambda x, m: (mean, var)))
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
