@@ -30,7 +30,7 @@ def reinforce_baseline(*, rewards, mask, **kw):
     return advantages, returns
 
 
-def kl_in_loss(*, logprobs, values, entropy, exp, config, beta: float = 0.05):
+def kl_in_loss(*, logprobs, values, entropy, exp, config, beta: float = 0.05, **kw):
     """PPO clip + vf_coef·value loss + β·k3 KL(π‖π_ref) on the sampled tokens, token-mean."""
     pg, stats = policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, config.clip_range)
     vf, vf_stats = value_loss(values, exp.values, exp.returns, exp.mask, config.clip_range_value)

@@ -54,6 +54,8 @@ class TaskConfig(ConfigBase):
 # the unbiased gradient of E[score] - beta*E[sum_t KL(pi(.|s_t) || pi_ref(.|s_t))].
 KL_PENALTIES = {"k1": ("reward", "loss"), "k2": ("reward", "loss"), "k3": ("reward", "loss"),
                 "exact": ("reward", "loss", "both")}
+# How the PPO loss reduces its per-token terms (rlhf_core.ppo.losses.aggregate, the same tuple there).
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass
@@ -224,8 +226,17 @@ class PPOConfig(LoraFields, PhaseCommon):
     whiten_rewards: bool = opt(False, "whiten per-token rewards before GAE as TRL and the N+ reference do: "
                                       "(r - mean)/std + mean, which keeps the mean but adds mean*(1 - 1/std) to "
                                       "every valid token (a length bonus or penalty), not a pure rescaling")
-    advantage_estimator: str = opt("gae", "registered estimator: 'gae' or 'rloo' (group leave-one-out)")
-    group_size: int = opt(1, "samples per prompt (rloo needs >= 2)")
+    advantage_estimator: str = opt("gae", "'gae' (critic), 'rloo', 'grpo', 'dr_grpo' (group estimators: "
+                                          "group_size >= 2), 'reinforce_pp' (critic-free), another registered "
+                                          "name, or 'file.py:function' (docs/estimators.md)")
+    whiten_advantages: str = opt("auto", "'auto' (what the estimator declares: gae and reinforce_pp whiten over "
+                                         "the global batch, rloo/grpo/dr_grpo do not), 'true' or 'false'")
+    loss_aggregation: str = opt("token-mean", "how the policy, value, entropy and KL loss terms reduce over tokens: "
+                                              "'token-mean', 'seq-mean-token-mean' or 'seq-mean-token-sum-norm' "
+                                              "(sum / (rows x response_length): Dr. GRPO's constant normalizer)")
+    loss_fn: str = opt("", "'' (the clipped PPO loss, objective.ppo_loss) or 'file.py:function' with ppo_loss's "
+                           "keywords; it may return a (B, T) per-token loss, which is aggregated for it")
+    group_size: int = opt(1, "samples per prompt (rows of one prompt are contiguous; group estimators need >= 2)")
     target_kl: float = opt(0.0, "stop the PPO epochs of an iteration when approx KL exceeds this (0: off)")
     missing_eos_penalty: float = opt(0.0, "subtracted from the score of responses with no EOS (0: off)")
     value_model: str = opt("shared", "'shared' (head on the policy trunk) or 'separate' (own network)")
@@ -293,8 +304,9 @@ class PPOConfig(LoraFields, PhaseCommon):
                    "value head)")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
-        self.check(self.advantage_estimator != "rloo" or self.group_size >= 2, "group_size",
-                   ">= 2 with advantage_estimator=rloo")
+        self.check(self.whiten_advantages in ("auto", "true", "false"), "whiten_advantages", "auto, true or false")
+        self.check(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", ", ".join(LOSS_AGGREGATIONS))
+        self.check(bool(self.advantage_estimator), "advantage_estimator", "a registered name or 'file.py:function'")
         per_rank = self.batch_size // world_size
         self.check(self.batch_size % (world_size * self.group_size) == 0 and per_rank % self.num_mini_batches == 0,
                    "batch_size", f"a split into {world_size} ranks of whole groups (group_size={self.group_size}) "

@@ -186,6 +186,14 @@ def global_count(n: int | float) -> float:
     return float(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device())))
 
 
+def global_max(x: float) -> float:
+    """Max over ranks of a local number (identity in one process)."""
+    t = torch.tensor(float(x), dtype=torch.float64, device=device())
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def _all_gather_padded(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``t`` (any first-dim size; same dtype and trailing shape) in rank order: the
     sizes are exchanged first, then the tensors zero-padded to the longest and gathered."""

@@ -34,6 +34,7 @@ from .errors import ConfigError, RLHFError
 from .models import load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
+from .ppo.extensions import resolve_estimator, resolve_loss_fn
 from .presets import get_preset
 from .report import write_report
 from .tracking import MetricsLogger, update_summary
@@ -73,7 +74,10 @@ DATA_FIELDS = {"pretrain": ("data", ("text",)), "sft": ("data", ("prompt_complet
 def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     """Read every data file the phases will use before the output dir is touched, so a bad record
     (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
-    same for a ``device='cuda'`` that this machine cannot give."""
+    same for a ``device='cuda'`` that this machine cannot give, and for PPO's estimator and loss
+    (``ppo.advantage_estimator`` / ``ppo.loss_fn``: a name or ``file.py:function`` that must load)."""
+    if "ppo" in phases:
+        resolve_estimator(cfg.ppo), resolve_loss_fn(cfg.ppo)
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]

@@ -27,6 +27,7 @@ from ..data.loaders import load_or_default
 from ..data.tasks import Task
 from ..errors import ConfigError, DataError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, place, save_model
+from ..ppo.extensions import resolve_estimator
 from ..ppo.policy import PolicyWithValue
 from ..ppo.reward_sources import make_reward_fn
 from ..ppo.trainer import PPOTrainer
@@ -67,7 +68,10 @@ def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> 
 
 def build_policy(cfg: PPOConfig, model: torch.nn.Module) -> Any:
     """Wrap ``model`` in a PolicyWithValue; the separate value trunk comes from the reward model
-    (``value_init_from_reward``, same vocabulary required) or a full copy of the policy folder."""
+    (``value_init_from_reward``, same vocabulary required) or a full copy of the policy folder. A
+    critic-free estimator (``advantages.advantage_estimator(critic=False)``) gets no value head at all."""
+    if not resolve_estimator(cfg).critic:
+        return PolicyWithValue(model, value_model="none")
     backbone = None
     if cfg.value_model == "separate" and cfg.value_init_from_reward:
         backbone, _ = load_reward_model(cfg.reward)
@@ -95,14 +99,15 @@ def trace_to_json(trace: dict[str, Any]) -> dict[str, Any]:
 
 def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, Any] | None = None,
                 state_dict: dict[str, torch.Tensor] | None = None, texts: dict[str, str] | None = None) -> None:
-    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (+ trace.json, + ``texts``:
+    """Policy (LoRA merged into a copy) + tokenizer + value_head.safetensors (with a critic) (+ trace.json, + ``texts``:
     file name -> content, e.g. samples.md), all in one atomic folder.
 
     ``state_dict``: the policy's full weights when they are FSDP2 shards (``fsdp.full_state_dict``,
     gathered by every rank; this function then runs on rank 0 only).
     """
     def value_head_and_trace(folder: Path) -> None:
-        save_file(policy.value_state_dict(), str(folder / "value_head.safetensors"))
+        if policy.has_critic:
+            save_file(policy.value_state_dict(), str(folder / "value_head.safetensors"))
         if trace:
             write_json_atomic(folder / "trace.json", trace_to_json(trace))
         for name, text in (texts or {}).items():

@@ -1,4 +1,4 @@
-"""Advantage estimators: GAE, RLOO, whitening, and a registry to add your own.
+"""Advantage estimators: GAE, RLOO, GRPO, Dr. GRPO, REINFORCE++, whitening, and a registry to add your own.
 
 References:
 - Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage
@@ -6,20 +6,41 @@ References:
 - Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian et al.
   2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
   Feedback in LLMs" (arXiv:2402.14740): RLOO, the leave-one-out baseline.
+- Shao et al. 2024, "DeepSeekMath" (arXiv:2402.03300), §4.1: GRPO, group mean/std.
+- Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"
+  (arXiv:2503.20783): Dr. GRPO, group mean only (and a constant loss normaliser,
+  ``ppo.loss_aggregation=seq-mean-token-sum-norm``).
+- Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models"
+  (arXiv:2501.03262): token-level KL in the reward, returns normalised over the global batch.
 
-Adding an estimator (the trainer looks it up by name in ``ADVANTAGE_ESTIMATORS``)::
+The contract. Every estimator is called with keyword arguments only and must accept ``**kw``
+for the ones it ignores:
 
-    @register_advantage_estimator("grpo")
-    def grpo(*, rewards, mask, scores, group_size, **kw):
-        s = scores.view(-1, group_size)                                  # (B/G, G)
-        adv = ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)).view(-1, 1)
-        adv = adv * mask                                                 # (B, T)
+- ``rewards`` (B, T): the per-token rewards, KL-penalised: the score on each row's last valid
+  token and −β·KL_t on every token where ``ppo.kl_penalty`` puts the penalty in the reward.
+  An estimator that builds its advantages from ``rewards`` gets the KL penalty with them.
+- ``scores`` (B,): the raw reward-source scores, *no KL in them*. An estimator that uses only
+  ``scores`` drops a KL penalty placed in the reward: run it with ``ppo.kl_penalty=loss`` or say
+  in its docstring that it trains without a KL penalty (the trainer warns when the advantages
+  do not move with the KL).
+- ``values`` (B, T) or None (critic-free runs), ``mask`` (B, T), ``gamma``, ``lam``,
+  ``group_size`` (rows come in contiguous groups of ``group_size`` samples of one prompt).
+
+It returns ``(advantages, returns)``, both (B, T) and 0 on padding (``returns`` are the value
+targets; a critic-free estimator's are only logged).
+
+Each estimator declares how the trainer treats it (``register_advantage_estimator`` or, for a
+function used as ``file.py:function``, the ``advantage_estimator`` decorator):
+``whiten`` (advantages normalised to mean 0 / std 1 over the global batch after the estimator;
+``ppo.whiten_advantages`` overrides it), ``critic`` (reads ``values``: the run builds and trains
+a value head; False: no value head is built, trained or saved), ``groups`` (needs
+``group_size >= 2``).  For example::
+
+    @register_advantage_estimator("reinforce_mean", whiten=False, critic=False)
+    def reinforce_mean(*, rewards, mask, **kw):
+        seq = (rewards * mask).sum(-1, keepdim=True)           # (B, 1) score − β·Σ KL
+        adv = (seq - seq.mean()) * mask                         # (B, T)
         return adv, adv
-
-Every estimator is called with keyword arguments only — ``rewards`` (B, T), ``values``
-(B, T) or None, ``mask`` (B, T), ``scores`` (B,), ``gamma``, ``lam``, ``group_size`` — and
-must accept ``**kw`` for the ones it ignores. It returns ``(advantages, returns)``, both
-(B, T) and 0 on padding.
 
 Imports only torch.
 """
@@ -36,8 +57,12 @@ __all__ = [
     "compute_gae",
     "masked_whiten",
     "rloo_advantages",
+    "grpo_advantages",
+    "reinforce_pp_returns",
     "ADVANTAGE_ESTIMATORS",
     "AdvantageEstimator",
+    "advantage_estimator",
+    "estimator_declarations",
     "register_advantage_estimator",
     "get_advantage_estimator",
 ]
@@ -169,26 +194,106 @@ def rloo_advantages(
     Raises:
         ValueError: group_size < 2 or not dividing the batch.
     """
+    seq_return, returns = _group_returns(rewards, mask, group_size, "rloo")  # (B/k, k), (B, T)
+    baseline = (seq_return.sum(dim=1, keepdim=True) - seq_return) / (group_size - 1)  # (B/k, k)
+    return _per_token(seq_return - baseline, mask), returns
+
+
+def _group_returns(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, name: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R grouped (B/k, k), reward-to-go (B, T)) of the group estimators; checks the grouping."""
     B = rewards.shape[0]
     if group_size < 2 or B % group_size != 0:
-        raise ValueError(f"rloo needs group_size >= 2 dividing the batch; got group_size={group_size}, batch={B}")
-    m = mask.bool().to(rewards.dtype)  # (B, T)
+        raise ValueError(f"{name} needs group_size >= 2 dividing the batch; got group_size={group_size}, batch={B}")
     r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))  # (B, T)
     seq_return = masked_sum(r, mask, dim=-1).view(-1, group_size)  # (B/k, k)
-    baseline = (seq_return.sum(dim=1, keepdim=True) - seq_return) / (group_size - 1)  # (B/k, k)
-    adv = (seq_return - baseline).reshape(B, 1) * m  # (B, T)
-    returns = r.flip(-1).cumsum(-1).flip(-1) * m  # (B, T) reward-to-go
-    return adv, returns
+    return seq_return, r.flip(-1).cumsum(-1).flip(-1) * mask.bool().to(r.dtype)  # reward-to-go
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator: register ``fn`` under ``name`` in ``ADVANTAGE_ESTIMATORS``.
+def _per_token(grouped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sequence value (B/k, k) broadcast to every valid token: (B, T), 0 on padding."""
+    return grouped.reshape(-1, 1) * mask.bool().to(grouped.dtype)
+
+
+def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
+                    scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (outcome supervision) and Dr. GRPO advantages, one value per sequence.
+
+    Formula: R_i = Σ_t m_t·r_{i,t} (the score, minus β·Σ_t KL_t when the penalty is in the
+    rewards); for the group G(i) of i (k = group_size rows),
+        GRPO     (Shao et al. 2024, §4.1.2):  A_i = (R_i − mean_G(R)) / (std_G(R) + 1e-6)
+        Dr. GRPO (Liu et al. 2025, eq. 3):    A_i = R_i − mean_G(R)            (``scale=False``)
+    broadcast to every valid token of row i. std_G is the unbiased sample standard deviation
+    (``torch.std``, as the DeepSeekMath and TRL implementations compute it); a group whose
+    returns are all equal gets advantage 0.
+
+    Convention: contiguous groups as in ``rloo_advantages``; ``returns`` = the undiscounted
+    reward-to-go (logged only: GRPO has no critic).
+
+    Shapes: rewards (B, T), mask (B, T) -> advantages (B, T), returns (B, T); B % k == 0.
+
+    Raises:
+        ValueError: group_size < 2 or not dividing the batch.
+    """
+    seq_return, returns = _group_returns(rewards, mask, group_size, "grpo")  # (B/k, k), (B, T)
+    adv = seq_return - seq_return.mean(dim=1, keepdim=True)  # (B/k, k)
+    if scale:
+        adv = adv / (seq_return.std(dim=1, keepdim=True) + 1e-6)
+    return _per_token(adv, mask), returns
+
+
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025, eqs. 5–7): per-token returns of the KL-penalised rewards.
+
+    Formula: r_t = 1[t = last]·score − β·KL_t (the trainer's ``rewards`` with the penalty in the
+    reward), G_t = Σ_{s≥t} γ^{s−t}·r_s, advantage_t = G_t. The paper then normalises the
+    advantages over the whole global batch, A_t = (G_t − mean(G)) / std(G): the estimator
+    declares ``whiten=True`` and the trainer's global whitening does it.
+
+    Computed as GAE with V ≡ 0 and λ = 1 (δ_t = r_t, so A_t = G_t).
+
+    Shapes: rewards (B, T), mask (B, T) -> advantages (B, T) (not yet normalised), returns (B, T);
+    both G_t on valid tokens, 0 on padding.
+    """
+    returns, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)  # V ≡ 0, λ = 1: A_t = G_t
+    return returns, returns
+
+
+def advantage_estimator(whiten: bool = True, critic: bool = True, groups: bool = False
+                        ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: declare how the trainer treats an estimator (see the module docstring).
+
+    Args:
+        whiten: normalise its advantages over the global batch (``ppo.whiten_advantages`` overrides).
+        critic: it reads ``values``; False: no value head is built, trained or saved.
+        groups: it needs ``group_size >= 2`` samples per prompt.
+    Returns:
+        A decorator that sets ``fn.whiten``, ``fn.critic``, ``fn.groups`` and returns ``fn``.
+    """
+    def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
+        fn.whiten, fn.critic, fn.groups = bool(whiten), bool(critic), bool(groups)  # type: ignore[attr-defined]
+        return fn
+    return decorator
+
+
+def estimator_declarations(fn: AdvantageEstimator) -> dict[str, bool]:
+    """``{"whiten", "critic", "groups"}`` of an estimator; an undeclared function is treated like
+    GAE (whitened, with a critic, no groups)."""
+    return {"whiten": getattr(fn, "whiten", True), "critic": getattr(fn, "critic", True),
+            "groups": getattr(fn, "groups", False)}
+
+
+def register_advantage_estimator(name: str, *, whiten: bool = True, critic: bool = True, groups: bool = False
+                                 ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: register ``fn`` under ``name`` in ``ADVANTAGE_ESTIMATORS`` with its declarations
+    (``whiten``, ``critic``, ``groups``: see :func:`advantage_estimator`).
 
     Args:
         name: the key a config selects the estimator with.
 
     Returns:
-        A decorator that stores the function and returns it unchanged.
+        A decorator that stores the function and returns it (declared).
 
     Raises:
         ValueError: ``name`` is already registered (a silent overwrite hides typos).
@@ -197,7 +302,7 @@ def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], Ad
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
+        ADVANTAGE_ESTIMATORS[name] = advantage_estimator(whiten, critic, groups)(fn)
         return fn
 
     return decorator
@@ -216,13 +321,34 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
         raise ValueError(f"unknown advantage estimator {name!r}; registered: {known}") from None
 
 
-@register_advantage_estimator("gae")
+@register_advantage_estimator("gae", whiten=True, critic=True)
 def _gae(*, rewards, values, mask, gamma, lam, **kw):
-    """GAE with the critic's values (see ``compute_gae``)."""
+    """GAE with the critic's values (see ``compute_gae``); whitened over the batch (N+ detail)."""
     return compute_gae(rewards, values, mask, gamma, lam)
 
 
-@register_advantage_estimator("rloo")
+@register_advantage_estimator("rloo", whiten=False, critic=False, groups=True)
 def _rloo(*, rewards, mask, group_size, **kw):
-    """RLOO; values, gamma and lam unused (see ``rloo_advantages``)."""
+    """RLOO from the KL-penalised rewards (see ``rloo_advantages``); not whitened."""
     return rloo_advantages(rewards, mask, group_size)
+
+
+@register_advantage_estimator("grpo", whiten=False, critic=False, groups=True)
+def _grpo(*, rewards, mask, group_size, **kw):
+    """GRPO's group-normalised sequence return (see ``grpo_advantages``). From ``rewards``: with
+    ``ppo.kl_penalty=reward`` the KL is in R_i; with ``loss`` (GRPO's own k3 placement) R_i is the score."""
+    return grpo_advantages(rewards, mask, group_size, scale=True)
+
+
+@register_advantage_estimator("dr_grpo", whiten=False, critic=False, groups=True)
+def _dr_grpo(*, rewards, mask, group_size, **kw):
+    """Dr. GRPO: the group-mean baseline without the std (see ``grpo_advantages``); pair with
+    ``ppo.loss_aggregation=seq-mean-token-sum-norm`` for the paper's whole recipe."""
+    return grpo_advantages(rewards, mask, group_size, scale=False)
+
+
+@register_advantage_estimator("reinforce_pp", whiten=True, critic=False)
+def _reinforce_pp(*, rewards, mask, gamma, **kw):
+    """REINFORCE++: discounted returns of the KL-penalised per-token rewards, normalised over the
+    global batch by the trainer's whitening (see ``reinforce_pp_returns``)."""
+    return reinforce_pp_returns(rewards, mask, gamma)

@@ -7,7 +7,8 @@ silent drift (HF transformers' gradient-accumulation loss bug, Oct 2024). Scalin
 k's loss by w_k = n_k / N (valid tokens in k over valid tokens in the minibatch) and summing
 the backward passes reproduces the full-minibatch gradient exactly:
     Σ_k w_k · (Σ_{i∈k} ℓ_i / n_k) = Σ_i ℓ_i / N.
-For "seq-mean-token-mean", n_k counts the rows with at least one valid token instead.
+For the other aggregations n_k counts what their denominator counts (``losses.aggregation_units``):
+the rows with a valid token (seq-mean-token-mean), the rows (seq-mean-token-sum-norm).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .experience import Experience
+from .losses import aggregation_units
 
 __all__ = ["RolloutBuffer", "micro_batches", "accumulation_weights"]
 
@@ -41,24 +43,20 @@ def accumulation_weights(
 ) -> list[float]:
     """Loss scales for gradient accumulation over ``micro_batches(exp, micro_batch_size)``.
 
-    Formula: w_k = n_k / N, n_k = valid tokens of micro-batch k (rows with ≥ 1 valid token
-    for "seq-mean-token-mean"), N = Σ_k n_k. Then Σ_k w_k·loss_k has the same value and
+    Formula: w_k = n_k / N, n_k = Σ over micro-batch k of ``losses.aggregation_units`` (valid
+    tokens for token-mean, rows with ≥ 1 valid token for seq-mean-token-mean, rows for
+    seq-mean-token-sum-norm), N = Σ_k n_k. Then Σ_k w_k·loss_k has the same value and
     gradient as the loss over the whole minibatch. All weights are 0 when N = 0 (every
     micro loss is then 0 with zero gradient anyway).
 
     Args:
         mask: (B, T) the minibatch's mask.
         micro_batch_size: rows per micro-batch, as passed to ``micro_batches``.
-        aggregation: the aggregation the losses use ("token-mean" or "seq-mean-token-mean").
+        aggregation: the aggregation the losses use (``losses.AGGREGATIONS``).
 
     Shapes: mask (B, T) -> list of ceil(B / micro_batch_size) floats.
     """
-    if aggregation == "token-mean":
-        per_row = mask.bool().sum(dim=-1)  # (B,)
-    elif aggregation == "seq-mean-token-mean":
-        per_row = mask.bool().any(dim=-1).long()  # (B,)
-    else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose token-mean or seq-mean-token-mean")
+    per_row = aggregation_units(mask, aggregation)  # (B,)
     counts = [int(c.sum()) for c in per_row.split(micro_batch_size)]
     total = sum(counts)
     return [c / total if total else 0.0 for c in counts]

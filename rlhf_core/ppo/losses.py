@@ -15,6 +15,12 @@ Aggregations (``aggregation=``):
   more, the convention of Dr. GRPO / TRL / CleanRL-style PPO-RLHF).
 - "seq-mean-token-mean": mean over tokens within each row, then over the rows that have at
   least one valid token.
+- "seq-mean-token-sum-norm": the sum over every valid token divided by (rows × L) with L a
+  constant, the generation budget ``max_length`` (Dr. GRPO, Liu et al. 2025, "Understanding
+  R1-Zero-Like Training": no per-response length normalisation, so no length bias).
+
+The trainer accumulates micro-batches and ranks with the weights ``aggregation_units`` gives, so
+every aggregation's gradient is the same for any micro-batch size and world size (buffer.py).
 
 Imports only torch.
 """
@@ -30,6 +36,7 @@ from .utils import masked_mean, masked_var
 __all__ = [
     "AGGREGATIONS",
     "aggregate",
+    "aggregation_units",
     "policy_loss",
     "value_loss",
     "entropy_bonus",
@@ -37,32 +44,63 @@ __all__ = [
     "explained_variance",
 ]
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean",
+              max_length: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
 
     Formula: token-mean = Σ m·x / Σ m; seq-mean-token-mean = (1/|S|) Σ_{b∈S} Σ_t m·x / Σ_t m,
-    S = rows with at least one valid token. Both are 0 (with zero gradient) on an empty mask.
+    S = rows with at least one valid token; seq-mean-token-sum-norm = Σ m·x / (B·L), B the rows,
+    L = ``max_length`` (default T, the padded width). Each is 0 (with zero gradient) on an empty mask.
 
     Args:
         x: per-token values.
         mask: 1 on valid tokens.
-        aggregation: "token-mean" or "seq-mean-token-mean".
+        aggregation: one of ``AGGREGATIONS``.
+        max_length: L of seq-mean-token-sum-norm: a constant (the trainer passes
+            ``ppo.response_length``), so that every micro-batch divides by the same number.
 
     Shapes: x (B, T), mask (B, T) -> ().
 
     Raises:
         ValueError: unknown ``aggregation``.
     """
+    _check_aggregation(aggregation)
     if aggregation == "token-mean":
         return masked_mean(x, mask)
     if aggregation == "seq-mean-token-mean":
         row_mean = masked_mean(x, mask, dim=-1)  # (B,)
         nonempty = mask.bool().any(dim=-1)  # (B,)
         return masked_mean(row_mean, nonempty)
-    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    rows, length = x.shape[0], max_length or x.shape[-1]
+    total = torch.where(mask.bool(), x, torch.zeros_like(x)).sum()  # ()
+    return total / max(rows * length, 1)
+
+
+def aggregation_units(mask: torch.Tensor, aggregation: str = "token-mean") -> torch.Tensor:
+    """What each row counts for in ``aggregate``'s denominator: its valid tokens (token-mean),
+    1 if it has any valid token (seq-mean-token-mean), 1 (seq-mean-token-sum-norm, whose L is a
+    constant).
+
+    Σ over a micro-batch's rows / Σ over the minibatch's is that micro-batch's share of the
+    minibatch loss (``buffer.accumulation_weights``, and each rank's share under torchrun).
+
+    Shapes: mask (B, T) -> (B,) int64.
+    """
+    _check_aggregation(aggregation)
+    valid = mask.bool()
+    if aggregation == "token-mean":
+        return valid.sum(dim=-1)
+    if aggregation == "seq-mean-token-mean":
+        return valid.any(dim=-1).long()
+    return torch.ones(mask.shape[0], dtype=torch.long, device=mask.device)
 
 
 def policy_loss(
@@ -72,6 +110,7 @@ def policy_loss(
     mask: torch.Tensor,
     clip_range: float,
     aggregation: str = "token-mean",
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate policy loss (to minimise).
 
@@ -88,7 +127,7 @@ def policy_loss(
         advantages: A_t (usually whitened); not differentiated.
         mask: 1 on valid response tokens.
         clip_range: ε.
-        aggregation: "token-mean" or "seq-mean-token-mean" (see ``aggregate``).
+        aggregation, max_length: see ``aggregate``.
 
     Shapes: logprobs, old_logprobs, advantages, mask (B, T) -> loss ().
 
@@ -106,7 +145,7 @@ def policy_loss(
     unclipped = -adv * ratio  # (B, T)
     clipped = -adv * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)  # (B, T)
     per_token = torch.maximum(unclipped, clipped)  # (B, T)
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, max_length)
     with torch.no_grad():
         stats = {
             "loss/policy": loss.detach(),
@@ -124,6 +163,7 @@ def value_loss(
     mask: torch.Tensor,
     clip_range: float | None,
     aggregation: str = "token-mean",
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (to minimise).
 
@@ -140,7 +180,7 @@ def value_loss(
         returns: the targets R_t (from ``compute_gae``); not differentiated.
         mask: 1 on valid response tokens.
         clip_range: ε_v, or None for no clipping.
-        aggregation: see ``aggregate``.
+        aggregation, max_length: see ``aggregate``.
 
     Shapes: values, old_values, returns, mask (B, T) -> loss ().
 
@@ -161,7 +201,7 @@ def value_loss(
         v_clipped = old + (values_m - old).clamp(-clip_range, clip_range)  # (B, T)
         loss_clipped = (v_clipped - target).square()  # (B, T)
     per_token = torch.maximum(loss_unclipped, loss_clipped)  # (B, T)
-    loss = 0.5 * aggregate(per_token, mask, aggregation)
+    loss = 0.5 * aggregate(per_token, mask, aggregation, max_length)
     with torch.no_grad():
         stats = {
             "loss/value": loss.detach(),
@@ -173,7 +213,7 @@ def value_loss(
 
 
 def entropy_bonus(
-    entropy: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean"
+    entropy: torch.Tensor, mask: torch.Tensor, aggregation: str = "token-mean", max_length: int | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy entropy over valid tokens; the trainer subtracts ent_coef times it.
 
@@ -185,12 +225,13 @@ def entropy_bonus(
     Returns:
         bonus: scalar mean entropy (differentiable); stats: {"policy/entropy"}.
     """
-    bonus = aggregate(entropy, mask, aggregation)
+    bonus = aggregate(entropy, mask, aggregation, max_length)
     return bonus, {"policy/entropy": bonus.detach()}
 
 
 def kl_penalty_loss(
-    kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, aggregation: str = "token-mean"
+    kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, aggregation: str = "token-mean",
+    max_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The KL penalty as a loss term (to minimise), differentiated through ``kl``.
 
@@ -204,7 +245,7 @@ def kl_penalty_loss(
     Returns:
         loss: scalar; stats: {"loss/kl": the aggregated KL (not multiplied by kl_coef)}.
     """
-    mean_kl = aggregate(kl, mask, aggregation)
+    mean_kl = aggregate(kl, mask, aggregation, max_length)
     return kl_coef * mean_kl, {"loss/kl": mean_kl.detach()}
 
 

@@ -86,7 +86,8 @@ class PolicyWithValue(nn.Module, CausalLMView):
     Args:
         model: the policy LM (``PreTrainedModel`` or ``PeftModel``).
         value_model: ``"shared"`` (value head on the policy trunk: one forward gives logprobs and
-            values) or ``"separate"`` (the head sits on its own trunk copy).
+            values), ``"separate"`` (the head sits on its own trunk copy) or ``"none"`` (no critic:
+            for the critic-free estimators rloo, grpo, dr_grpo, reinforce_pp; nothing built or saved).
         value_backbone: for ``"separate"``, the causal LM / classifier whose trunk initializes the
             value network (e.g. the reward model); default a copy of the policy's trunk.
         ref_model: an explicit reference LM; default the adapter-disabled policy under LoRA
@@ -96,12 +97,12 @@ class PolicyWithValue(nn.Module, CausalLMView):
     def __init__(self, model: nn.Module, value_model: str = "shared",
                  value_backbone: nn.Module | None = None, ref_model: nn.Module | None = None):
         nn.Module.__init__(self)
-        if value_model not in ("shared", "separate"):
-            raise ValueError(f"value_model must be 'shared' or 'separate', got {value_model!r}")
+        if value_model not in ("shared", "separate", "none"):
+            raise ValueError(f"value_model must be 'shared', 'separate' or 'none', got {value_model!r}")
         self.model = model
         self.value_model = value_model
         hidden_size = model.get_output_embeddings().weight.shape[1]
-        self.value_head = ValueHead(hidden_size)
+        self.value_head = ValueHead(hidden_size) if value_model != "none" else None
         self.value_trunk: nn.Module | None = None
         if value_model == "separate":
             source = trunk_of(value_backbone) if value_backbone is not None else trunk_of(model)
@@ -122,13 +123,20 @@ class PolicyWithValue(nn.Module, CausalLMView):
         """Kept in eval mode: dropout would make the first-epoch ratio differ from 1."""
         return super().train(False)
 
+    @property
+    def has_critic(self) -> bool:
+        """False for ``value_model="none"``: no values are computed, trained or saved."""
+        return self.value_head is not None
+
     def response_values(self, hidden: torch.Tensor, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor) -> torch.Tensor:
-        """Values (B, T) at the states before each response token.
+                        attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Values (B, T) at the states before each response token; None without a critic.
 
         Shapes: hidden (B, T, H) from :func:`response_hidden`; input_ids/attention_mask (B, Lq+T).
         Shared: the head reads ``hidden``. Separate: the value trunk runs its own forward.
         """
+        if self.value_head is None:
+            return None
         if self.value_trunk is None:
             return self.value_head(hidden)  # (B, T)
         t = hidden.shape[1]
@@ -164,7 +172,10 @@ class PolicyWithValue(nn.Module, CausalLMView):
         return list(self.named_trainable_parameters().values())
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
-        """Value head (+ separate trunk) weights, saved next to the policy as value_head.safetensors."""
+        """Value head (+ separate trunk) weights, saved next to the policy as value_head.safetensors
+        (empty without a critic)."""
+        if self.value_head is None:
+            return {}
         state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
         if self.value_trunk is not None:
             state.update({f"value_trunk.{k}": v for k, v in self.value_trunk.state_dict().items()})
@@ -247,6 +258,7 @@ def logprobs_from_hidden(lm: CausalLMView, hidden: torch.Tensor, input_ids: torc
     if entropy is not None:
         entropy = entropy.reshape(b, t) * valid  # (B, T)
     values = None
-    if with_values:
-        values = lm.response_values(hidden, input_ids, attention_mask) * valid  # type: ignore[attr-defined]
+    if with_values:  # None from a policy without a critic
+        values = lm.response_values(hidden, input_ids, attention_mask)  # type: ignore[attr-defined]
+        values = values * valid if values is not None else None
     return logprobs, values, entropy

@@ -15,9 +15,7 @@ the weights stay unchanged.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,6 +25,7 @@ from ..data.batching import chunks, pad
 from ..data.tasks import Task
 from ..errors import ConfigError, RewardError
 from ..models import load_reward_model, module_device
+from ..user_code import is_user_spec, load_user_function
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 TextFormat = Callable[[list[str], list[str]], tuple[list[str], list[str]]]
@@ -94,24 +93,6 @@ class RewardModelScorer:
                              self.batch_size).tolist()
 
 
-def load_user_function(spec: str) -> RewardFn:
-    """Import ``function`` from ``file.py`` given ``"file.py:function"`` (the user's own code)."""
-    path_str, _, name = spec.rpartition(":")
-    path = Path(path_str)
-    if not path.is_file():
-        raise ConfigError(f"reward '{spec}': file {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"user_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    try:
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as e:
-        raise ConfigError(f"reward '{spec}': importing {path} failed: {type(e).__name__}: {e}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward '{spec}': {path} has no function '{name}'")
-    return fn
-
-
 def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",
                    batch_size: int = 64, task: Task | None = None) -> RewardFn:
     """Turn a reward spec into a callable ``(prompts, responses) -> list[float]``.
@@ -132,9 +113,8 @@ def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: s
         raise ConfigError("ppo.reward is empty: give a reward-model folder, 'gold' or 'file.py:function'")
     if spec == "gold":
         return task.gold_reward if task is not None else movie_reviews.gold_reward
-    path_part = spec.rpartition(":")[0]
-    if path_part.endswith(".py"):
-        return load_user_function(spec)
+    if is_user_spec(spec):
+        return load_user_function(spec, "reward")
     model, tokenizer = load_reward_model(spec)
     return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size,
                              text_format=task.reward_text if task is not None else None)

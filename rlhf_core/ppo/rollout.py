@@ -174,7 +174,8 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
           response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None,
           temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",
           hidden: torch.Tensor | None = None) -> Experience:
-    """Logprobs and values (policy), ref_logprobs and the exact per-token KL (reference) of a rollout.
+    """Logprobs and values (policy; none without a critic), ref_logprobs and the exact per-token KL
+    (reference) of a rollout.
 
     One pass over the vocabulary (``kernels.fused_logprobs_kl``) gives log π(a_t), log π_ref(a_t)
     and the exact full-vocabulary KL(π‖π_ref) of every token from both models' hidden states, so
@@ -204,7 +205,8 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
     valid = mask.bool()
     logprobs, ref_logprobs = lp.view(b, t) * valid, lq.view(b, t) * valid  # (B, T) each
     kl_exact = kl.view(b, t) * valid  # (B, T)
-    values = policy.response_values(hidden, ids, attn) * valid  # (B, T)
+    values = policy.response_values(hidden, ids, attn)  # (B, T), None without a critic
+    values = values * valid if values is not None else None
     return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
                       logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
                       scores=(torch.zeros(len(mask)) if scores is None else scores).to(logprobs.device),

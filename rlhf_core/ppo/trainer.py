@@ -2,9 +2,11 @@
 
 Every formula lives in the functional core (rewards, advantages, losses, buffer, rollout; one
 micro-batch's loss in objective.py); this file only orders the calls, the way CleanRL's ppo.py
-reads. To change the loss, pass ``loss_fn=`` (same signature as :func:`ppo_loss`); to change the
-advantages, register an estimator (``register_advantage_estimator``) and name it in
-``config.advantage_estimator``.
+reads. To change the loss, pass ``loss_fn=`` or set ``config.loss_fn`` to ``file.py:function``
+(same keywords as :func:`ppo_loss`); to change the advantages, register an estimator
+(``register_advantage_estimator``) and name it in ``config.advantage_estimator``, or name a
+``file.py:function`` there (extensions.py). Every run logs its invariant checks (``check/*``,
+rlhf_core/checks.py) and warns once when one breaks.
 
 References: Schulman et al. 2017 (PPO); Ziegler et al. 2019 (KL-penalized RLHF, adaptive KL);
 Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered steps below).
@@ -12,29 +14,36 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered st
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed as D, fsdp
+from .. import checks, distributed as D, fsdp
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..config import PPOConfig
 from ..errors import ConfigError, DataError
 from ..models import fast_activations
 from ..optim import can_fuse, count_skip, finish_step, make_optimizer
 from ..tracking import MeanMetrics, MetricsLogger, progress
-from .advantages import get_advantage_estimator, masked_whiten
+from .advantages import masked_whiten
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .losses import explained_variance
+from .extensions import resolve_estimator, resolve_loss_fn
+from .losses import aggregation_units, explained_variance
 from .objective import LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable from here too)
 from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
 from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
                       sequence_kls)
 from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
+
+
+def _aggregated(stat: str) -> bool:
+    """Stats reduced with ``ppo.loss_aggregation`` (the loss terms); the others are token means."""
+    return stat.startswith("loss/") or stat == "policy/entropy"
 
 
 class PPOTrainer:
@@ -46,7 +55,12 @@ class PPOTrainer:
         reward_fn: ``(prompts, responses) -> list[float]`` (see ``reward_sources.make_reward_fn``).
         prompts / eval_prompts: training prompts, held-out prompts for evaluation.
         logger: MetricsLogger (metrics go under phase "ppo"); gold_fn: the true judge, if known.
-        loss_fn: replaces :func:`ppo_loss` (same keywords) without copying this class.
+        loss_fn: replaces :func:`ppo_loss` (same keywords) without copying this class; default
+            ``config.loss_fn`` (``file.py:function``) or :func:`ppo_loss`.
+
+    The estimator's declarations (``advantages.advantage_estimator``) decide the rest: a critic-free
+    one (rloo, grpo, dr_grpo, reinforce_pp) needs a policy built with ``value_model="none"``, one with
+    a critic (gae) a policy with a value head.
     """
 
     def __init__(self, config: PPOConfig, policy: PolicyWithValue, tokenizer: Any, reward_fn: RewardFn,
@@ -55,16 +69,18 @@ class PPOTrainer:
         config.validate(world_size=D.world_size())  # each rank rolls out batch_size/world rows
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
-        try:
-            self.estimator = get_advantage_estimator(config.advantage_estimator)
-        except ValueError as e:
-            raise ConfigError(f"ppo.advantage_estimator: {e}") from None
+        self.estimator = resolve_estimator(config)
+        if self.estimator.critic != policy.has_critic:
+            raise ConfigError(f"ppo.advantage_estimator={config.advantage_estimator!r} " + (
+                "reads a critic's values: build the policy with a value head (value_model 'shared' or 'separate')"
+                if self.estimator.critic else "is critic-free: build the policy with value_model='none' (no value "
+                                              "head to build, train or save)"))
         self.cfg, self.policy, self.tokenizer = config, policy, tokenizer
         self.reward = checked_reward(reward_fn)
         self.gold = checked_reward(gold_fn) if gold_fn is not None else None
         self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
         self.logger = logger or MetricsLogger(None)
-        self.loss_fn = loss_fn or ppo_loss
+        self.loss_fn = loss_fn or resolve_loss_fn(config)
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         self.device = policy.lm_head_weight.device
@@ -82,6 +98,7 @@ class PPOTrainer:
             fused=can_fuse(self.params))
         self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
         self.adv_std = 1.0  # the last batch's advantage whitening std: the scale of a KL loss term (step 7)
+        self.warned: set[str] = set()  # checks (rlhf_core/checks.py) already warned about
         self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
         self.responses, self.trace = {"before": [], "last": []}, {}  # eval responses; iteration 1's tensors (docs)
@@ -126,14 +143,20 @@ class PPOTrainer:
         seq_reward = float(exp.scores.mean()) - self.kl_ctl.value * float(kl.sum(1).mean())  # the objective
         if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
             rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
-        # 6. advantages and returns from the registered estimator
-        advantages, returns = self.estimator(rewards=rewards, values=exp.values, mask=mask, scores=exp.scores,
-                                             gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
-        # 7. whiten the advantages over the (global) batch; a KL loss term is scaled alike (objective.py)
-        mean, var = D.global_masked_moments(advantages, mask)
-        self.adv_std = float(torch.sqrt(var + 1e-8))
-        exp = replace(exp, rewards=rewards, kl=kl, returns=returns,
-                      advantages=masked_whiten(advantages, mask, moments=lambda x, m: (mean, var)))
+        # 6. advantages and returns from the estimator (scores raw, rewards with the KL where it sits)
+        estimate = dict(values=exp.values, mask=mask, scores=exp.scores, gamma=cfg.gamma, lam=cfg.lam,
+                        group_size=cfg.group_size)
+        advantages, returns = self.estimator(rewards=rewards, **estimate)
+        if self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0:
+            self._check_estimator_sees_kl(advantages, rewards, estimate)
+        # 7. whiten the advantages over the (global) batch if the estimator declares it (or
+        #    ppo.whiten_advantages says so); a KL loss term is scaled alike (objective.py)
+        used = advantages
+        if self.estimator.whiten:
+            mean, var = D.global_masked_moments(advantages, mask)
+            self.adv_std = float(torch.sqrt(var + 1e-8))
+            used = masked_whiten(advantages, mask, moments=lambda x, m: (mean, var))
+        exp = replace(exp, rewards=rewards, kl=kl, returns=returns, advantages=used)
         if cfg.trace and self.iteration == 1:
             self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
                           "raw_advantages": advantages, **vars(exp)}
@@ -147,18 +170,19 @@ class PPOTrainer:
         # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
-        return D.reduce_metrics({
+        critic = {"val/explained_variance": float(explained_variance(  # of the global batch (batch_size / world rows each)
+            exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1]))} if exp.values is not None else {}
+        metrics = D.reduce_metrics({
             **update,
             "objective/kl": penalty_kl,
             **{f"objective/kl_{k}": v for k, v in seq_kl.items()},  # exact, k1, k3 of the same rollout
             "objective/scores": float(exp.scores.mean()),
             "objective/rlhf_reward": seq_reward,
             "objective/kl_coef": self.kl_ctl.value,
-            # explained variance and tokens/s of the global batch (each rank holds batch_size / world rows)
-            "val/explained_variance": float(explained_variance(
-                exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1])),
+            **critic,
             "response/length": float(mask.sum(1).float().mean()),
             "response/eos_fraction": float(has_eos.float().mean()),
+            "check/truncated_fraction": 1.0 - float(has_eos.float().mean()),
             "lr": self.scheduler.get_last_lr()[0],
             "perf/episodes_per_s": cfg.batch_size / elapsed,
             "perf/tokens_per_s": D.global_count(float(mask.sum())) / elapsed,
@@ -168,35 +192,60 @@ class PPOTrainer:
             "time/rollout": t_rollout - t_start,
             "time/update": t_update - t_rollout,
         })
+        for breach in checks.step_breaches(metrics, self.iteration):
+            self._warn_once(breach)
+        return metrics
+
+    def _warn_once(self, breach: checks.Breach) -> None:
+        if breach.check.metric not in self.warned:
+            self.warned.add(breach.check.metric)
+            warnings.warn(f"ppo check: {breach.line()}", stacklevel=3)
+
+    def _check_estimator_sees_kl(self, advantages: torch.Tensor, rewards: torch.Tensor, estimate: dict) -> None:
+        """Warn when the estimator's advantages do not move with the KL part of ``rewards`` (an estimator
+        reading only ``scores`` drops a KL penalty placed in the reward; advantages.py, the contract)."""
+        noise = torch.rand(rewards.shape, generator=torch.Generator().manual_seed(0)).to(rewards)  # (B, T)
+        probe = rewards - noise * estimate["mask"]  # more KL penalty on every valid token, unevenly
+        moved, _ = self.estimator(rewards=probe, **estimate)
+        if torch.equal(moved, advantages):
+            warnings.warn(f"ppo.advantage_estimator={self.cfg.advantage_estimator!r} ignores the per-token rewards: "
+                          f"the KL penalty in the reward (ppo.kl_penalty={self.cfg.kl_penalty!r}) is dropped; "
+                          "use ppo.kl_penalty=loss or build the advantages from `rewards`", stacklevel=3)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
         cfg, metrics = self.cfg, MeanMetrics()
-        for _ in range(cfg.ppo_epochs):
-            for minibatch in buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen):
-                stats = self.minibatch_step(minibatch)  # None: skipped (non-finite)
+        for epoch in range(cfg.ppo_epochs):
+            for i, minibatch in enumerate(buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen)):
+                stats = self.minibatch_step(minibatch, first=epoch == 0 and i == 0)  # None: skipped (non-finite)
                 metrics.add(stats or {}, weight=self.step_tokens)  # pooled over the tokens (tracking.MeanMetrics)
                 if stats and cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
                     return {**metrics.mean(), "policy/early_stop": 1.0}
         return {**metrics.mean(), "policy/early_stop": 0.0}
 
-    def minibatch_step(self, minibatch: Experience) -> dict[str, float] | None:
+    def minibatch_step(self, minibatch: Experience, first: bool = False) -> dict[str, float] | None:
         """One optimizer step on a minibatch, accumulated over micro-batches.
 
-        Each micro-batch loss is scaled by its share of the minibatch's valid tokens (see
-        ``buffer.accumulation_weights``), so the gradient equals the un-accumulated one. A
+        Each micro-batch loss is scaled by its share of what the minibatch's aggregation divides by
+        (``buffer.accumulation_weights`` with ``ppo.loss_aggregation``), and each rank's by its share
+        of the global minibatch, so the gradient equals the un-accumulated one-process gradient. A
         non-finite loss or gradient skips the step: weights and optimizer state stay untouched.
+        ``first``: the first minibatch of the iteration's first epoch, where no weight has moved yet:
+        adds the ``check/first_ratio_dev`` and ``check/logprob_gap`` invariants (rlhf_core/checks.py).
         """
         cfg = self.cfg
         size = cfg.micro_batch_size or len(minibatch)
-        weights = accumulation_weights(minibatch.mask, size)
+        weights = accumulation_weights(minibatch.mask, size, cfg.loss_aggregation)
+        token_weights = accumulation_weights(minibatch.mask, size)  # for the token-mean diagnostics
         n_local = float(minibatch.mask.sum())
-        self.step_tokens = D.global_count(n_local)  # the global minibatch's valid tokens
-        share = n_local / max(self.step_tokens, 1)  # token-mean over the global minibatch
+        self.step_tokens = D.global_count(n_local)  # the global minibatch's valid tokens (metric weights)
+        units = float(aggregation_units(minibatch.mask, cfg.loss_aggregation).sum())
+        share = units / max(D.global_count(units), 1)  # this rank's share of the global aggregation
         self.optimizer.zero_grad(set_to_none=True)
         stats_sum: dict[str, float] = {}
+        gap_sum, ratio_dev = 0.0, 0.0  # the first minibatch's invariants
         finite = True
-        for weight, part in zip(weights, micro_batches(minibatch, size)):
+        for weight, token_weight, part in zip(weights, token_weights, micro_batches(minibatch, size)):
             if weight == 0 and not self.sharded:  # sharded: every rank runs every forward (collectives)
                 continue
             loss, stats, out = micro_batch_loss(self.policy, part, cfg, self.loss_fn, self.kl_ctl.value / self.adv_std)
@@ -207,9 +256,14 @@ class PPOTrainer:
             (loss * weight * share).backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
-                    {"response_ids": part.response_ids, **{k: v.detach() for k, v in {**out, **stats}.items()}})
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + weight * float(v)
+                    {"response_ids": part.response_ids, **{k: v.detach() for k, v in {**out, **stats}.items() if v is not None}})
+            for k, v in stats.items():  # loss terms pool like the loss, diagnostics (clipfrac, ...) by tokens
+                stats_sum[k] = stats_sum.get(k, 0.0) + (weight if _aggregated(k) else token_weight) * float(v)
+            if first:
+                with torch.no_grad():
+                    diff = (out["logprobs"] - part.logprobs) * part.mask  # (b, T) log ρ, 0 on padding
+                    gap_sum += float(diff.abs().sum())
+                    ratio_dev = max(ratio_dev, float(torch.expm1(diff).abs().max()) if diff.numel() else 0.0)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
         grad_norm = finish_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm, finite)
         self.skipped_steps, self.skipped_in_row = count_skip(grad_norm is not None, self.skipped_steps,
@@ -217,7 +271,10 @@ class PPOTrainer:
                                                              f"ppo iteration {self.iteration}")
         if grad_norm is None:
             return None
-        stats_sum = D.reduce_metrics(stats_sum, dict.fromkeys(stats_sum, n_local))
+        stats_sum = D.reduce_metrics(stats_sum, {k: units if _aggregated(k) else n_local for k in stats_sum})
+        if first:
+            stats_sum["check/logprob_gap"] = D.global_count(gap_sum) / max(self.step_tokens, 1)
+            stats_sum["check/first_ratio_dev"] = D.global_max(ratio_dev)
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
 
     def evaluate(self, when: str = "last") -> dict[str, float]:

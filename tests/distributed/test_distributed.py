@@ -132,11 +132,14 @@ def test_ppo_minibatch_gradient_equals_single_process(tmp_path):
             torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("kl", ["k1,reward", "k3,loss", "exact,both"])
-def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path, kl):
-    """The wired PPOTrainer: token shares + gradient all-reduce + reduced stats; prompts sharded. With
-    the KL penalty in the loss (k3; the exact KL through kernels.fused_kl's backward) too."""
-    r0, r1 = run_ranks("ppo_trainer", tmp_path, RLHF_TEST_KL=kl)
+@pytest.mark.parametrize("kl, aggregation", [("k1,reward", "token-mean"), ("k3,loss", "token-mean"),
+                                             ("exact,both", "token-mean"), ("k3,loss", "seq-mean-token-mean"),
+                                             ("k1,reward", "seq-mean-token-sum-norm")])
+def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path, kl, aggregation):
+    """The wired PPOTrainer: each rank's share of the aggregation's units + gradient all-reduce + reduced
+    stats; prompts sharded. With the KL penalty in the loss (k3; the exact KL through kernels.fused_kl's
+    backward) too, and with the per-sequence aggregations (rows 4/3 of uneven lengths)."""
+    r0, r1 = run_ranks("ppo_trainer", tmp_path, RLHF_TEST_KL=kl, RLHF_TEST_AGG=aggregation)
     for name, ref in r0["ref_grads"].items():
         for r in (r0, r1):
             torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)

@@ -226,7 +226,8 @@ def case_ppo_trainer() -> dict:
     tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     estimator, penalty = os.environ.get("RLHF_TEST_KL", "k1,reward").split(",")  # the KL penalty's placement
     cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0,
-                    kl_estimator=estimator, kl_penalty=penalty)
+                    kl_estimator=estimator, kl_penalty=penalty,
+                    loss_aggregation=os.environ.get("RLHF_TEST_AGG", "token-mean"))
 
     def trainer() -> PPOTrainer:
         tok, model, task = tiny_setup(n_prompts=8, n_eval_prompts=1, model_cfg=tiny)

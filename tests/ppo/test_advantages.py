@@ -13,9 +13,12 @@ from hypothesis import strategies as st
 from rlhf_core.ppo.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_gae,
+    estimator_declarations,
     get_advantage_estimator,
+    grpo_advantages,
     masked_whiten,
     register_advantage_estimator,
+    reinforce_pp_returns,
     rloo_advantages,
 )
 from rlhf_core.ppo.utils import last_index, masked_mean, masked_sum, masked_var
@@ -173,6 +176,75 @@ def test_rloo_bad_group_size():
         rloo_advantages(torch.zeros(5, 3), torch.ones(5, 3), group_size=2)
     with pytest.raises(ValueError, match="group_size"):
         rloo_advantages(torch.zeros(4, 3), torch.ones(4, 3), group_size=1)
+
+
+# ---- GRPO, Dr. GRPO, REINFORCE++ from their papers ----------------------------------------------
+
+
+def sequence_returns(rewards, lengths):
+    return [sum(float(rewards[b, t]) for t in range(lengths[b])) for b in range(len(lengths))]
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_grpo_and_dr_grpo_match_the_papers(scale):
+    """GRPO (Shao et al. 2024, §4.1.2): Â_i = (r_i − mean(r)) / std(r) over the G outputs of one question,
+    on every token of output i; Dr. GRPO (Liu et al. 2025, eq. 3): Â_i = r_i − mean(r). std: the sample
+    standard deviation (n − 1), as DeepSeekMath's and TRL's code compute it."""
+    g = torch.Generator().manual_seed(7)
+    k, T = 4, 5
+    lengths = [5, 2, 3, 1, 4, 4, 5, 2]
+    rewards = torch.randn(len(lengths), T, generator=g, dtype=torch.float64)
+    mask = right_padded_mask(lengths, T)
+    adv, ret = grpo_advantages(rewards, mask, k, scale=scale)
+    R = sequence_returns(rewards, lengths)
+    for b in range(len(lengths)):
+        group = [R[j] for j in range((b // k) * k, (b // k) * k + k)]
+        mean = sum(group) / k
+        std = (sum((x - mean) ** 2 for x in group) / (k - 1)) ** 0.5
+        expected = (R[b] - mean) / (std + 1e-6) if scale else R[b] - mean
+        for t in range(T):
+            assert adv[b, t].item() == pytest.approx(expected if t < lengths[b] else 0.0, abs=1e-12)
+            expected_ret = sum(float(rewards[b, s]) for s in range(t, lengths[b])) if t < lengths[b] else 0.0
+            assert ret[b, t].item() == pytest.approx(expected_ret, abs=1e-12)
+    same = grpo_advantages(torch.ones(4, 2, dtype=torch.float64), torch.ones(4, 2), 4)[0]
+    assert torch.equal(same, torch.zeros(4, 2, dtype=torch.float64))  # equal returns: no signal, no NaN
+    with pytest.raises(ValueError, match="group_size"):
+        grpo_advantages(rewards, mask, 3)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_reinforce_pp_returns_match_the_paper(gamma):
+    """REINFORCE++ (Hu 2025, eqs. 5-7): r_t = 1[t = last]·score − β·KL_t, advantage_t = Σ_{s≥t} γ^{s−t} r_s,
+    then normalised over the global batch (the trainer's whitening, declared by the estimator)."""
+    g = torch.Generator().manual_seed(8)
+    lengths = [4, 1, 0, 3]
+    T = 4
+    scores = [1.0, -0.5, 0.3, 2.0]
+    kl = torch.rand(4, T, generator=g, dtype=torch.float64)
+    beta = 0.1
+    rewards = torch.zeros(4, T, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        for t in range(n):
+            rewards[b, t] = -beta * float(kl[b, t]) + (scores[b] if t == n - 1 else 0.0)
+    adv, ret = reinforce_pp_returns(rewards, right_padded_mask(lengths, T), gamma)
+    for b, n in enumerate(lengths):
+        for t in range(T):
+            expected = sum(gamma ** (s - t) * float(rewards[b, s]) for s in range(t, n)) if t < n else 0.0
+            assert adv[b, t].item() == pytest.approx(expected, abs=1e-12)
+    assert torch.equal(adv, ret)
+
+
+def test_each_builtin_declares_its_normalization_and_critic():
+    table = {name: estimator_declarations(ADVANTAGE_ESTIMATORS[name])
+             for name in ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")}
+    assert table == {
+        "gae": {"whiten": True, "critic": True, "groups": False},
+        "rloo": {"whiten": False, "critic": False, "groups": True},
+        "grpo": {"whiten": False, "critic": False, "groups": True},
+        "dr_grpo": {"whiten": False, "critic": False, "groups": True},
+        "reinforce_pp": {"whiten": True, "critic": False, "groups": False},
+    }
+    assert estimator_declarations(lambda **kw: None) == {"whiten": True, "critic": True, "groups": False}
 
 
 def test_registry_builtin_estimators_and_errors():

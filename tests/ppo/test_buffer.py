@@ -135,10 +135,11 @@ def test_accumulation_weights_hand_worked():
     assert accumulation_weights(mask, 2) == [0.5, 0.5]
     assert accumulation_weights(mask, 3) == [0.5, 0.5]
     assert accumulation_weights(mask, 2, "seq-mean-token-mean") == [2 / 3, 1 / 3]
+    assert accumulation_weights(mask, 3, "seq-mean-token-sum-norm") == [3 / 4, 1 / 4]  # rows, empty ones too
     assert accumulation_weights(torch.zeros(2, 3), 1) == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("micro_batch_size", [1, 3, 4])
 def test_accumulated_gradient_equals_full_minibatch_gradient(aggregation, micro_batch_size):
     # A toy policy: logprobs = old_logprobs + features·w, w the parameters. Uneven masks,
@@ -151,8 +152,8 @@ def test_accumulated_gradient_equals_full_minibatch_gradient(aggregation, micro_
 
     def loss_fn(e, f):
         logprobs = e.logprobs + f @ w  # (b, T)
-        pg, _ = policy_loss(logprobs, e.logprobs, e.advantages, e.mask, 0.2, aggregation)
-        vf, _ = value_loss(e.values + f @ w, e.values, e.returns, e.mask, 0.2, aggregation)
+        pg, _ = policy_loss(logprobs, e.logprobs, e.advantages, e.mask, 0.2, aggregation, max_length=10)
+        vf, _ = value_loss(e.values + f @ w, e.values, e.returns, e.mask, 0.2, aggregation, max_length=10)
         return pg + 0.1 * vf
 
     full = loss_fn(exp, feats)

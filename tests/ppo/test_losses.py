@@ -14,7 +14,7 @@ def right_padded_mask(lengths, T):
     return torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths], dtype=torch.float64)
 
 
-def naive_policy_loss(logprobs, old, adv, lengths, eps, aggregation):
+def naive_policy_loss(logprobs, old, adv, lengths, eps, aggregation, max_length=None):
     B = logprobs.shape[0]
     per_row, all_terms = [], []
     for b in range(B):
@@ -28,6 +28,8 @@ def naive_policy_loss(logprobs, old, adv, lengths, eps, aggregation):
             per_row.append(sum(terms) / len(terms))
     if aggregation == "token-mean":
         return sum(all_terms) / len(all_terms) if all_terms else 0.0
+    if aggregation == "seq-mean-token-sum-norm":  # Dr. GRPO: Σ over every token / (rows · constant L)
+        return sum(all_terms) / (B * (max_length or logprobs.shape[1]))
     return sum(per_row) / len(per_row) if per_row else 0.0
 
 
@@ -47,12 +49,14 @@ def random_batch(seed, lengths, T, spread=0.5):
 @given(
     lengths=st.lists(st.integers(0, 8), min_size=1, max_size=5),
     seed=st.integers(0, 2**31 - 1),
-    aggregation=st.sampled_from(["token-mean", "seq-mean-token-mean"]),
+    aggregation=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+    max_length=st.sampled_from([None, 12]),
 )
-def test_policy_loss_matches_naive(lengths, seed, aggregation):
+def test_policy_loss_matches_naive(lengths, seed, aggregation, max_length):
     logprobs, old, adv, mask = random_batch(seed, lengths, 8)
-    loss, stats = policy_loss(logprobs, old, adv, mask, 0.2, aggregation=aggregation)
-    assert loss.item() == pytest.approx(naive_policy_loss(logprobs, old, adv, lengths, 0.2, aggregation), abs=1e-12)
+    loss, stats = policy_loss(logprobs, old, adv, mask, 0.2, aggregation=aggregation, max_length=max_length)
+    expected = naive_policy_loss(logprobs, old, adv, lengths, 0.2, aggregation, max_length)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
     n = sum(lengths)
     clipped = k3 = ratio = 0.0
     for b, L in enumerate(lengths):
@@ -112,6 +116,12 @@ def test_policy_loss_empty_mask_and_garbage_padding():
 def test_unknown_aggregation():
     with pytest.raises(ValueError, match="token-mean"):
         aggregate(torch.zeros(1, 1), torch.ones(1, 1), "sum")
+
+
+def test_config_offers_exactly_the_aggregations_the_losses_know():
+    from rlhf_core.config import LOSS_AGGREGATIONS
+    from rlhf_core.ppo.losses import AGGREGATIONS
+    assert LOSS_AGGREGATIONS == AGGREGATIONS
 
 
 # ---- value loss -------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from rlhf_core.config import PPOConfig, TinyModelConfig
+from rlhf_core.errors import ConfigError
 from rlhf_core.models import build_tiny_model
 from rlhf_core.optim import lr_factor
+from rlhf_core.ppo.extensions import resolve_estimator
 from rlhf_core.ppo.policy import PolicyWithValue
 from rlhf_core.ppo.trainer import PPOTrainer, ppo_loss
 from rlhf_core.testing import tiny_setup
@@ -39,12 +41,13 @@ def make_trainer(model_seed=0, lora=False, **overrides) -> PPOTrainer:
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(overrides.get("seed", 0))
-    policy = PolicyWithValue(model)
     fields = dict(batch_size=8, num_mini_batches=2, ppo_epochs=2, response_length=6, num_iterations=2,
                   learning_rate=1e-3, eval_every=0)
     fields.update(overrides)
     loss_fn = fields.pop("loss_fn", None)
-    return PPOTrainer(PPOConfig(**fields), policy, tok, e_reward, task.prompts, task.eval_prompts, loss_fn=loss_fn)
+    cfg = PPOConfig(**fields)
+    policy = PolicyWithValue(model, value_model="shared" if resolve_estimator(cfg).critic else "none")
+    return PPOTrainer(cfg, policy, tok, e_reward, task.prompts, task.eval_prompts, loss_fn=loss_fn)
 
 
 def weights(trainer):
@@ -60,6 +63,36 @@ def test_micro_batch_accumulation_equals_full_minibatch(estimator, penalty):
     assert any(not torch.equal(v, weights(make_trainer())[k]) for k, v in a.items())  # it did train
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def uneven_experience(trainer, lengths=(6, 1, 4, 2)):
+    """A scored minibatch of 4 rows with uneven response lengths and random advantages/returns."""
+    from dataclasses import replace
+    from rlhf_core.ppo.rollout import encode_prompts, score
+    tok, task = setup()
+    query_ids, query_mask = encode_prompts(tok, task.prompts[:4], 16)
+    g = torch.Generator().manual_seed(4)
+    T = max(lengths)
+    response_ids = torch.randint(3, 100, (4, T), generator=g)
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
+    exp = score(trainer.policy, query_ids, query_mask, response_ids, mask, torch.zeros(4))
+    return replace(exp, advantages=torch.randn(4, T, generator=g) * mask, returns=torch.randn(4, T, generator=g) * mask)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_every_aggregation_accumulates_to_the_whole_minibatch_gradient(aggregation):
+    """micro_batch_size=1 against the whole minibatch on rows of 6, 1, 4 and 2 tokens: the micro-batches
+    are weighted by what the aggregation divides by (tokens, rows with tokens, rows)."""
+    grads, losses = [], []
+    for micro in (0, 1):
+        t = make_trainer(micro_batch_size=micro, loss_aggregation=aggregation, ent_coef=0.01,
+                         kl_estimator="k3", kl_penalty="loss")
+        stats = t.minibatch_step(uneven_experience(t))
+        grads.append({n: p.grad.clone() for n, p in t.policy.named_trainable_parameters().items()})
+        losses.append(stats["loss/policy"])
+    assert losses[0] != 0
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_same_seed_identical_weights_other_seed_differs():
@@ -135,7 +168,7 @@ def test_non_finite_loss_or_grad_skips_step(loss_fn):
 def test_custom_loss_hook_replaces_the_loss():
     calls = []
 
-    def policy_only(*, logprobs, values, entropy, exp, config):
+    def policy_only(*, logprobs, values, entropy, exp, config, **kw):
         calls.append(logprobs.shape)
         loss, stats = ppo_loss(logprobs=logprobs, values=values, entropy=entropy, exp=exp, config=config)
         return stats["loss/policy"] * 0 + loss, {"custom/marker": torch.tensor(3.0)}
@@ -195,7 +228,7 @@ def test_update_pools_minibatch_statistics_over_their_tokens():
     exp = Experience(query_ids=torch.ones(2, 1, dtype=torch.long), query_mask=torch.ones(2, 1, dtype=torch.long),
                      response_ids=mask.clone(), mask=mask, logprobs=zeros, ref_logprobs=zeros, scores=torch.zeros(2))
 
-    def fake_step(minibatch):
+    def fake_step(minibatch, first=False):
         trainer.step_tokens = float(minibatch.mask.sum())
         return {"policy/clipfrac": 0.5 if trainer.step_tokens == 10 else 0.0, "policy/approx_kl": 0.0}
 
@@ -236,3 +269,132 @@ def test_phase_run_saves_policy_value_head_and_trace(tmp_path):
     assert len(trace["responses"]) == 2 and len(trace["advantages"]) == 2
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)  # a plain HF folder
+
+
+# ---- estimators: declared normalization, critic-free runs, the KL they see ----------------------
+
+
+def trace_of(**overrides):
+    """One traced iteration: the raw estimator output and the advantages the update used."""
+    t = make_trainer(trace=True, **overrides)
+    t.step()
+    return t, t.trace["raw_advantages"], t.trace["advantages"], t.trace["mask"]
+
+
+@pytest.mark.parametrize("estimator, whiten, expect_whitened", [
+    ("gae", "auto", True), ("gae", "false", False), ("grpo", "auto", False), ("grpo", "true", True),
+    ("dr_grpo", "auto", False), ("rloo", "auto", False), ("reinforce_pp", "auto", True)])
+def test_the_trainer_whitens_what_the_estimator_declares(estimator, whiten, expect_whitened):
+    group = {"group_size": 2} if estimator in ("grpo", "dr_grpo", "rloo") else {}
+    _, raw, used, mask = trace_of(advantage_estimator=estimator, whiten_advantages=whiten, **group)
+    if expect_whitened:
+        m = mask.bool()
+        assert used[m].mean().abs() < 1e-5 and (used[m].var(unbiased=False) - 1).abs() < 1e-3
+    else:
+        assert torch.equal(used, raw)  # GRPO's group normalization stays GRPO's
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "dr_grpo", "reinforce_pp"])
+def test_critic_free_estimators_build_train_and_log_no_value_head(estimator):
+    group = {"group_size": 2} if estimator != "reinforce_pp" else {}
+    t = make_trainer(advantage_estimator=estimator, **group)
+    assert t.policy.value_head is None and not t.policy.has_critic
+    assert not any(n.startswith("value_") for n in t.policy.named_trainable_parameters())
+    metrics = t.step()
+    assert "loss/value" not in metrics and "val/explained_variance" not in metrics
+    assert t.policy.value_state_dict() == {}
+
+
+def test_estimator_and_policy_must_agree_on_the_critic():
+    tok, task = setup()
+    for estimator, value_model in (("grpo", "shared"), ("gae", "none")):
+        policy = PolicyWithValue(build_tiny_model(tok, TINY, 0), value_model=value_model)
+        with pytest.raises(ConfigError, match="value_model") as exc:
+            PPOTrainer(PPOConfig(advantage_estimator=estimator, group_size=2, batch_size=8), policy, tok,
+                       e_reward, task.prompts)
+        assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"advantage_estimator": "grpo", "group_size": 1}, "ppo.group_size=1: advantage_estimator 'grpo'"),
+    ({"advantage_estimator": "mine"}, "ppo.advantage_estimator: unknown advantage estimator 'mine'"),
+    ({"advantage_estimator": "missing.py:f"}, "ppo.advantage_estimator 'missing.py:f': file missing.py not found"),
+])
+def test_bad_estimator_settings_are_one_line(fields, needle):
+    with pytest.raises(ConfigError) as exc:
+        make_trainer(**fields)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("nope", "ppo.loss_fn='nope': expected '' (the PPO loss) or 'file.py:function'"),
+    ("missing.py:f", "ppo.loss_fn 'missing.py:f': file missing.py not found"),
+])
+def test_bad_loss_fn_settings_are_one_line(spec, needle):
+    from rlhf_core.ppo.extensions import resolve_loss_fn
+    with pytest.raises(ConfigError) as exc:
+        resolve_loss_fn(PPOConfig(loss_fn=spec))
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_estimator_that_reads_only_scores_is_warned_about():
+    from rlhf_core.ppo.advantages import ADVANTAGE_ESTIMATORS, register_advantage_estimator
+
+    @register_advantage_estimator("_scores_only", whiten=False, critic=False)
+    def scores_only(*, scores, mask, **kw):
+        adv = (scores - scores.mean()).view(-1, 1) * mask
+        return adv, adv
+    try:
+        with pytest.warns(UserWarning, match="'_scores_only' ignores the per-token rewards"):
+            make_trainer(advantage_estimator="_scores_only").step()
+        import warnings
+        with warnings.catch_warnings():  # with the KL in the loss nothing is dropped
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message="ppo check")
+            make_trainer(advantage_estimator="_scores_only", kl_estimator="k3", kl_penalty="loss").step()
+    finally:
+        del ADVANTAGE_ESTIMATORS["_scores_only"]
+
+
+def test_invariant_checks_are_logged_and_hold_on_a_healthy_step():
+    metrics = make_trainer().step()
+    assert metrics["check/first_ratio_dev"] < 1e-4 and metrics["check/logprob_gap"] < 1e-5
+    assert metrics["check/truncated_fraction"] == pytest.approx(1 - metrics["response/eos_fraction"])
+
+
+def test_invariant_check_catches_a_training_forward_that_is_not_the_sampler():
+    """The update's forward runs other weights than the rollout's (a stale or reloaded policy): the first
+    ratio is no longer 1, the logprob gap opens, and the run warns once."""
+    t = make_trainer()
+    real = t.minibatch_step
+
+    def stale(minibatch, first=False):
+        if first:
+            with torch.no_grad():
+                head = t.policy.lm_head_weight
+                head.add_(0.05 * torch.randn(head.shape, generator=torch.Generator().manual_seed(1)))
+        return real(minibatch, first)
+    t.minibatch_step = stale
+    with pytest.warns(UserWarning, match="check/first_ratio_dev"):
+        metrics = t.step()
+    assert metrics["check/first_ratio_dev"] > 0.01 and metrics["check/logprob_gap"] > 1e-3
+
+
+def test_a_custom_loss_may_return_per_token_terms():
+    """A loss_fn returning (B, T) is aggregated with ppo.loss_aggregation: the same step as returning
+    aggregate(per_token) itself."""
+    from rlhf_core.ppo.losses import policy_loss
+
+    def per_token(*, logprobs, exp, config, **kw):
+        ratio = torch.exp(logprobs - exp.logprobs)
+        return -exp.advantages * ratio, {}
+
+    def aggregated(*, logprobs, exp, config, aggregate, **kw):
+        ratio = torch.exp(logprobs - exp.logprobs)
+        return aggregate(-exp.advantages * ratio), {}
+    runs = [make_trainer(loss_fn=f, loss_aggregation="seq-mean-token-mean", micro_batch_size=1)
+            for f in (per_token, aggregated)]
+    for t in runs:
+        t.step()
+    a, b = weights(runs[0]), weights(runs[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
