@@ -383,7 +383,6 @@ def test_invariant_check_catches_a_training_forward_that_is_not_the_sampler():
 def test_a_custom_loss_may_return_per_token_terms():
     """A loss_fn returning (B, T) is aggregated with ppo.loss_aggregation: the same step as returning
     aggregate(per_token) itself."""
-    from rlhf_core.ppo.losses import policy_loss
 
     def per_token(*, logprobs, exp, config, **kw):
         ratio = torch.exp(logprobs - exp.logprobs)
