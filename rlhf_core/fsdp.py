@@ -26,10 +26,13 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def _mesh_and_precision(bf16: bool) -> tuple[Any, dict[str, torch.dtype]]:
-    """A 1-D mesh over every rank, and the MixedPrecisionPolicy arguments for bf16 compute
-    (fp32 reduction) or none."""
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+def _mesh_and_precision(bf16: bool, replicate: bool = False) -> tuple[Any, dict[str, torch.dtype]]:
+    """A 1-D mesh over every rank (or, with ``replicate``, the HSDP mesh (world, 1): replicated over
+    the ranks, "sharded" over one, so each rank keeps a whole copy), and the MixedPrecisionPolicy
+    arguments for bf16 compute (fp32 reduction) or none."""
+    shape = (world_size(), 1) if replicate else (world_size(),)
+    names = ("replicate", "shard") if replicate else None
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", shape, mesh_dim_names=names)
     return mesh, (dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {})
 
 
@@ -58,7 +61,7 @@ def wrap_fsdp2(model: nn.Module, mixed_precision_bf16: bool = False) -> nn.Modul
 
 
 def wrap_trunk_fsdp2(trunk: nn.Module, keep_whole: Sequence[nn.Parameter] = (),
-                     mixed_precision_bf16: bool = False) -> nn.Module:
+                     mixed_precision_bf16: bool = False, replicate: bool = False) -> nn.Module:
     """FSDP2 for PPO: shard a decoder trunk's blocks, then the trunk; gradients *summed*.
 
     The PPO update calls the trunk (``model.model``) and reads the unembedding directly, never the
@@ -72,10 +75,13 @@ def wrap_trunk_fsdp2(trunk: nn.Module, keep_whole: Sequence[nn.Parameter] = (),
         trunk: the policy's trunk on ``device()``, before its optimizer is built.
         mixed_precision_bf16: blocks and trunk compute in bf16 (fp32 parameters, fp32 reduction);
             the trunk's hidden states come out in fp32 for the fused logprob.
+        replicate: keep a whole copy on every rank (HSDP mesh (world, 1), no weight traffic) that
+            computes exactly as the sharded policy does: PPO's frozen reference under bf16, so that
+            π and π_ref differ by their weights, not by their precision.
     """
     if not (is_initialized() and world_size() > 1):
         return trunk
-    mesh, bf16 = _mesh_and_precision(mixed_precision_bf16)
+    mesh, bf16 = _mesh_and_precision(mixed_precision_bf16, replicate)
     units = [fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16)) for block in _blocks(trunk)]
     whole = {p for p in trunk.parameters() if any(p is k for k in keep_whole)}
     units.append(fully_shard(trunk, mesh=mesh, ignored_params=whole or None,
@@ -108,8 +114,9 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Ten
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """True when ``model`` holds FSDP2-sharded (DTensor) parameters."""
-    return any(is_dtensor(p) for p in model.parameters())
+    """True when ``model`` holds FSDP2-sharded parameters: DTensors whose local part is not the whole
+    (a ``replicate=True`` copy holds DTensors that are whole on every rank)."""
+    return any(is_dtensor(p) and tuple(p.to_local().shape) != tuple(p.shape) for p in model.parameters())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .checks import CHECKS, find_breaches
+
 # Curves worth a panel, in the order they are drawn; other namespaced keys follow if room is left.
 PREFERRED = ("loss/train", "loss/eval", "eval/perplexity", "eval/accuracy", "eval/margin",
              "objective/scores", "eval/gold_reward", "objective/kl", "objective/rlhf_reward",
@@ -52,6 +54,18 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def check_lines(records: list[dict[str, Any]], num_iterations: int | None = None) -> list[str]:
+    """One line per check of rlhf_core/checks.py: what broke (metric, value, threshold, iteration, the
+    function that computes it) or that it held."""
+    broken = {b.check.metric: b for b in find_breaches(records, num_iterations)}
+    present = [c for c in CHECKS if any(c.metric in r for r in records)]
+    if not present:
+        return ["No check metrics were logged."]
+    lines = [f"- **broken**: {broken[c.metric].line()}" if c.metric in broken
+             else f"- ok: `{c.metric}` stayed {'under' if c.above else 'over'} {c.threshold:g}" for c in present]
+    return lines + ["", "Nothing broke." if not broken else f"{len(broken)} of {len(present)} checks broke."]
+
+
 def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
     # After a resume, steps between the last checkpoint and the crash were logged twice: keep the last.
     records = list({(r["phase"], r["step"], tuple(sorted(r))): r for r in records}.values())
@@ -59,6 +73,9 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
     for phase, values in summary.items():
         for k, v in values.items():
             lines.append(f"| {phase} | {k} | {_fmt(v)} |")
+    ppo = [r for r in records if r["phase"] == "ppo"]
+    if ppo:
+        lines += ["", "## PPO invariant checks", ""] + check_lines(ppo, summary.get("ppo", {}).get("iterations"))
     lines += ["", "## Curves", ""]
     for phase in dict.fromkeys(r["phase"] for r in records):
         png = out / "plots" / f"{phase}.png"

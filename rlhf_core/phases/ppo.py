@@ -197,6 +197,7 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
         "kl_to_ref": result.get("kl_to_ref_after"),
         "episodes_per_s": result["episodes_per_s"],
         "skipped_steps": result["skipped_steps"],
+        "iterations": result["iterations"],
         **parts,
         "sharded_models": [name for name, m in (("policy", policy.model), ("reference", policy.ref_model),
                                                 ("reward_model", getattr(reward_fn, "model", None)))

@@ -157,11 +157,15 @@ class PolicyWithValue(nn.Module, CausalLMView):
     def shard_fsdp2(self, bf16: bool = False, shard_reference: bool = False) -> None:
         """Under torchrun, shard the policy's trunk with FSDP2 (the unembedding and value head stay
         replicated, :func:`rlhf_core.fsdp.wrap_trunk_fsdp2`) and, with ``shard_reference``, the frozen
-        reference's trunk likewise. Call before the optimizer is built. No-op in one process."""
+        reference's trunk likewise. Under ``bf16`` an unsharded reference is wrapped as a whole copy
+        per rank with the same mixed-precision policy, so it computes in the policy's precision (at
+        iteration 1 π = π_ref up to the sampling loop's rounding, not bf16's). Call before the
+        optimizer is built. No-op in one process."""
         fsdp.wrap_trunk_fsdp2(trunk_of(self.model), [self.lm_head_weight], bf16)
-        if shard_reference and self.ref_model is not None:  # frozen: no gradients to reduce
+        if self.ref_model is not None and (shard_reference or bf16):  # frozen: no gradients to reduce
             ref = self.ref_model
-            fsdp.wrap_trunk_fsdp2(trunk_of(ref), [ref.get_output_embeddings().weight], bf16)
+            fsdp.wrap_trunk_fsdp2(trunk_of(ref), [ref.get_output_embeddings().weight], bf16,
+                                  replicate=not shard_reference)
 
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters the optimizer updates, by name (the reference and frozen base weights excluded)."""

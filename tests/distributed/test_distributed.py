@@ -206,6 +206,11 @@ def test_ppo_fsdp2_trains_like_ddp_and_saves_the_gathered_policy(tmp_path):
     assert r0["bf16_metrics"][0]["loss/value"] != r0["fsdp_metrics"][0]["loss/value"]  # bf16 did compute
     for m in r0["bf16_metrics"]:
         assert all(math.isfinite(v) for v in m.values()) and m["policy/grad_norm"] > 0
+    # the replicated reference computes in the policy's bf16: at iteration 1 (same weights) the policy's
+    # full forward and the reference's agree exactly (the fp32 reference before gave 5.4e-7 exact, 1.3e-4 k1)
+    first = r0["bf16_forward_metrics"][0]
+    assert first["objective/kl_exact"] == first["objective/kl_k1"] == 0.0
+    assert r0["bf16_forward_metrics"][1]["objective/kl_exact"] > 1e-4  # and the KL is live once π moves
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     for name, v in saved.state_dict().items():
         torch.testing.assert_close(v, r0["fsdp_weights"][name], rtol=0, atol=0, msg=name)

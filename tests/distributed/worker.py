@@ -313,11 +313,12 @@ def case_ppo_fsdp2() -> dict:
         return torch.where(u < 0.25, torch.full_like(tok, eos), tok)
     rollout.sample_next = eos_often
 
-    def run(parallel: str, mixed_precision: str = "no", shard_reference: bool = False
+    def run(parallel: str, mixed_precision: str = "no", shard_reference: bool = False, **extra
             ) -> tuple[PPOTrainer, list[dict], list[int]]:
         tok, model, task = tiny_setup(n_prompts=16, n_eval_prompts=1, model_cfg=tiny)
         torch.manual_seed(0)
-        cfg = PPOConfig(**base, parallel=parallel, mixed_precision=mixed_precision, shard_reference=shard_reference)
+        cfg = PPOConfig(**base, parallel=parallel, mixed_precision=mixed_precision, shard_reference=shard_reference,
+                        **extra)
         t = PPOTrainer(cfg, PolicyWithValue(model), tok,
                        lambda p, r: [len(x) / 10.0 for x in r], task.prompts)
         lengths = []
@@ -340,10 +341,14 @@ def case_ppo_fsdp2() -> dict:
     ddp, ddp_metrics, ddp_lengths = run("ddp")
     fsdp, fsdp_metrics, fsdp_lengths = run("fsdp2")
     bf16, bf16_metrics, _ = run("fsdp2", "bf16")
+    # the policy's logprobs from a full forward (not the sampling loop's states): at iteration 1 the
+    # reference must compute exactly what the bf16 policy computes
+    _, bf16_forward_metrics, _ = run("fsdp2", "bf16", rollout_logprobs=False)
     ref_sharded, ref_sharded_metrics, _ = run("fsdp2", shard_reference=True)
     full = FS.full_state_dict(fsdp.policy.model)  # every rank
     out: dict = {"ddp_lengths": ddp_lengths, "fsdp_lengths": fsdp_lengths, "sharded": fsdp.sharded,
                  "ddp_metrics": ddp_metrics, "fsdp_metrics": fsdp_metrics, "bf16_metrics": bf16_metrics,
+                 "bf16_forward_metrics": bf16_forward_metrics,
                  "bf16_dtypes": sorted({str(p.dtype) for p in bf16.params}),
                  "ref_sharded": FS.is_sharded(ref_sharded.policy.ref_model), "ref_sharded_metrics": ref_sharded_metrics,
                  "ref_sharded_weights": {k: v.clone() for k, v in FS.full_state_dict(ref_sharded.policy.model).items()},
