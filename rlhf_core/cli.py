@@ -96,7 +96,7 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     """File (if any) → overrides from flags → validate."""
     data = load_config_file(args.config) if args.config else {}
     preset = getattr(args, "preset", None) or data.get("preset") or "tiny"
-    data = get_preset(str(preset)).defaults(data)  # the preset's sizes under the file's values
+    data = get_preset(str(preset)).defaults(data, pipeline=args.command == "pipeline")  # under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")
     cfg.preset = str(preset)
     if hasattr(args, "seed"):

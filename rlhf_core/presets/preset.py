@@ -20,10 +20,15 @@ class Preset:
     models: dict[str, Callable[[], Path]] = field(default_factory=dict)  # name -> where it is (made once)
     task_tokenizer: str = ""  # the model whose tokenizer (chat template) formats the task's prompts
     config: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> values under the user's
+    # section -> values under the user's for `rlhf pipeline` only: settings that need an earlier phase's
+    # output (e.g. a critic initialized from the reward model the pipeline trained), not a phase run alone
+    pipeline_config: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def defaults(self, data: dict[str, Any]) -> dict[str, Any]:
-        """A config dict with this preset's values under the user's (the user's win)."""
+    def defaults(self, data: dict[str, Any], pipeline: bool = False) -> dict[str, Any]:
+        """A config dict with this preset's values (and, for ``pipeline``, its pipeline_config's) under
+        the user's (the user's win)."""
+        extra = self.pipeline_config if pipeline else {}
         merged = dict(data)
-        for section, values in self.config.items():
-            merged[section] = {**values, **(data.get(section) or {})}
+        for section in {**self.config, **extra}:
+            merged[section] = {**self.config.get(section, {}), **extra.get(section, {}), **(data.get(section) or {})}
         return merged
