@@ -13,6 +13,9 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
+_LOADED: dict[str, Any] = {}  # resolved path -> module: a file runs once per process (the checks
+# before a run and the run itself see the same module, its state and its registrations)
+
 
 def is_user_spec(spec: str) -> bool:
     """True for ``"file.py:function"`` (the part before the last colon ends in ``.py``)."""
@@ -20,7 +23,8 @@ def is_user_spec(spec: str) -> bool:
 
 
 def load_user_function(spec: str, setting: str = "reward") -> Callable[..., Any]:
-    """Import ``function`` from ``file.py`` given ``"file.py:function"``.
+    """Import ``function`` from ``file.py`` given ``"file.py:function"`` (each file executed once per
+    process, then reused).
 
     Args:
         spec: ``"path/to/file.py:function"``.
@@ -32,12 +36,16 @@ def load_user_function(spec: str, setting: str = "reward") -> Callable[..., Any]
     path = Path(path_str)
     if not path.is_file():
         raise ConfigError(f"{setting} '{spec}': file {path} not found")
-    module_spec = importlib.util.spec_from_file_location(f"user_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
-    try:
-        module_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    except Exception as e:
-        raise ConfigError(f"{setting} '{spec}': importing {path} failed: {type(e).__name__}: {e}") from None
+    key = str(path.resolve())
+    module = _LOADED.get(key)
+    if module is None:
+        module_spec = importlib.util.spec_from_file_location(f"user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)  # type: ignore[arg-type]
+        try:
+            module_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        except Exception as e:
+            raise ConfigError(f"{setting} '{spec}': importing {path} failed: {type(e).__name__}: {e}") from None
+        _LOADED[key] = module
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ConfigError(f"{setting} '{spec}': {path} has no function '{name}'")

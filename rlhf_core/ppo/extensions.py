@@ -41,18 +41,26 @@ def resolve_estimator(cfg: PPOConfig) -> Estimator:
     """
     spec = cfg.advantage_estimator
     if is_user_spec(spec):
-        fn = load_user_function(spec, "ppo.advantage_estimator")
-    else:
-        try:
-            fn = get_advantage_estimator(spec)
-        except ValueError as e:
-            raise ConfigError(f"ppo.advantage_estimator: {e} (or 'file.py:function')") from None
+        return declared_estimator(load_user_function(spec, "ppo.advantage_estimator"), cfg, spec)
+    try:
+        return declared_estimator(get_advantage_estimator(spec), cfg, spec)
+    except ValueError as e:
+        raise ConfigError(f"ppo.advantage_estimator: {e} (or 'file.py:function')") from None
+
+
+def declared_estimator(fn: AdvantageEstimator, cfg: PPOConfig, name: str = "") -> Estimator:
+    """``fn`` with its declarations, ``cfg.whiten_advantages`` applied and its grouping checked.
+
+    Raises:
+        ConfigError: a group estimator with ``cfg.group_size < 2``.
+    """
+    name = name or getattr(fn, "__name__", "estimator")
     declared = estimator_declarations(fn)
     if declared["groups"] and cfg.group_size < 2:
-        raise ConfigError(f"ppo.group_size={cfg.group_size}: advantage_estimator {spec!r} compares the samples "
+        raise ConfigError(f"ppo.group_size={cfg.group_size}: advantage_estimator {name!r} compares the samples "
                           "of one prompt, expected >= 2")
     whiten = declared["whiten"] if cfg.whiten_advantages == "auto" else cfg.whiten_advantages == "true"
-    return Estimator(spec, fn, whiten, declared["critic"], declared["groups"])
+    return Estimator(name, fn, whiten, declared["critic"], declared["groups"])
 
 
 def resolve_loss_fn(cfg: PPOConfig) -> LossFn:

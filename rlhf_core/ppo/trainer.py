@@ -28,10 +28,10 @@ from ..errors import ConfigError, DataError
 from ..models import fast_activations
 from ..optim import can_fuse, count_skip, finish_step, make_optimizer
 from ..tracking import MeanMetrics, MetricsLogger, progress
-from .advantages import masked_whiten
+from .advantages import AdvantageEstimator, masked_whiten
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .extensions import resolve_estimator, resolve_loss_fn
+from .extensions import declared_estimator, resolve_estimator, resolve_loss_fn
 from .losses import aggregation_units, explained_variance
 from .objective import LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable from here too)
 from .policy import PolicyWithValue
@@ -39,6 +39,19 @@ from .reward_sources import RewardFn, checked_reward
 from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
                       sequence_kls)
 from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
+
+
+class _Watched(torch.Tensor):
+    """A tensor that records whether any torch operation read it (``_Watched.read``); results are plain
+    tensors. The trainer hands the estimator its rewards this way once, to see whether the KL penalty in
+    them reaches the advantages, without calling the (possibly stateful) estimator twice."""
+    read = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.read = True
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 def _aggregated(stat: str) -> bool:
@@ -57,6 +70,8 @@ class PPOTrainer:
         logger: MetricsLogger (metrics go under phase "ppo"); gold_fn: the true judge, if known.
         loss_fn: replaces :func:`ppo_loss` (same keywords) without copying this class; default
             ``config.loss_fn`` (``file.py:function``) or :func:`ppo_loss`.
+        estimator: an advantage estimator function (declared with ``advantages.advantage_estimator``)
+            used instead of the one ``config.advantage_estimator`` names.
 
     The estimator's declarations (``advantages.advantage_estimator``) decide the rest: a critic-free
     one (rloo, grpo, dr_grpo, reinforce_pp) needs a policy built with ``value_model="none"``, one with
@@ -65,11 +80,12 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy: PolicyWithValue, tokenizer: Any, reward_fn: RewardFn,
                  prompts: list[str], eval_prompts: list[str] | None = None, logger: MetricsLogger | None = None,
-                 gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None):
+                 gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None,
+                 estimator: AdvantageEstimator | None = None):
         config.validate(world_size=D.world_size())  # each rank rolls out batch_size/world rows
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
-        self.estimator = resolve_estimator(config)
+        self.estimator = resolve_estimator(config) if estimator is None else declared_estimator(estimator, config)
         if self.estimator.critic != policy.has_critic:
             raise ConfigError(f"ppo.advantage_estimator={config.advantage_estimator!r} " + (
                 "reads a critic's values: build the policy with a value head (value_model 'shared' or 'separate')"
@@ -146,9 +162,14 @@ class PPOTrainer:
         # 6. advantages and returns from the estimator (scores raw, rewards with the KL where it sits)
         estimate = dict(values=exp.values, mask=mask, scores=exp.scores, gamma=cfg.gamma, lam=cfg.lam,
                         group_size=cfg.group_size)
-        advantages, returns = self.estimator(rewards=rewards, **estimate)
-        if self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0:
-            self._check_estimator_sees_kl(advantages, rewards, estimate)
+        watch = self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0
+        watched = rewards.as_subclass(_Watched) if watch else rewards  # did the estimator read them?
+        _Watched.read = False
+        advantages, returns = (t.as_subclass(torch.Tensor) for t in self.estimator(rewards=watched, **estimate))
+        if watch and not _Watched.read:  # a KL penalty in the reward never reached the advantages
+            warnings.warn(f"ppo.advantage_estimator={self.estimator.name!r} ignores the per-token rewards: the KL "
+                          f"penalty in the reward (ppo.kl_penalty={cfg.kl_penalty!r}) is dropped; use "
+                          "ppo.kl_penalty=loss or build the advantages from `rewards`", stacklevel=2)
         # 7. whiten the advantages over the (global) batch if the estimator declares it (or
         #    ppo.whiten_advantages says so); a KL loss term is scaled alike (objective.py)
         used = advantages
@@ -200,17 +221,6 @@ class PPOTrainer:
         if breach.check.metric not in self.warned:
             self.warned.add(breach.check.metric)
             warnings.warn(f"ppo check: {breach.line()}", stacklevel=3)
-
-    def _check_estimator_sees_kl(self, advantages: torch.Tensor, rewards: torch.Tensor, estimate: dict) -> None:
-        """Warn when the estimator's advantages do not move with the KL part of ``rewards`` (an estimator
-        reading only ``scores`` drops a KL penalty placed in the reward; advantages.py, the contract)."""
-        noise = torch.rand(rewards.shape, generator=torch.Generator().manual_seed(0)).to(rewards)  # (B, T)
-        probe = rewards - noise * estimate["mask"]  # more KL penalty on every valid token, unevenly
-        moved, _ = self.estimator(rewards=probe, **estimate)
-        if torch.equal(moved, advantages):
-            warnings.warn(f"ppo.advantage_estimator={self.cfg.advantage_estimator!r} ignores the per-token rewards: "
-                          f"the KL penalty in the reward (ppo.kl_penalty={self.cfg.kl_penalty!r}) is dropped; "
-                          "use ppo.kl_penalty=loss or build the advantages from `rewards`", stacklevel=3)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""

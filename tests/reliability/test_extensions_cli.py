@@ -54,7 +54,7 @@ def test_estimator_and_loss_from_a_file_train_a_critic_free_policy(tiny_model_di
     assert main(ppo_argv(tiny_model_dir, out, "--ppo.advantage_estimator", f"{code}:group_median",
                          "--ppo.loss_fn", f"{code}:clipped_per_token", "--ppo.group_size", "2")) == 0
     calls = (tmp_path / "mine.py.calls").read_text().split()
-    assert calls.count("estimator") == 3 and calls.count("loss") == 2 * 4  # +1 probe; 2 iterations x 4 epochs
+    assert calls.count("estimator") == 2 and calls.count("loss") == 2 * 4  # 2 iterations x 4 epochs
     assert not (out / "ppo" / "value_head.safetensors").exists()  # critic-free: no value head saved
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ppo = [r for r in records if r.get("phase") == "ppo" and r.get("step", 0) > 0]
