@@ -1,8 +1,12 @@
-"""Invariant checks of a PPO run: cheap ``check/*`` metrics logged every iteration (computed by the
-trainer) and the tolerance past which each is a problem. The trainer warns once per check when it
-breaks; the run report lists every check with its verdict (``report.write_report``).
+"""What can go wrong in a PPO run, read from its metrics: invariant checks and health flags.
 
-What each one catches:
+The trainer logs cheap ``check/*`` metrics every iteration, warns once when a per-iteration check
+breaks (:func:`step_breaches`), and the run report lists every check with its verdict
+(:func:`find_breaches`, ``report.write_report``'s "Health" section; ``rlhf report DIR`` re-reads a
+finished, running or killed run). Each check names the metric, its threshold, the iteration and the
+function that computes the metric.
+
+Invariants of the PPO core:
 - ``check/first_ratio_dev``: max |ρ − 1| on the first minibatch of the first epoch. No weight has
   changed yet, so ρ must be 1: anything else means the training forward is not the policy that
   sampled (dropout on, a stale or differently-loaded policy, precision).
@@ -11,8 +15,14 @@ What each one catches:
   separate inference engine) that biases the ratio.
 - ``check/truncated_fraction``: responses cut at ``response_length`` without an EOS: their score
   judges unfinished text.
-- ``val/explained_variance``: over the second half of the run, a critic that explains nothing of the
-  returns (mean ≤ 0) gives GAE a noise baseline.
+Health of the optimisation:
+- ``policy/clipfrac`` above 0.3: steps too large for the trust region.
+- ``policy/entropy`` below a tenth of its first value: entropy collapse.
+- ``val/explained_variance`` below 0 over the second half of the run: a critic that explains nothing.
+- ``objective/kl_exact`` running away: over the last quarter at least twice the second quarter's
+  mean, and above 1 nat.
+- ``eval/gold_reward`` falling while ``eval/scores`` rises (first to last evaluation): reward hacking;
+  only when a gold judge exists.
 """
 from __future__ import annotations
 
@@ -22,66 +32,114 @@ from typing import Any, Iterable
 
 @dataclass(frozen=True)
 class Check:
-    """A metric, the threshold it must stay under (``above=True``) or over, and where it comes from."""
+    """A metric, how it is judged (``mode``) against ``threshold``, and where it comes from.
+
+    Modes: ``above`` / ``below`` (any iteration; the trainer also warns live), ``second_half_mean_below``,
+    ``below_fraction_of_first``, ``growth`` (last-quarter mean ≥ threshold × second-quarter mean and ≥ 1),
+    ``hacking`` (the reward source's eval score up while this metric, the gold reward, goes down by
+    more than ``threshold``).
+    """
     metric: str
     threshold: float
-    above: bool  # breached when the value is above the threshold (else: below)
-    second_half_mean: bool  # judged on the mean over the run's second half, not per iteration
+    mode: str
     source: str  # the function that computes the metric
     meaning: str
 
+    @property
+    def per_iteration(self) -> bool:
+        return self.mode in ("above", "below")
+
     def breached(self, value: float) -> bool:
-        return value > self.threshold if self.above else value < self.threshold
+        return value > self.threshold if self.mode == "above" else value < self.threshold
 
 
 CHECKS = (
-    Check("check/first_ratio_dev", 1e-2, True, False, "ppo.trainer.PPOTrainer.minibatch_step",
+    Check("check/first_ratio_dev", 1e-2, "above", "ppo.trainer.PPOTrainer.minibatch_step",
           "the first update's ratio is not 1: the training forward is not the sampling policy"),
-    Check("check/logprob_gap", 1e-3, True, False, "ppo.trainer.PPOTrainer.minibatch_step",
+    Check("check/logprob_gap", 1e-3, "above", "ppo.trainer.PPOTrainer.minibatch_step",
           "rollout and training logprobs of the same tokens differ"),
-    Check("check/truncated_fraction", 0.5, True, False, "ppo.trainer.PPOTrainer.step",
+    Check("check/truncated_fraction", 0.5, "above", "ppo.trainer.PPOTrainer.step",
           "most responses hit response_length without an EOS"),
-    Check("val/explained_variance", 0.0, False, True, "ppo.losses.explained_variance",
+    Check("policy/clipfrac", 0.3, "above", "ppo.losses.policy_loss",
+          "the clip is active on many tokens: updates too large for the trust region (lower the learning rate)"),
+    Check("policy/entropy", 0.1, "below_fraction_of_first", "ppo.losses.entropy_bonus",
+          "entropy collapse: the policy became nearly deterministic"),
+    Check("val/explained_variance", 0.0, "second_half_mean_below", "ppo.losses.explained_variance",
           "the critic explains none of the returns' variance in the second half of the run"),
+    Check("objective/kl_exact", 2.0, "growth", "kernels.fused_logprobs_kl (ppo.rollout.score)",
+          "the KL to the reference is running away (raise kl_coef or use adaptive_kl)"),
+    Check("eval/gold_reward", 0.05, "hacking", "ppo.rollout.evaluate",
+          "reward hacking: the reward source's score rose while the gold reward fell"),
 )
 
 
 @dataclass(frozen=True)
 class Breach:
     check: Check
-    iteration: int  # the first breaching iteration (per-iteration checks) or the last one seen
+    iteration: int  # the first breaching iteration, or the last one the verdict covers
     value: float
 
     def line(self) -> str:
-        where = "mean over the second half, up to" if self.check.second_half_mean else "first at"
-        side = ">" if self.check.above else "<"
-        return (f"{self.check.metric} = {self.value:.4g} {side} {self.check.threshold:g} ({where} iteration "
-                f"{self.iteration}; {self.check.source}): {self.check.meaning}")
+        c = self.check
+        how = {"above": f"> {c.threshold:g} (first at iteration {self.iteration}",
+               "below": f"< {c.threshold:g} (first at iteration {self.iteration}",
+               "second_half_mean_below": f"< {c.threshold:g} (mean over the second half, to iteration {self.iteration}",
+               "below_fraction_of_first": f"< {c.threshold:g} x its first value (first at iteration {self.iteration}",
+               "growth": f">= {c.threshold:g} x the second quarter's mean (last quarter, to iteration {self.iteration}",
+               "hacking": f"fell by more than {c.threshold:g} (first to last evaluation, iteration {self.iteration}",
+               }[c.mode]
+        return f"{c.metric} = {self.value:.4g} {how}; {c.source}): {c.meaning}"
 
 
 def step_breaches(metrics: dict[str, Any], iteration: int) -> list[Breach]:
     """The per-iteration checks this iteration's metrics break."""
     return [Breach(c, iteration, float(metrics[c.metric])) for c in CHECKS
-            if not c.second_half_mean and isinstance(metrics.get(c.metric), (int, float))
+            if c.per_iteration and isinstance(metrics.get(c.metric), (int, float))
             and c.breached(float(metrics[c.metric]))]
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _judge(c: Check, pts: list[tuple[int, float]], records: list[dict[str, Any]], n: int) -> Breach | None:
+    """The verdict of one check on its (iteration, value) points; None when it holds."""
+    if c.per_iteration:
+        first = next(((s, v) for s, v in pts if c.breached(v)), None)
+        return Breach(c, *first) if first else None
+    if c.mode == "second_half_mean_below":
+        late = [v for s, v in pts if s > n / 2]
+        return Breach(c, pts[-1][0], _mean(late)) if late and _mean(late) < c.threshold else None
+    if c.mode == "below_fraction_of_first":
+        start = pts[0][1]
+        low = next(((s, v) for s, v in pts if start > 0 and v < c.threshold * start), None)
+        return Breach(c, *low) if low else None
+    if c.mode == "growth":
+        quarter = [v for s, v in pts if n / 4 < s <= n / 2]
+        last = [v for s, v in pts if s > 3 * n / 4]
+        if quarter and last and _mean(last) >= max(c.threshold * _mean(quarter), 1.0):
+            return Breach(c, pts[-1][0], _mean(last))
+        return None
+    # hacking: the reward source's evaluation score rose while the gold reward fell
+    scores = [(r["step"], float(r["eval/scores"])) for r in records if isinstance(r.get("eval/scores"), (int, float))]
+    if len(pts) < 2 or len(scores) < 2:
+        return None
+    fell = pts[0][1] - pts[-1][1]
+    return Breach(c, pts[-1][0], pts[-1][1]) if fell > c.threshold and scores[-1][1] > scores[0][1] else None
+
+
 def find_breaches(records: Iterable[dict[str, Any]], num_iterations: int | None = None) -> list[Breach]:
-    """Every check's first breach in a PPO run's logged records (``{"step": it, metric: value}``);
-    the second-half checks over the records past ``num_iterations / 2`` (default: the last step)."""
+    """Every check's verdict on a PPO run's logged records (``{"step": it, metric: value}``, the ppo
+    phase's lines of metrics.jsonl): the breaches, in the order of ``CHECKS``. ``num_iterations``: the
+    run's length (default: its last logged step), which the half and quarter windows refer to."""
     records = sorted((r for r in records if isinstance(r.get("step"), int)), key=lambda r: r["step"])
     if not records:
         return []
-    half = (num_iterations or records[-1]["step"]) / 2
-    found: list[Breach] = []
+    n = num_iterations or records[-1]["step"]
+    found = []
     for c in CHECKS:
         pts = [(r["step"], float(r[c.metric])) for r in records if isinstance(r.get(c.metric), (int, float))]
-        if c.second_half_mean:
-            late = [v for s, v in pts if s > half]
-            if late and c.breached(sum(late) / len(late)):
-                found.append(Breach(c, pts[-1][0], sum(late) / len(late)))
-        else:
-            first = next(((s, v) for s, v in pts if c.breached(v)), None)
-            if first:
-                found.append(Breach(c, first[0], first[1]))
+        breach = _judge(c, pts, records, n) if pts else None
+        if breach:
+            found.append(breach)
     return found

@@ -1,4 +1,4 @@
-"""`rlhf pretrain|sft|reward|ppo|pipeline` — a config file plus dotted overrides.
+"""`rlhf pretrain|sft|reward|ppo|pipeline` — a config file plus dotted overrides; `rlhf report DIR`.
 
 Every config field is a flag (`--sft.learning_rate 1e-4`), listed with its help text by
 `rlhf PHASE --help`. Errors a user can cause print one line and exit with code 2
@@ -27,6 +27,7 @@ from .config import PHASES, ConfigBase, PipelineConfig, load_config_file  # noqa
 from .errors import ConfigError, RLHFError  # noqa: E402
 from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
+from .report import regenerate  # noqa: E402
 
 # Shortcut flags for the common paths: --model, --data, ... map to the phase's own field.
 SHORTCUTS: dict[str, dict[str, str]] = {
@@ -41,6 +42,8 @@ DESCRIPTIONS = {
     "reward": "Phase 2: pairwise Bradley-Terry reward model, held-out accuracy and margin.",
     "ppo": "Phase 3: PPO with a value head and a KL-penalized reward.",
     "pipeline": "Phases 0 -> 1 -> 2 -> 3 on the embedded task (or your data), each output the next's input.",
+    "report": "Rebuild DIR/report.md (curves, summary, the PPO run's health) from DIR/metrics.jsonl: for a "
+              "finished, running or killed run.",
 }
 
 
@@ -66,6 +69,10 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="rlhf", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    report = sub.add_parser("report", help=DESCRIPTIONS["report"], description=DESCRIPTIONS["report"],
+                            allow_abbrev=False)
+    report.add_argument("output_dir", help="a run folder (metrics.jsonl; summary.json if the run finished)")
+    report.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     for command in ("pretrain", "sft", "reward", "ppo", "pipeline"):
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -119,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         warnings.showwarning = one_line_warning
     try:
+        if args.command == "report":
+            print(f"wrote {regenerate(Path(args.output_dir))}", file=sys.stderr)
+            return 0
         cfg = resolve_config(args)
         # Denormal floats (tiny Adam moments, near-zero LoRA grads) slow CPU math ~10x: flush them.
         # Process-wide FP state, so only the CLI sets it, never a library call.

@@ -1,10 +1,14 @@
-"""The run report: report.md with the summary table and one PNG of curves per phase."""
+"""The run report: report.md with the summary table, the PPO run's health (rlhf_core/checks.py) and one
+PNG of curves per phase. ``rlhf report DIR`` rebuilds it from DIR/metrics.jsonl (:func:`regenerate`) for
+a finished, running or killed run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from .checks import CHECKS, find_breaches
+from .tracking import read_metrics
 
 # Curves worth a panel, in the order they are drawn; other namespaced keys follow if room is left.
 PREFERRED = ("loss/train", "loss/eval", "eval/perplexity", "eval/accuracy", "eval/margin",
@@ -55,15 +59,15 @@ def _fmt(v: Any) -> str:
 
 
 def check_lines(records: list[dict[str, Any]], num_iterations: int | None = None) -> list[str]:
-    """One line per check of rlhf_core/checks.py: what broke (metric, value, threshold, iteration, the
-    function that computes it) or that it held."""
+    """The PPO run's health: one line per check of rlhf_core/checks.py whose metric was logged, either
+    what broke (metric, value, threshold, iteration, the function that computes it) or that it held."""
     broken = {b.check.metric: b for b in find_breaches(records, num_iterations)}
     present = [c for c in CHECKS if any(c.metric in r for r in records)]
     if not present:
         return ["No check metrics were logged."]
-    lines = [f"- **broken**: {broken[c.metric].line()}" if c.metric in broken
-             else f"- ok: `{c.metric}` stayed {'under' if c.above else 'over'} {c.threshold:g}" for c in present]
-    return lines + ["", "Nothing broke." if not broken else f"{len(broken)} of {len(present)} checks broke."]
+    lines = [f"- **flagged**: {broken[c.metric].line()}" if c.metric in broken else f"- ok: `{c.metric}` ({c.mode} "
+             f"{c.threshold:g})" for c in present]
+    return lines + ["", "Found nothing." if not broken else f"{len(broken)} of {len(present)} checks flagged."]
 
 
 def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
@@ -75,7 +79,7 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
             lines.append(f"| {phase} | {k} | {_fmt(v)} |")
     ppo = [r for r in records if r["phase"] == "ppo"]
     if ppo:
-        lines += ["", "## PPO invariant checks", ""] + check_lines(ppo, summary.get("ppo", {}).get("iterations"))
+        lines += ["", "## Health", ""] + check_lines(ppo, summary.get("ppo", {}).get("iterations"))
     lines += ["", "## Curves", ""]
     for phase in dict.fromkeys(r["phase"] for r in records):
         png = out / "plots" / f"{phase}.png"
@@ -87,3 +91,17 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def regenerate(out: Path) -> Path:
+    """report.md (and plots/) of the run in ``out`` from its metrics.jsonl and, if present, summary.json.
+
+    Raises:
+        DataError: no metrics.jsonl in ``out``, or a line of it that is not JSON (a torn last line, from
+            a run killed while writing, is skipped).
+    """
+    out = Path(out)
+    records = read_metrics(out / "metrics.jsonl")
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    return write_report(out, records, summary)

@@ -16,8 +16,32 @@ from typing import Any, Iterable, Iterator, TypeVar
 from tqdm.auto import tqdm
 
 from .checkpoint import write_json_atomic
+from .errors import DataError
 
 T = TypeVar("T")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A torn last line (the run was killed while writing it) is
+    skipped; any other line that is not a JSON object is a DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "file not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn by a kill mid-write
+            raise DataError(str(path), "not a JSON object", record=i + 1) from None
+        if not isinstance(rec, dict):
+            raise DataError(str(path), "not a JSON object", record=i + 1)
+        records.append(rec)
+    return records
 
 
 class MetricsLogger:
@@ -31,7 +55,7 @@ class MetricsLogger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume and self.path.exists():  # the report plots the whole run, not just this process
-                self.records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+                self.records = read_metrics(self.path)
 
     def log(self, phase: str, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         rec = {"phase": phase, "step": int(step), "time": round(time.time() - self.t0, 3)}

@@ -117,3 +117,4 @@ def test_parser_knows_all_commands():
     for command in ("pretrain", "sft", "reward", "ppo", "pipeline"):
         ns = parser.parse_args([command, "--output-dir", "x"])
         assert ns.command == command
+    assert parser.parse_args(["report", "runs/demo"]).output_dir == "runs/demo"
