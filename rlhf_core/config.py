@@ -191,6 +191,13 @@ class PPOConfig(LoraFields, PhaseCommon):
     policy: str = opt("", "SFT policy folder (default in the pipeline: phase 1's output)")
     reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function'")
     prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
+    eval_prompts: str = opt("", "held-out prompts to evaluate on ('prompt' records); default: the embedded task's, "
+                                "or with your own --ppo.prompts a seeded held-out split of them (eval_fraction, "
+                                "at least 16, never trained on)")
+    eval_fraction: float = opt(0.05, "share of your own prompts held out for evaluation when eval_prompts is empty")
+    gold: str = opt("", "a gold judge the reward source never sees, 'file.py:function' (same contract as a reward "
+                        "function); default: the embedded task's judge, none for your own prompts (then no gold "
+                        "numbers are reported)")
     num_iterations: int = opt(100, "rollout + update iterations")
     batch_size: int = opt(32, "prompts (episodes) per rollout")
     num_mini_batches: int = opt(2, "minibatches per PPO epoch (batch_size must divide evenly)")
@@ -303,6 +310,8 @@ class PPOConfig(LoraFields, PhaseCommon):
                    "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "
                    "value head)")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
+        self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
+        self.check(not self.gold or self.gold.rpartition(":")[0].endswith(".py"), "gold", "'' or 'file.py:function'")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
         self.check(self.whiten_advantages in ("auto", "true", "false"), "whiten_advantages", "auto, true or false")
         self.check(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", ", ".join(LOSS_AGGREGATIONS))

@@ -35,6 +35,7 @@ from .models import load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
 from .ppo.extensions import resolve_estimator, resolve_loss_fn
+from .user_code import load_user_function
 from .presets import get_preset
 from .report import write_report
 from .tracking import MetricsLogger, update_summary
@@ -74,10 +75,15 @@ DATA_FIELDS = {"pretrain": ("data", ("text",)), "sft": ("data", ("prompt_complet
 def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     """Read every data file the phases will use before the output dir is touched, so a bad record
     (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
-    same for a ``device='cuda'`` that this machine cannot give, and for PPO's estimator and loss
-    (``ppo.advantage_estimator`` / ``ppo.loss_fn``: a name or ``file.py:function`` that must load)."""
+    same for a ``device='cuda'`` that this machine cannot give, for PPO's estimator, loss and gold judge
+    (``ppo.advantage_estimator`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or ``file.py:function`` that must
+    load), its evaluation prompts and the held-out split of the user's prompts."""
     if "ppo" in phases:
         resolve_estimator(cfg.ppo), resolve_loss_fn(cfg.ppo)
+        if cfg.ppo.gold:
+            load_user_function(cfg.ppo.gold, "ppo.gold")
+        if cfg.ppo.eval_prompts:
+            load_records(cfg.ppo.eval_prompts, "prompt")
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]
@@ -95,6 +101,8 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
             raise errors[0]
         if phase == "ppo" and cfg.ppo.policy and cfg.ppo.on_long_prompt == "error":
             ppo.check_prompt_lengths([r["prompt"] for r in records], load_tokenizer(cfg.ppo.policy), cfg.ppo)
+        if phase == "ppo" and not cfg.ppo.eval_prompts:
+            ppo.held_out_records(len(records), cfg.ppo)  # enough prompts to hold some out
 
 
 def _load_summary(out: Path) -> dict[str, Any]:

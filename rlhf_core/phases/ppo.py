@@ -1,9 +1,12 @@
-"""Phase 3: PPO on the SFT policy against a reward source, measured by the task's gold judge.
+"""Phase 3: PPO on the SFT policy against a reward source, evaluated on held-out prompts.
 
 Reads ``cfg.policy`` (an HF causal-LM folder with its tokenizer), ``cfg.reward`` (see
-``rlhf_core.ppo.reward_sources``) and the prompts (``cfg.prompts`` or the task's); evaluation
-prompts are the task's held-out ones, judged by the task's gold judge (default task: movie
-reviews). Writes ``output_dir`` atomically: the PPO policy (safetensors + tokenizer; LoRA merged),
+``rlhf_core.ppo.reward_sources``) and the prompts (``cfg.prompts`` or the task's). Evaluation
+(:func:`plan_evaluation`): on ``cfg.eval_prompts``, else the task's held-out prompts when training on
+the task, else a seeded held-out split of the user's prompts; judged by ``cfg.gold`` (file.py:function),
+else the task's gold judge when training on the task, else by no gold judge at all (the summary then
+reports the reward source's score, the exact KL and response lengths only). The summary says which
+prompts and which judge its numbers come from. Writes ``output_dir`` atomically: the PPO policy (safetensors + tokenizer; LoRA merged),
 ``value_head.safetensors``, ``samples.md`` (held-out generations before and after, with their gold
 scores) and, with ``cfg.trace``, ``trace.json`` holding every tensor of the first iteration
 (docs/how_ppo_works.md uses it).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +27,75 @@ from .. import distributed as D, fsdp
 from ..checkpoint import load_for_resume, write_json_atomic
 from ..config import PPOConfig, TaskConfig
 from ..data import movie_reviews
-from ..data.loaders import load_or_default
+from ..data.loaders import load_or_default, load_records
 from ..data.tasks import Task
 from ..errors import ConfigError, DataError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, place, save_model
 from ..ppo.extensions import resolve_estimator
 from ..ppo.policy import PolicyWithValue
-from ..ppo.reward_sources import make_reward_fn
+from ..ppo.reward_sources import RewardFn, make_reward_fn
 from ..ppo.trainer import PPOTrainer
 from ..tracking import MetricsLogger
+from ..user_code import load_user_function
 from .common import resolve_device, setup_torch
 
 N_SAMPLES = 8  # held-out generations shown before/after in samples.md
+MIN_EVAL_PROMPTS = 16  # the held-out split of the user's prompts holds at least this many
+
+
+@dataclass
+class Evaluation:
+    """Where the evaluation numbers come from: the prompts trained on and held out, the judge."""
+    train_prompts: list[str]
+    prompts: list[str]  # evaluated on, never trained on
+    gold: RewardFn | None  # None: no gold numbers at all
+    prompt_source: str  # which prompts, in words (summary.json, report)
+    judge: str  # which judge, in words
+    held_out: list[int] | None = None  # record numbers (1-based) of cfg.prompts held out, if split
+    task_judge: bool = False  # the task's own judge (its gold_parts, shown_prompt apply)
+
+
+def held_out_records(n: int, cfg: PPOConfig) -> list[int]:
+    """The seeded held-out split of ``n`` user prompts: ``max(16, eval_fraction·n)`` record numbers (1-based).
+
+    Raises:
+        DataError: too few prompts to hold that many out and still train on some.
+    """
+    k = max(MIN_EVAL_PROMPTS, round(cfg.eval_fraction * n))
+    if k >= n:
+        raise DataError(cfg.prompts, f"{n} prompts are too few to hold out {k} for evaluation and train on the rest "
+                                     "(give --ppo.eval_prompts)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return sorted(i + 1 for i in order[:k])
+
+
+def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str]) -> Evaluation:
+    """Which prompts to evaluate on and with which judge (see the module docstring).
+
+    Raises:
+        DataError: an eval file with no prompts, or too few prompts to split.
+        ConfigError: a gold ``file.py:function`` that does not load.
+    """
+    own = bool(cfg.prompts)  # trained on the user's prompts, not the task's
+    held = None
+    if cfg.eval_prompts:
+        evals, train = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")], prompts
+        source = f"{cfg.eval_prompts} ({len(evals)} prompts)"
+    elif own:
+        held = held_out_records(len(prompts), cfg)
+        keep = set(held)
+        evals = [prompts[i - 1] for i in held]
+        train = [p for i, p in enumerate(prompts, start=1) if i not in keep]
+        source = (f"held-out split of {cfg.prompts}: {len(held)} of {len(prompts)} prompts (seed {cfg.seed}, "
+                  "never trained on)")
+    else:
+        evals, train = task.eval_prompts, prompts
+        source = f"the {type(task).__name__}'s held-out prompts ({len(evals)})"
+    if cfg.gold:
+        return Evaluation(train, evals, load_user_function(cfg.gold, "ppo.gold"), source, cfg.gold, held)
+    if own:
+        return Evaluation(train, evals, None, source, "none (no --ppo.gold): no gold numbers", held)
+    return Evaluation(train, evals, task.gold_reward, source, f"the {type(task).__name__}'s gold judge", held, True)
 
 
 def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None) -> list[str]:
@@ -117,16 +178,24 @@ def save_policy(policy: Any, tokenizer: Any, output_dir: Path, trace: dict[str, 
     save_model(model, tokenizer, output_dir, merge=True, state_dict=state_dict, extra=value_head_and_trace)
 
 
-def samples_table(task: Task, prompts: list[str], before: list[str], after: list[str]) -> str:
-    """A markdown table of the first held-out prompts with the responses before and after PPO and
-    their gold scores (the evaluations' own samples)."""
+def samples_table(task: Task, prompts: list[str], before: list[str], after: list[str],
+                  judge: RewardFn | None, shown: bool = True) -> str:
+    """A markdown table of the first held-out prompts with the responses before and after PPO (the
+    evaluations' own samples) and, with a ``judge``, their gold scores. ``shown``: display the prompts
+    as the task does (``task.shown_prompt``; for the task's own prompts)."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ")
-    rows = ["| prompt | before PPO (gold) | after PPO (gold) |", "|---|---|---|"]
-    for p, b, a in list(zip(prompts, before, after))[:N_SAMPLES]:
-        rows.append(f"| {cell(task.shown_prompt(p))} | {cell(b)} ({task.gold_score(p, b):+.2f}) | "
-                    f"{cell(a)} ({task.gold_score(p, a):+.2f}) |")
-    return "\n".join(rows) + "\n"
+    rows = list(zip(prompts, before, after))[:N_SAMPLES]
+    if judge is None:
+        lines = ["| prompt | before PPO | after PPO |", "|---|---|---|"]
+        return "\n".join(lines + [f"| {cell(p)} | {cell(b)} | {cell(a)} |" for p, b, a in rows]) + "\n"
+    ps = [p for p, _, _ in rows]
+    gb, ga = judge(ps, [b for _, b, _ in rows]), judge(ps, [a for _, _, a in rows])
+    lines = ["| prompt | before PPO (gold) | after PPO (gold) |", "|---|---|---|"]
+    for (p, b, a), sb, sa in zip(rows, gb, ga):
+        lines.append(f"| {cell(task.shown_prompt(p) if shown else p)} | {cell(b)} ({float(sb):+.2f}) | "
+                     f"{cell(a)} ({float(sa):+.2f}) |")
+    return "\n".join(lines) + "\n"
 
 
 def gold_part_means(task: Task, prompts: list[str], responses: list[str]) -> dict[str, float]:
@@ -153,9 +222,11 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
     """Train the policy with PPO and save it; return the phase summary.
 
     Returns: ``gold_reward_before/after`` (mean gold score on the held-out prompts, SFT vs PPO
-    policy, responses sampled at ``cfg.temperature``), ``scores_before/after`` (the reward source's
-    mean there), ``kl_to_ref`` (mean over responses of the summed exact per-token KL of the final
-    policy to the reference), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it), and
+    policy, responses sampled at ``cfg.temperature``; only with a gold judge), ``eval_prompts`` and
+    ``gold_judge`` (where those numbers come from, :func:`plan_evaluation`; ``eval_held_out_records``
+    when the user's prompts were split), ``scores_before/after`` (the reward source's mean there),
+    ``kl_to_ref`` (mean over responses of the summed exact per-token KL of the final policy to the
+    reference), ``response_length_before/after`` (tokens), ``episodes_per_s`` (training only), ``wall_seconds`` (all of it), and
     ``NAME_before/after`` for each component of a judge that has them (``task.gold_parts``).
     With ``checkpoint_dir`` a checkpoint is written every ``cfg.save_every`` iterations; with
     ``resume`` the newest valid one there is loaded first and the run goes on from it.
@@ -175,26 +246,33 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
         if not isinstance(getattr(reward_fn, "model", None), torch.nn.Module):
             raise ConfigError(f"ppo.shard_reward_model=true: ppo.reward={cfg.reward!r} is not a reward-model folder")
         fsdp.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
+    evaluation = plan_evaluation(cfg, task, load_prompts(cfg, task, tokenizer))
     policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
-    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, load_prompts(cfg, task, tokenizer),
-                         task.eval_prompts, logger, gold_fn=task.gold_reward)
+    trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, evaluation.train_prompts, evaluation.prompts, logger,
+                         gold_fn=evaluation.gold)
     if resume and checkpoint_dir is not None:
         resume_trainer(trainer, cfg, Path(checkpoint_dir))
     result = trainer.train(checkpoint_dir)
     full = fsdp.full_state_dict(policy.model) if trainer.sharded else None  # a collective: every rank
     before, after = trainer.responses["before"], trainer.responses["last"]
     if D.is_main():
-        samples = {"samples.md": samples_table(task, task.eval_prompts, before, after)} if before and after else {}
+        samples = ({"samples.md": samples_table(task, evaluation.prompts, before, after, evaluation.gold,
+                                                shown=evaluation.task_judge)} if before and after else {})
         save_policy(policy, tokenizer, Path(output_dir), trainer.trace if cfg.trace else None, full, samples)
     D.barrier()
     parts = {f"{k}_{when}": v for when, texts in (("before", before), ("after", after))
-             for k, v in gold_part_means(task, task.eval_prompts, texts).items()}
+             for k, v in (gold_part_means(task, evaluation.prompts, texts) if evaluation.task_judge else {}).items()}
+    gold = {k: result.get(k) for k in ("gold_reward_before", "gold_reward_after")} if evaluation.gold else {}
     return {
-        "gold_reward_before": result.get("gold_reward_before"),
-        "gold_reward_after": result.get("gold_reward_after"),
+        **gold,
+        "eval_prompts": evaluation.prompt_source,
+        "gold_judge": evaluation.judge,
+        **({"eval_held_out_records": evaluation.held_out} if evaluation.held_out else {}),
         "scores_before": result.get("scores_before"),
         "scores_after": result.get("scores_after"),
         "kl_to_ref": result.get("kl_to_ref_after"),
+        "response_length_before": result.get("response_length_before"),
+        "response_length_after": result.get("response_length_after"),
         "episodes_per_s": result["episodes_per_s"],
         "skipped_steps": result["skipped_steps"],
         "iterations": result["iterations"],

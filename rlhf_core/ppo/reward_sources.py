@@ -120,11 +120,12 @@ def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: s
                              text_format=task.reward_text if task is not None else None)
 
 
-def checked_reward(fn: RewardFn) -> Callable[..., torch.Tensor]:
+def checked_reward(fn: RewardFn, name: str = "reward") -> Callable[..., torch.Tensor]:
     """Wrap a reward source: returns a float32 (B,) tensor or raises a one-line RewardError.
 
     The wrapper takes ``(prompts, responses, batch_index=0)``; the index (the PPO iteration or
-    the evaluation batch) is named in the error so a user can find the offending rollout.
+    the evaluation batch) is named in the error so a user can find the offending rollout, and
+    ``name`` says which source it was ("reward", "gold").
     """
     def call(prompts: list[str], responses: list[str], batch_index: int = 0) -> torch.Tensor:
         try:
@@ -132,18 +133,18 @@ def checked_reward(fn: RewardFn) -> Callable[..., torch.Tensor]:
         except RewardError:
             raise
         except Exception as e:
-            raise RewardError(f"reward batch {batch_index}: the reward raised {type(e).__name__}: "
+            raise RewardError(f"{name} batch {batch_index}: the {name} raised {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
         try:
             values = [float(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw)]
         except (TypeError, ValueError):
-            raise RewardError(f"reward batch {batch_index}: expected a list of floats, "
+            raise RewardError(f"{name} batch {batch_index}: expected a list of floats, "
                               f"got {type(raw).__name__}") from None
         if len(values) != len(responses):
-            raise RewardError(f"reward batch {batch_index}: expected {len(responses)} scores, got {len(values)}")
+            raise RewardError(f"{name} batch {batch_index}: expected {len(responses)} scores, got {len(values)}")
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
-            raise RewardError(f"reward batch {batch_index}: non-finite score {values[bad[0]]} for response "
+            raise RewardError(f"{name} batch {batch_index}: non-finite score {values[bad[0]]} for response "
                               f"{bad[0]} ({len(bad)} of {len(values)} non-finite)")
         return torch.tensor(values, dtype=torch.float32)  # (B,)
 

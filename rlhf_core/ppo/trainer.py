@@ -93,7 +93,7 @@ class PPOTrainer:
                                               "head to build, train or save)"))
         self.cfg, self.policy, self.tokenizer = config, policy, tokenizer
         self.reward = checked_reward(reward_fn)
-        self.gold = checked_reward(gold_fn) if gold_fn is not None else None
+        self.gold = checked_reward(gold_fn, "gold") if gold_fn is not None else None
         self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
         self.logger = logger or MetricsLogger(None)
         self.loss_fn = loss_fn or resolve_loss_fn(config)

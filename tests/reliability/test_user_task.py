@@ -1,0 +1,105 @@
+"""Your own task end to end (#15): evaluation on your prompts (a held-out split or --ppo.eval_prompts),
+your gold judge (--ppo.gold file.py:function) or none, and the summary saying where each number is from."""
+import json
+
+import pytest
+
+from rlhf_core.cli import main
+from rlhf_core.config import PPOConfig
+from rlhf_core.errors import DataError
+from rlhf_core.phases.ppo import held_out_records, plan_evaluation
+
+JUDGES = '''
+def length(prompts, responses):
+    return [min(len(r.split()), 10) / 10 for r in responses]
+
+def raises(prompts, responses):
+    raise RuntimeError("judge offline")
+
+def short(prompts, responses):
+    return [0.0]
+'''
+
+
+def write_prompts(path, n):
+    path.write_text("".join(json.dumps({"prompt": f"Question {i}: say something about topic {i}."}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ppo_argv(model, out, *flags):
+    return ["ppo", "--policy", str(model), "--reward", f"{out.parent / 'judges.py'}:length", "--output-dir", str(out),
+            "--ppo.num_iterations", "1", "--ppo.batch_size", "4", "--ppo.num_mini_batches", "1",
+            "--ppo.response_length", "4", "--ppo.eval_every", "0", *flags]
+
+
+def test_the_held_out_split_is_seeded_disjoint_and_at_least_16():
+    cfg = PPOConfig(prompts="mine.jsonl", seed=3)
+    held = held_out_records(400, cfg)
+    assert len(held) == 20 and held == sorted(set(held)) and held == held_out_records(400, cfg)  # 5 %
+    assert held != held_out_records(400, PPOConfig(prompts="mine.jsonl", seed=4))
+    assert len(held_out_records(40, cfg)) == 16  # at least 16
+    with pytest.raises(DataError, match="mine.jsonl: 16 prompts are too few to hold out 16"):
+        held_out_records(16, cfg)
+    prompts = [f"p{i}" for i in range(40)]
+    ev = plan_evaluation(cfg, None, prompts)
+    assert set(ev.prompts).isdisjoint(ev.train_prompts) and len(ev.prompts) + len(ev.train_prompts) == 40
+    assert ev.gold is None and ev.judge.startswith("none") and "16 of 40 prompts (seed 3" in ev.prompt_source
+
+
+def test_your_prompts_without_a_judge_report_no_gold_numbers(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "judges.py").write_text(JUDGES)
+    out = tmp_path / "run"
+    prompts = write_prompts(tmp_path / "mine.jsonl", 40)
+    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(prompts))) == 0
+    ppo = json.loads((out / "summary.json").read_text())["ppo"]
+    assert "gold_reward_before" not in ppo and "gold_reward_after" not in ppo
+    assert ppo["eval_prompts"].startswith(f"held-out split of {prompts}: 16 of 40 prompts (seed 0")
+    assert ppo["gold_judge"].startswith("none") and len(ppo["eval_held_out_records"]) == 16
+    for key in ("scores_before", "scores_after", "kl_to_ref", "response_length_before", "response_length_after"):
+        assert isinstance(ppo[key], float), key
+    report = (out / "report.md").read_text()
+    assert "held-out split of" in report and "gold_judge" in report
+    samples = (out / "ppo" / "samples.md").read_text()
+    assert samples.startswith("| prompt | before PPO | after PPO |") and "Question" in samples
+
+
+def test_your_eval_file_and_your_gold_judge(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "judges.py").write_text(JUDGES)
+    out = tmp_path / "run"
+    train, evals = write_prompts(tmp_path / "train.jsonl", 8), write_prompts(tmp_path / "eval.jsonl", 5)
+    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--ppo.eval_prompts", str(evals),
+                         "--ppo.gold", f"{tmp_path / 'judges.py'}:length")) == 0
+    ppo = json.loads((out / "summary.json").read_text())["ppo"]
+    assert ppo["eval_prompts"] == f"{evals} (5 prompts)" and ppo["gold_judge"].endswith("judges.py:length")
+    assert 0.0 <= ppo["gold_reward_before"] <= 1.0 and "eval_held_out_records" not in ppo
+    assert "(gold)" in (out / "ppo" / "samples.md").read_text()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--ppo.eval_prompts", "{empty}"], "empty.jsonl: no records (the file is empty)"),
+    (["--ppo.gold", "{judges}:raises"], "gold batch 0: the gold raised RuntimeError: judge offline"),
+    (["--ppo.gold", "{judges}:short"], "gold batch 0: expected 16 scores, got 1"),
+    (["--ppo.gold", "{judges}:missing"], "ppo.gold '"),
+    (["--ppo.gold", "judge"], "ppo.gold='judge': expected '' or 'file.py:function'"),
+    (["--prompts", "{few}"], "few.jsonl: 10 prompts are too few to hold out 16"),
+])
+def test_bad_evaluation_input_is_one_line(tiny_model_dir, tmp_path, capsys, flags, needle):
+    judges = tmp_path / "judges.py"
+    judges.write_text(JUDGES)
+    (tmp_path / "empty.jsonl").write_text("")
+    write_prompts(tmp_path / "few.jsonl", 10)
+    prompts = write_prompts(tmp_path / "mine.jsonl", 40)
+    flags = [f.replace("{empty}", str(tmp_path / "empty.jsonl")).replace("{judges}", str(judges))
+             .replace("{few}", str(tmp_path / "few.jsonl")) for f in flags]
+    if "--prompts" not in flags:
+        flags += ["--prompts", str(prompts)]
+    out = tmp_path / "run"
+    code = main(ppo_argv(tiny_model_dir, out, *flags))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("error: ") and needle in err, err
+    assert not (out / "ppo").exists()  # no policy saved
