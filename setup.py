@@ -29,6 +29,7 @@ setup(
         "dev": ["pytest", "hypothesis"],
         "bench": ["trl==1.12.0", "liger-kernel", "psutil"],
         "real": ["gguf", "sentencepiece"],
+        "track": ["tensorboard", "wandb", "trackio"],
     },
     entry_points={"console_scripts": ["rlhf=rlhf_core.cli:main"]},
 )

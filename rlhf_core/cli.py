@@ -28,6 +28,7 @@ from .errors import ConfigError, RLHFError  # noqa: E402
 from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline  # noqa: E402
 from .presets import PRESETS, get_preset  # noqa: E402
 from .report import regenerate  # noqa: E402
+from .trackers import parse_report_to  # noqa: E402
 
 # Shortcut flags for the common paths: --model, --data, ... map to the phase's own field.
 SHORTCUTS: dict[str, dict[str, str]] = {
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                             allow_abbrev=False)
     report.add_argument("output_dir", help="a run folder (metrics.jsonl; summary.json if the run finished)")
     report.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    report.add_argument("--report-to", default="none", metavar="TRACKERS",
+                        help="also export metrics.jsonl to these trackers (tensorboard, wandb, trackio)")
     for command in ("pretrain", "sft", "reward", "ppo", "pipeline"):
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output-dir from its newest valid checkpoint")
         p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
         p.add_argument("--seed", default=argparse.SUPPRESS, help="seed for every phase (overrides the sections' seeds)")
+        p.add_argument("--report-to", default=argparse.SUPPRESS, metavar="TRACKERS",
+                       help="also log to none, tensorboard, wandb, trackio (comma-separated; offline, in the run "
+                            "folder; the .[track] extra)")
         if command == "pipeline":
             p.add_argument("--preset", help="model/data preset (default: the config file's, else 'tiny'): " + "; ".join(
                 f"'{name}': {preset.description}" for name, preset in PRESETS.items()))
@@ -106,6 +112,9 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     data = get_preset(str(preset)).defaults(data, pipeline=args.command == "pipeline")  # under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")
     cfg.preset = str(preset)
+    if hasattr(args, "report_to"):
+        cfg.apply_override("report_to", args.report_to)
+    parse_report_to(cfg.report_to)  # an unknown tracker or a missing extra: before anything is written
     if hasattr(args, "seed"):
         cfg.apply_override("seed", args.seed)
         for phase in PHASES:
@@ -127,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = one_line_warning
     try:
         if args.command == "report":
-            print(f"wrote {regenerate(Path(args.output_dir))}", file=sys.stderr)
+            print(f"wrote {regenerate(Path(args.output_dir), parse_report_to(args.report_to))}", file=sys.stderr)
             return 0
         cfg = resolve_config(args)
         # Denormal floats (tiny Adam moments, near-zero LoRA grads) slow CPU math ~10x: flush them.

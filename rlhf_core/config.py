@@ -332,6 +332,7 @@ class PipelineConfig:
     """The whole run: top-level seed and preset plus one section per phase."""
     seed: int = 0
     preset: str = "tiny"
+    report_to: str = "none"  # trackers, comma-separated: none, tensorboard, wandb, trackio (trackers.py)
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -343,7 +344,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PipelineConfig":
-        known = {"seed", "preset", *cls.SECTIONS}
+        known = {"seed", "preset", "report_to", *cls.SECTIONS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -358,13 +359,18 @@ class PipelineConfig:
             out.seed = coerce(data["seed"], int, f"{source}: seed")
         if "preset" in data:
             out.preset = coerce(data["preset"], str, f"{source}: preset")
+        if "report_to" in data:
+            out.report_to = coerce(data["report_to"], str, f"{source}: report_to")
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "preset": self.preset,
+        return {"seed": self.seed, "preset": self.preset, "report_to": self.report_to,
                 **{name: getattr(self, name).to_dict() for name in self.SECTIONS}}
 
     def apply_override(self, dotted: str, raw: str) -> None:
+        if dotted == "report_to":
+            self.report_to = raw
+            return
         if dotted in ("seed", "preset"):
             setattr(self, dotted, coerce(parse_literal(raw) if dotted == "seed" else raw,
                                          int if dotted == "seed" else str, f"--{dotted}"))

@@ -38,6 +38,7 @@ from .ppo.extensions import resolve_estimator, resolve_loss_fn
 from .user_code import load_user_function
 from .presets import get_preset
 from .report import write_report
+from .trackers import Trackers, parse_report_to
 from .tracking import MetricsLogger, update_summary
 
 MARKER = "config.json"  # an output dir holding this was made by rlhf and may be replaced with --overwrite
@@ -130,16 +131,23 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
 
 def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogger:
     if resume and (out / MARKER).exists():
-        check_resume_config(json.loads((out / MARKER).read_text()), cfg.to_dict(), "", PipelineConfig().to_dict())
+        saved = {k: v for k, v in json.loads((out / MARKER).read_text()).items() if k != "report_to"}
+        check_resume_config(saved, {k: v for k, v in cfg.to_dict().items() if k != "report_to"}, "",
+                            PipelineConfig().to_dict())  # the trackers may change on resume
     if not D.is_main():  # torchrun: rank 0 alone writes config, metrics, summary, report
         return MetricsLogger(None, echo=False)
     write_json_atomic(out / MARKER, cfg.to_dict())
-    return MetricsLogger(out / "metrics.jsonl", echo=False, resume=resume)
+    trackers = Trackers(parse_report_to(cfg.report_to), out, cfg.to_dict()) if cfg.report_to != "none" else None
+    return MetricsLogger(out / "metrics.jsonl", echo=False, resume=resume, trackers=trackers)
 
 
 def _finish(out: Path, logger: MetricsLogger) -> dict[str, Any]:
     summary = _load_summary(out)
-    write_report(out, logger.records, summary)
+    report = write_report(out, logger.records, summary)
+    if logger.trackers is not None:  # the report and the samples as artifacts, then close
+        for path in (report, out / "ppo" / "samples.md", out / "summary.json"):
+            logger.trackers.artifact(path)
+        logger.trackers.close()
     return summary
 
 

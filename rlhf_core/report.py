@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import CHECKS, find_breaches
+from .trackers import Trackers
 from .tracking import read_metrics
 
 # Curves worth a panel, in the order they are drawn; other namespaced keys follow if room is left.
@@ -93,8 +94,9 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
     return path
 
 
-def regenerate(out: Path) -> Path:
-    """report.md (and plots/) of the run in ``out`` from its metrics.jsonl and, if present, summary.json.
+def regenerate(out: Path, trackers: list[str] | None = None) -> Path:
+    """report.md (and plots/) of the run in ``out`` from its metrics.jsonl and, if present, summary.json;
+    with ``trackers`` (names, ``trackers.parse_report_to``) every record is exported to them too.
 
     Raises:
         DataError: no metrics.jsonl in ``out``, or a line of it that is not JSON (a torn last line, from
@@ -104,4 +106,13 @@ def regenerate(out: Path) -> Path:
     records = read_metrics(out / "metrics.jsonl")
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    return write_report(out, records, summary)
+    report = write_report(out, records, summary)
+    if trackers:
+        config = out / "config.json"
+        export = Trackers(trackers, out, json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {})
+        for r in records:
+            export.log(r.get("phase", "run"), int(r.get("step", 0)), r)
+        for path in (report, out / "ppo" / "samples.md", summary_path):
+            export.artifact(path)
+        export.close()
+    return report

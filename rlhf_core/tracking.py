@@ -47,9 +47,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Append-only JSONL metrics file shared by all phases of a run (None path: memory only)."""
 
-    def __init__(self, path: str | Path | None, echo: bool = False, resume: bool = False):
+    def __init__(self, path: str | Path | None, echo: bool = False, resume: bool = False, trackers: Any = None):
         self.path = Path(path) if path is not None else None
         self.echo = echo
+        self.trackers = trackers  # trackers.Trackers: a copy of every record (JSONL stays the truth)
         self.records: list[dict[str, Any]] = []
         self.t0 = time.time()
         if self.path is not None:
@@ -66,6 +67,8 @@ class MetricsLogger:
         if self.path is not None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(phase, int(step), rec)
         if self.echo:
             shown = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "time")
             print(f"[{phase} {step}] {shown}", file=sys.stderr)
