@@ -140,15 +140,16 @@ def markdown(rows: list[dict], command: str) -> str:
     if tiny:
         seeds = sorted({r["seed"] for r in tiny})
         lines += [f"**Embedded task**, seeds {', '.join(map(str, seeds))} (mean ± sd over seeds; 3200 episodes each):",
-                  "", "| estimator | gold reward after PPO | exact KL to ref (nats) | wall time per run (s) | "
-                      "per seed: gold / KL |", "|---|---|---|---|---|"]
+                  "", "| estimator | gold reward after PPO | median | exact KL to ref (nats) | wall time per run (s) | "
+                      "per seed: gold / KL |", "|---|---|---|---|---|---|"]
         for name in ESTIMATORS:
             pts = [r for r in tiny if r["estimator"] == name]
             if not pts:
                 continue
             gold, kl, wall = [r["gold_after"] for r in pts], [r["kl"] for r in pts], [r["wall_s"] for r in pts]
             per_seed = ", ".join(f"{r['seed']}: {r['gold_after']:+.3f} / {r['kl']:.2f}" for r in pts)
-            lines.append(f"| {name} | {statistics.mean(gold):+.3f} ± {sd(gold):.3f} | {statistics.mean(kl):.2f} ± "
+            lines.append(f"| {name} | {statistics.mean(gold):+.3f} ± {sd(gold):.3f} | {statistics.median(gold):+.3f} | "
+                         f"{statistics.mean(kl):.2f} ± "
                          f"{sd(kl):.2f} | {statistics.mean(wall):.0f} | {per_seed} |")
         before = statistics.mean(r["gold_before"] for r in tiny if r["estimator"] == "gae")
         lines += ["", f"Gold reward of the SFT policies before PPO: {before:+.3f} (mean over seeds).", ""]

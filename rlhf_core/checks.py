@@ -21,8 +21,8 @@ Health of the optimisation:
 - ``val/explained_variance`` below 0 over the second half of the run: a critic that explains nothing.
 - ``objective/kl_exact`` running away: over the last quarter at least twice the second quarter's
   mean, and above 1 nat.
-- ``eval/gold_reward`` falling while ``eval/scores`` rises (first to last evaluation): reward hacking;
-  only when a gold judge exists.
+- ``eval/gold_reward`` falling from its best evaluation to the last by more than 0.05 while
+  ``eval/scores`` rises over the same span: reward hacking; only when a gold judge exists.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ class Check:
 
     Modes: ``above`` / ``below`` (any iteration; the trainer also warns live), ``second_half_mean_below``,
     ``below_fraction_of_first``, ``growth`` (last-quarter mean ≥ threshold × second-quarter mean and ≥ 1),
-    ``hacking`` (the reward source's eval score up while this metric, the gold reward, goes down by
-    more than ``threshold``).
+    ``hacking`` (from its best evaluation to the last, this metric, the gold reward, fell by more than
+    ``threshold`` while the reward source's eval score rose).
     """
     metric: str
     threshold: float
@@ -48,6 +48,15 @@ class Check:
     @property
     def per_iteration(self) -> bool:
         return self.mode in ("above", "below")
+
+    def held(self) -> str:
+        """What holding this check means, in words (the report's "ok" lines)."""
+        t = f"{self.threshold:g}"
+        return {"above": f"stayed <= {t}", "below": f"stayed >= {t}",
+                "second_half_mean_below": f"mean over the second half >= {t}",
+                "below_fraction_of_first": f"stayed >= {t} x its first value",
+                "growth": f"did not run away (last quarter < {t} x the second quarter's mean, or < 1 nat)",
+                "hacking": f"did not fall by more than {t} from its best while the reward source's score rose"}[self.mode]
 
     def breached(self, value: float) -> bool:
         return value > self.threshold if self.mode == "above" else value < self.threshold
@@ -86,7 +95,7 @@ class Breach:
                "second_half_mean_below": f"< {c.threshold:g} (mean over the second half, to iteration {self.iteration}",
                "below_fraction_of_first": f"< {c.threshold:g} x its first value (first at iteration {self.iteration}",
                "growth": f">= {c.threshold:g} x the second quarter's mean (last quarter, to iteration {self.iteration}",
-               "hacking": f"fell by more than {c.threshold:g} (first to last evaluation, iteration {self.iteration}",
+               "hacking": f"fell by more than {c.threshold:g} from its best evaluation (to iteration {self.iteration}",
                }[c.mode]
         return f"{c.metric} = {self.value:.4g} {how}; {c.source}): {c.meaning}"
 
@@ -120,12 +129,14 @@ def _judge(c: Check, pts: list[tuple[int, float]], records: list[dict[str, Any]]
         if quarter and last and _mean(last) >= max(c.threshold * _mean(quarter), 1.0):
             return Breach(c, pts[-1][0], _mean(last))
         return None
-    # hacking: the reward source's evaluation score rose while the gold reward fell
-    scores = [(r["step"], float(r["eval/scores"])) for r in records if isinstance(r.get("eval/scores"), (int, float))]
-    if len(pts) < 2 or len(scores) < 2:
-        return None
-    fell = pts[0][1] - pts[-1][1]
-    return Breach(c, pts[-1][0], pts[-1][1]) if fell > c.threshold and scores[-1][1] > scores[0][1] else None
+    # hacking: from the gold reward's best evaluation to the last one, the gold fell while the reward
+    # source's evaluation score rose
+    scores = {r["step"]: float(r["eval/scores"]) for r in records if isinstance(r.get("eval/scores"), (int, float))}
+    best_step, best = max(pts, key=lambda p: p[1])
+    last_step, last = pts[-1]
+    if best_step in scores and last_step in scores and best - last > c.threshold and scores[last_step] > scores[best_step]:
+        return Breach(c, last_step, last)
+    return None
 
 
 def find_breaches(records: Iterable[dict[str, Any]], num_iterations: int | None = None) -> list[Breach]:

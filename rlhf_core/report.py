@@ -66,8 +66,8 @@ def check_lines(records: list[dict[str, Any]], num_iterations: int | None = None
     present = [c for c in CHECKS if any(c.metric in r for r in records)]
     if not present:
         return ["No check metrics were logged."]
-    lines = [f"- **flagged**: {broken[c.metric].line()}" if c.metric in broken else f"- ok: `{c.metric}` ({c.mode} "
-             f"{c.threshold:g})" for c in present]
+    lines = [f"- **flagged**: {broken[c.metric].line()}" if c.metric in broken else f"- ok: `{c.metric}` {c.held()}"
+             for c in present]
     return lines + ["", "Found nothing." if not broken else f"{len(broken)} of {len(present)} checks flagged."]
 
 

@@ -67,6 +67,9 @@ def test_reward_hacking_needs_the_score_up_and_the_gold_down():
     hacked = flagged(records(evals={0: (0.1, 0.3), 10: (0.8, 0.2), 20: (1.5, 0.1)}))
     assert set(hacked) == {"eval/gold_reward"} and "reward hacking" in hacked["eval/gold_reward"].line()
     assert flagged(records(evals={0: (0.1, 0.3), 20: (1.5, 0.28)})) == {}  # gold flat: within 0.05
+    peaked = flagged(records(evals={0: (-0.4, 0.0), 10: (1.3, 0.13), 20: (1.6, 0.05)}))  # up, then down
+    assert peaked["eval/gold_reward"].value == 0.05
+    assert flagged(records(evals={0: (-0.4, 0.0), 10: (1.7, 0.13), 20: (1.6, 0.05)})) == {}  # the score fell too
     assert flagged(records(evals={0: (0.9, 0.3), 20: (0.5, 0.1)})) == {}  # both fell: not hacking
 
 
