@@ -194,6 +194,9 @@ class PPOConfig(LoraFields, PhaseCommon):
     eval_prompts: str = opt("", "held-out prompts to evaluate on ('prompt' records); default: the embedded task's, "
                                 "or with your own --ppo.prompts a seeded held-out split of them (eval_fraction, "
                                 "at least 16, never trained on)")
+    chat_template: str = opt("auto", "conversational prompts ({role, content} turns) are always rendered with the "
+                                     "policy tokenizer's chat template; plain-string prompts: 'auto' and 'never' use "
+                                     "them as they are, 'always' renders each as one user turn")
     eval_fraction: float = opt(0.05, "share of your own prompts held out for evaluation when eval_prompts is empty")
     gold: str = opt("", "a gold judge the reward source never sees, 'file.py:function' (same contract as a reward "
                         "function); default: the embedded task's judge, none for your own prompts (then no gold "
@@ -311,6 +314,7 @@ class PPOConfig(LoraFields, PhaseCommon):
                    "value head)")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
+        self.check(self.chat_template in ("auto", "always", "never"), "chat_template", "auto, always or never")
         self.check(not self.gold or self.gold.rpartition(":")[0].endswith(".py"), "gold", "'' or 'file.py:function'")
         self.check(self.on_long_prompt in ("truncate", "error"), "on_long_prompt", "truncate or error")
         self.check(self.whiten_advantages in ("auto", "true", "false"), "whiten_advantages", "auto, true or false")

@@ -100,8 +100,11 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
                 errors.append(e)
         else:
             raise errors[0]
-        if phase == "ppo" and cfg.ppo.policy and cfg.ppo.on_long_prompt == "error":
-            ppo.check_prompt_lengths([r["prompt"] for r in records], load_tokenizer(cfg.ppo.policy), cfg.ppo)
+        if phase == "ppo" and cfg.ppo.policy:  # rendered as the policy reads them (chat template)
+            tokenizer = load_tokenizer(cfg.ppo.policy)
+            prompts = ppo.render_prompts([r["prompt"] for r in records], tokenizer, cfg.ppo.chat_template, path)
+            if cfg.ppo.on_long_prompt == "error":
+                ppo.check_prompt_lengths(prompts, tokenizer, cfg.ppo)
         if phase == "ppo" and not cfg.ppo.eval_prompts:
             ppo.held_out_records(len(records), cfg.ppo)  # enough prompts to hold some out
 

@@ -10,7 +10,9 @@ Formats (TRL's names) and their fields:
 - ``prompt_completion``: ``{"prompt", "completion"}`` (SFT);
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant turn;
 - ``preference``: ``{"prompt", "chosen", "rejected"}`` (reward model);
-- ``prompt``: ``{"prompt"}`` (PPO).
+- ``prompt``: ``{"prompt"}`` (PPO): a string, or TRL's conversational prompt, a list of
+  ``{role, content}`` turns (``{"messages": [...]}`` is read the same way); a conversation is
+  rendered with the policy's chat template by the PPO phase (``rlhf_core.phases.ppo.render_prompts``).
 Returned records hold only the format's fields (extra fields are dropped). Over-long prompts are
 the phases' business, not the loader's.
 """
@@ -225,16 +227,18 @@ def _text(path: Path, n: int, rec: dict, field: str, where: str = "") -> str:
     return value
 
 
-def _messages(path: Path, n: int, rec: dict) -> list[dict]:
-    if "messages" not in rec:
-        _text(path, n, rec, "messages")  # raises the missing-field error with its suggestion
-    msgs = rec["messages"]
+def _messages(path: Path, n: int, rec: dict, field: str = "messages", last: str = "assistant") -> list[dict]:
+    """``rec[field]`` as validated {role, content} turns; the last turn's role must be ``last``
+    ("assistant" for SFT conversations; "user" for a conversational prompt, which the policy answers)."""
+    if field not in rec:
+        _text(path, n, rec, field)  # raises the missing-field error with its suggestion
+    msgs = rec[field]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(path, f"expected a non-empty list of {{role, content}} turns, got "
-                              f"{'an empty list' if msgs == [] else _kind(msgs)}", record=n, field="messages")
+                              f"{'an empty list' if msgs == [] else _kind(msgs)}", record=n, field=field)
     clean = []
     for i, turn in enumerate(msgs):
-        where = f"messages[{i}]"
+        where = f"{field}[{i}]"
         if not isinstance(turn, dict):
             raise DataError(path, f"expected an object {{role, content}}, got {_kind(turn)}",
                             record=n, field=where)
@@ -242,9 +246,9 @@ def _messages(path: Path, n: int, rec: dict) -> list[dict]:
             raise DataError(path, f"expected one of {', '.join(ROLES)}, got {turn.get('role')!r}",
                             record=n, field=where + ".role")
         clean.append({"role": turn["role"], "content": _text(path, n, turn, "content", where + ".")})
-    if clean[-1]["role"] != "assistant":
-        raise DataError(path, f"the last turn must be the assistant's, got '{clean[-1]['role']}'",
-                        record=n, field=f"messages[{len(clean) - 1}].role")
+    if clean[-1]["role"] != last:
+        raise DataError(path, f"the last turn must be the {last}'s, got '{clean[-1]['role']}'",
+                        record=n, field=f"{field}[{len(clean) - 1}].role")
     return clean
 
 
@@ -254,6 +258,8 @@ def _validate(path: Path, n: int, rec: Any, fmt: str) -> dict:
                               f"got {_kind(rec)}", record=n)
     if fmt == "messages":
         return {"messages": _messages(path, n, rec)}
+    if fmt == "prompt" and (isinstance(rec.get("prompt"), list) or ("prompt" not in rec and "messages" in rec)):
+        return {"prompt": _messages(path, n, rec, "prompt" if "prompt" in rec else "messages", last="user")}
     out = {field: _text(path, n, rec, field) for field in FORMATS[fmt]}
     if fmt == "preference" and out["chosen"] == out["rejected"]:
         raise DataError(path, "identical to 'chosen' (a preference needs two different responses)",

@@ -33,7 +33,7 @@ from ..errors import ConfigError, DataError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, place, save_model
 from ..ppo.extensions import resolve_estimator
 from ..ppo.policy import PolicyWithValue
-from ..ppo.reward_sources import RewardFn, make_reward_fn
+from ..ppo.reward_sources import RewardFn, RewardModelScorer, chat_text_format, make_reward_fn
 from ..ppo.trainer import PPOTrainer
 from ..tracking import MetricsLogger
 from ..user_code import load_user_function
@@ -69,8 +69,10 @@ def held_out_records(n: int, cfg: PPOConfig) -> list[int]:
     return sorted(i + 1 for i in order[:k])
 
 
-def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str]) -> Evaluation:
-    """Which prompts to evaluate on and with which judge (see the module docstring).
+def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str], tokenizer: Any = None,
+                    conversations: dict[str, list[dict]] | None = None) -> Evaluation:
+    """Which prompts to evaluate on and with which judge (see the module docstring); an eval file's
+    prompts are rendered like the training prompts (with ``tokenizer``).
 
     Raises:
         DataError: an eval file with no prompts, or too few prompts to split.
@@ -80,6 +82,8 @@ def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str]) -> Evaluatio
     held = None
     if cfg.eval_prompts:
         evals, train = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")], prompts
+        if tokenizer is not None:
+            evals = render_prompts(evals, tokenizer, cfg.chat_template, cfg.eval_prompts, conversations)
         source = f"{cfg.eval_prompts} ({len(evals)} prompts)"
     elif own:
         held = held_out_records(len(prompts), cfg)
@@ -98,14 +102,50 @@ def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str]) -> Evaluatio
     return Evaluation(train, evals, task.gold_reward, source, f"the {type(task).__name__}'s gold judge", held, True)
 
 
-def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None) -> list[str]:
-    """Training prompts from ``cfg.prompts`` ({"prompt"} records) or the embedded task; with a
-    tokenizer, prompts over ``max_prompt_length`` tokens follow ``cfg.on_long_prompt``."""
+def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None,
+                 conversations: dict[str, list[dict]] | None = None) -> list[str]:
+    """Training prompts from ``cfg.prompts`` ({"prompt"} records: strings or conversations) or the
+    embedded task, rendered for the policy (:func:`render_prompts`; with a tokenizer); prompts over
+    ``max_prompt_length`` tokens follow ``cfg.on_long_prompt``. ``conversations`` collects rendered
+    text -> turns for the conversational ones."""
     records = load_or_default(cfg.prompts, "prompt", [{"prompt": p} for p in task.prompts])
     prompts = [r["prompt"] for r in records]
     if tokenizer is not None:
+        prompts = render_prompts(prompts, tokenizer, cfg.chat_template, cfg.prompts or "embedded task", conversations)
         check_prompt_lengths(prompts, tokenizer, cfg)
     return prompts
+
+
+def render_prompts(prompts: list[Any], tokenizer: Any, mode: str, source: str,
+                   conversations: dict[str, list[dict]] | None = None) -> list[str]:
+    """Prompts as the policy reads them. A conversation (TRL's conversational prompt, a list of
+    {role, content} turns) is rendered with the tokenizer's chat template and the generation prompt;
+    a plain string stays as it is (``mode="auto"`` or ``"never"``) or becomes one user turn rendered
+    the same way (``"always"``). The rendered text -> turns of each conversation go into
+    ``conversations`` (a reward model then reads them in its own format).
+
+    Raises:
+        DataError: a conversation with ``mode="never"`` or a tokenizer without a chat template.
+        ConfigError: ``mode="always"`` and the tokenizer has no chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "always" and not has_template:
+        raise ConfigError("ppo.chat_template=always: the policy's tokenizer has no chat template")
+    out = []
+    for n, prompt in enumerate(prompts, start=1):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}] if mode == "always" else None
+        if turns is None:
+            out.append(prompt)
+            continue
+        if mode == "never" or not has_template:
+            raise DataError(source, "a conversational prompt needs a chat template, and " + (
+                "ppo.chat_template=never" if mode == "never" else "the policy's tokenizer has none"),
+                record=n, field="prompt")
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        out.append(text)
+        if conversations is not None:
+            conversations[text] = turns
+    return out
 
 
 def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> None:
@@ -246,7 +286,11 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
         if not isinstance(getattr(reward_fn, "model", None), torch.nn.Module):
             raise ConfigError(f"ppo.shard_reward_model=true: ppo.reward={cfg.reward!r} is not a reward-model folder")
         fsdp.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
-    evaluation = plan_evaluation(cfg, task, load_prompts(cfg, task, tokenizer))
+    conversations: dict[str, list[dict]] = {}  # rendered prompt -> its turns (conversational prompts)
+    evaluation = plan_evaluation(cfg, task, load_prompts(cfg, task, tokenizer, conversations), tokenizer,
+                                 conversations)
+    if conversations and isinstance(reward_fn, RewardModelScorer):  # the reward model's own chat format
+        reward_fn.text_format = chat_text_format(conversations, reward_fn.tokenizer, reward_fn.text_format)
     policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
     trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, evaluation.train_prompts, evaluation.prompts, logger,
                          gold_fn=evaluation.gold)

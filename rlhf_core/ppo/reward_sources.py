@@ -93,6 +93,37 @@ class RewardModelScorer:
                              self.batch_size).tolist()
 
 
+def chat_text_format(conversations: dict[str, list[dict]], tokenizer: Any,
+                     then: TextFormat | None = None) -> TextFormat:
+    """(prompts, responses) in a reward model's own format when the prompts were conversations.
+
+    For a prompt in ``conversations`` (rendered policy text -> its {role, content} turns): with a
+    chat template in the reward model's ``tokenizer``, the prompt is the conversation rendered with
+    the generation prompt and the response is what the template adds for an assistant turn holding
+    the stripped response (the layout ``loaders.messages_to_prompt_completion`` gives SFT data); without one, the
+    turns' contents joined by newlines, then the response as it is. Other prompts pass unchanged to
+    ``then`` (e.g. a task's ``reward_text``), if given.
+    """
+    template = bool(getattr(tokenizer, "chat_template", None))
+
+    def fmt(prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+        ps, rs = [], []
+        for p, r in zip(prompts, responses):
+            turns = conversations.get(p)
+            if turns is None:
+                q, a = then([p], [r]) if then is not None else ([p], [r])
+                ps.append(q[0]), rs.append(a[0])
+            elif template:
+                prefix = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+                full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": r.strip()}],
+                                                     tokenize=False)
+                ps.append(prefix), rs.append(full[len(prefix):].rstrip() if full.startswith(prefix) else r)
+            else:
+                ps.append("\n".join(t["content"] for t in turns) + "\n"), rs.append(r)
+        return ps, rs
+    return fmt
+
+
 def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",
                    batch_size: int = 64, task: Task | None = None) -> RewardFn:
     """Turn a reward spec into a callable ``(prompts, responses) -> list[float]``.
