@@ -9,7 +9,10 @@ Formats (TRL's names) and their fields:
 - ``text``: ``{"text"}`` (pretraining);
 - ``prompt_completion``: ``{"prompt", "completion"}`` (SFT);
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant turn;
-- ``preference``: ``{"prompt", "chosen", "rejected"}`` (reward model);
+- ``preference``: ``{"prompt", "chosen", "rejected"}`` (reward model), strings or TRL's
+  conversational form (``prompt`` a list of turns ending with the user's, ``chosen``/``rejected``
+  lists ending with an assistant turn, whose content is kept): the reward phase renders those
+  with the reward model's chat template (``reward_sources.chat_pair``);
 - ``prompt``: ``{"prompt"}`` (PPO): a string, or TRL's conversational prompt, a list of
   ``{role, content}`` turns (``{"messages": [...]}`` is read the same way); a conversation is
   rendered with the policy's chat template by the PPO phase (``rlhf_core.phases.ppo.render_prompts``).
@@ -260,7 +263,11 @@ def _validate(path: Path, n: int, rec: Any, fmt: str) -> dict:
         return {"messages": _messages(path, n, rec)}
     if fmt == "prompt" and (isinstance(rec.get("prompt"), list) or ("prompt" not in rec and "messages" in rec)):
         return {"prompt": _messages(path, n, rec, "prompt" if "prompt" in rec else "messages", last="user")}
-    out = {field: _text(path, n, rec, field) for field in FORMATS[fmt]}
+    if fmt == "preference" and isinstance(rec.get("prompt"), list):  # TRL's conversational preference
+        out = {"prompt": _messages(path, n, rec, "prompt", last="user")}
+        out.update({k: _messages(path, n, rec, k)[-1]["content"] for k in ("chosen", "rejected")})
+    else:
+        out = {field: _text(path, n, rec, field) for field in FORMATS[fmt]}
     if fmt == "preference" and out["chosen"] == out["rejected"]:
         raise DataError(path, "identical to 'chosen' (a preference needs two different responses)",
                         record=n, field="rejected")

@@ -28,7 +28,7 @@ from ..data.loaders import load_records
 from ..data.tasks import Task
 from ..errors import ConfigError, DataError
 from ..models import build_reward_model_from_lm, check_model_dir, load_tokenizer, place
-from ..ppo.reward_sources import encode_for_reward, reward_forward
+from ..ppo.reward_sources import chat_pair, encode_for_reward, reward_forward
 from ..tracking import MetricsLogger
 from .common import eval_batches, resolve_device, save_trained, setup_torch, split_eval, train_loop
 
@@ -38,6 +38,17 @@ PHASE = "reward"
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry loss mean(−log σ(r_chosen − r_rejected)); logsigmoid keeps it finite."""
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+def render_preference(record: dict, tokenizer: Any) -> dict:
+    """A conversational preference (``prompt`` a list of turns) as the text the reward model reads:
+    ``reward_sources.chat_pair`` for each answer, so training sees the layout PPO scores. Plain
+    records are returned as they are."""
+    if not isinstance(record["prompt"], list):
+        return record
+    prompt, chosen = chat_pair(tokenizer, record["prompt"], record["chosen"])
+    _, rejected = chat_pair(tokenizer, record["prompt"], record["rejected"])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def load_preferences(cfg: RewardConfig, task: Task | None = None) -> tuple[list[dict[str, str]], Task | None]:
@@ -116,6 +127,7 @@ def run(cfg: RewardConfig, output_dir: Path, logger: MetricsLogger, task: Task |
     model = place(build_reward_model_from_lm(str(path), mode=cfg.mode, lora=cfg, tokenizer=tokenizer),
                   resolve_device(cfg, PHASE))
     records, source = load_preferences(cfg, task)
+    records = [render_preference(r, tokenizer) for r in records]
     if len(records) < 2:
         raise DataError(cfg.data or "embedded task", f"need at least 2 preference records, got {len(records)}")
     train_recs, held_recs = split_eval(records, cfg.eval_fraction, cfg.seed)

@@ -104,24 +104,29 @@ def chat_text_format(conversations: dict[str, list[dict]], tokenizer: Any,
     turns' contents joined by newlines, then the response as it is. Other prompts pass unchanged to
     ``then`` (e.g. a task's ``reward_text``), if given.
     """
-    template = bool(getattr(tokenizer, "chat_template", None))
-
     def fmt(prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
         ps, rs = [], []
         for p, r in zip(prompts, responses):
             turns = conversations.get(p)
             if turns is None:
                 q, a = then([p], [r]) if then is not None else ([p], [r])
-                ps.append(q[0]), rs.append(a[0])
-            elif template:
-                prefix = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-                full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": r.strip()}],
-                                                     tokenize=False)
-                ps.append(prefix), rs.append(full[len(prefix):].rstrip() if full.startswith(prefix) else r)
             else:
-                ps.append("\n".join(t["content"] for t in turns) + "\n"), rs.append(r)
+                q, a = [[x] for x in chat_pair(tokenizer, turns, r)]
+            ps.append(q[0]), rs.append(a[0])
         return ps, rs
     return fmt
+
+
+def chat_pair(tokenizer: Any, turns: list[dict], response: str) -> tuple[str, str]:
+    """(prompt text, response text) of a conversation and its answer as a reward model reads them:
+    with a chat template, the turns rendered with the generation prompt, then what the template adds
+    for an assistant turn holding the stripped response; without one, the turns' contents joined by
+    newlines, then the response as it is. Shared by PPO's scoring and the reward phase's training."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "\n".join(t["content"] for t in turns) + "\n", response
+    prefix = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response.strip()}], tokenize=False)
+    return prefix, full[len(prefix):].rstrip() if full.startswith(prefix) else response
 
 
 def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",

@@ -97,3 +97,24 @@ def test_a_reward_model_folder_gets_the_conversation_in_its_own_template(tiny_mo
                  "--ppo.num_mini_batches", "1", "--ppo.response_length", "4"]) == 0
     assert seen and all(p.startswith("User: Question ") and p.endswith("?\nAssistant:") for p, _ in seen)
     assert all(r.endswith(tok.eos_token) for _, r in seen)  # the template's assistant turn, EOS included
+
+
+def test_conversational_preferences_train_the_reward_model_in_its_template(tiny_model_dir, tmp_path, capsys):
+    """The reward phase reads TRL's conversational preferences and renders them with the reward model's
+    chat template, the layout PPO scores (chat_pair): the same text for the same conversation."""
+    from transformers import AutoTokenizer
+    from rlhf_core.phases.reward_model import render_preference
+    from rlhf_core.ppo.reward_sources import chat_pair
+    records = [{"prompt": TURNS, "chosen": [{"role": "assistant", "content": f"Great film {i}."}],
+                "rejected": [{"role": "assistant", "content": f"Dull {i}."}]} for i in range(12)]
+    data = jsonl(tmp_path / "prefs.jsonl", *records)
+    loaded = load_records(data, "preference")
+    assert loaded[0] == {"prompt": TURNS, "chosen": "Great film 0.", "rejected": "Dull 0."}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = render_preference(loaded[0], tok)
+    assert (text["prompt"], text["chosen"]) == chat_pair(tok, TURNS, "Great film 0.")
+    assert text["prompt"].endswith("User: Review of The Red Moon:\nAssistant:") and text["chosen"].endswith(tok.eos_token)
+    out = tmp_path / "run"
+    assert main(["reward", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                 "--reward.max_steps", "2", "--reward.batch_size", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["reward"]["steps"] == 2
