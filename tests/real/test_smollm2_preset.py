@@ -42,3 +42,21 @@ def test_smollm2_preset_runs_its_models_task_and_judge(tmp_path, capsys):
                                                           "eval_prompts.jsonl"}
     samples = (out / "ppo" / "samples.md").read_text().splitlines()
     assert len(samples) == 2 + 4 and samples[2].startswith(("| What ", "| How "))  # the question, no chat markup
+
+
+def test_conversational_prompts_render_like_the_presets_chat_prompts():
+    """SmolLM2's ChatML template: a {role, content} conversation given as a PPO prompt renders exactly as
+    the preset's own prompts (short_questions.chat_prompt), and a reward model without a template reads
+    its turns' text."""
+    from rlhf_core.data import short_questions
+    from rlhf_core.models import load_tokenizer
+    from rlhf_core.phases.ppo import render_prompts
+    from rlhf_core.ppo.reward_sources import chat_pair
+    tok = load_tokenizer(str(convert_smollm2()))
+    turns = [{"role": "system", "content": short_questions.SYSTEM_PROMPT}, {"role": "user", "content": "What is 2 + 3?"}]
+    rendered = render_prompts([turns, "What is 2 + 3?"], tok, "auto", "p.jsonl")
+    assert rendered[0] == short_questions.chat_prompt(tok, "What is 2 + 3?") and rendered[0].endswith("assistant\n")
+    assert rendered[1] == "What is 2 + 3?"  # a plain string stays as it is under auto
+    assert render_prompts(["What is 2 + 3?"], tok, "always", "p.jsonl")[0].startswith("<|im_start|>")
+    minilm = load_tokenizer(str(minilm_path()))
+    assert chat_pair(minilm, turns, " 5.") == (f"{short_questions.SYSTEM_PROMPT}\nWhat is 2 + 3?\n", " 5.")
