@@ -35,7 +35,8 @@ SHORTCUTS: dict[str, dict[str, str]] = {
     "pretrain": {"model": "model", "data": "data", "tokenizer": "tokenizer"},
     "sft": {"model": "model", "data": "data"},
     "reward": {"model": "model", "data": "data", "tokenizer": "tokenizer"},
-    "ppo": {"policy": "policy", "reward": "reward", "prompts": "prompts"},
+    "ppo": {"policy": "policy", "reward": "reward", "prompts": "prompts", "eval-prompts": "eval_prompts",
+            "gold": "gold"},
 }
 DESCRIPTIONS = {
     "pretrain": "Phase 0: domain causal-LM pretraining (group_texts blocks, held-out perplexity).",

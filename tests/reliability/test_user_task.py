@@ -72,8 +72,8 @@ def test_your_eval_file_and_your_gold_judge(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "judges.py").write_text(JUDGES)
     out = tmp_path / "run"
     train, evals = write_prompts(tmp_path / "train.jsonl", 8), write_prompts(tmp_path / "eval.jsonl", 5)
-    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--ppo.eval_prompts", str(evals),
-                         "--ppo.gold", f"{tmp_path / 'judges.py'}:length")) == 0
+    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--eval-prompts", str(evals),
+                         "--gold", f"{tmp_path / 'judges.py'}:length")) == 0  # = --ppo.eval_prompts, --ppo.gold
     ppo = json.loads((out / "summary.json").read_text())["ppo"]
     assert ppo["eval_prompts"] == f"{evals} (5 prompts)" and ppo["gold_judge"].endswith("judges.py:length")
     assert 0.0 <= ppo["gold_reward_before"] <= 1.0 and "eval_held_out_records" not in ppo
