@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -166,7 +165,8 @@ def ppo_experience(policy, gen: torch.Generator):
 def ppo_grads(policy, exp, weight: float) -> dict[str, torch.Tensor]:
     from rlhf_core.ppo.policy import response_logprobs
     from rlhf_core.ppo.trainer import ppo_loss
-    cfg = SimpleNamespace(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, ent_coef=0.01)
+    from rlhf_core.config import PPOConfig
+    cfg = PPOConfig(clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, ent_coef=0.01)
     policy.zero_grad(set_to_none=True)
     logprobs, values, entropy = response_logprobs(policy, exp.query_ids, exp.query_mask, exp.response_ids, exp.mask,
                                                   backend="torch", with_values=True, with_entropy=True)
