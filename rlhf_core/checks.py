@@ -56,7 +56,8 @@ class Check:
                 "second_half_mean_below": f"mean over the second half >= {t}",
                 "below_fraction_of_first": f"stayed >= {t} x its first value",
                 "growth": f"did not run away (last quarter < {t} x the second quarter's mean, or < 1 nat)",
-                "hacking": f"did not fall by more than {t} from its best while the reward source's score rose"}[self.mode]
+                "hacking": f"did not fall by more than {t} from its best while the reward source's score rose",
+                }[self.mode]
 
     def breached(self, value: float) -> bool:
         return value > self.threshold if self.mode == "above" else value < self.threshold
@@ -134,7 +135,8 @@ def _judge(c: Check, pts: list[tuple[int, float]], records: list[dict[str, Any]]
     scores = {r["step"]: float(r["eval/scores"]) for r in records if isinstance(r.get("eval/scores"), (int, float))}
     best_step, best = max(pts, key=lambda p: p[1])
     last_step, last = pts[-1]
-    if best_step in scores and last_step in scores and best - last > c.threshold and scores[last_step] > scores[best_step]:
+    rose = best_step in scores and last_step in scores and scores[last_step] > scores[best_step]
+    if rose and best - last > c.threshold:
         return Breach(c, last_step, last)
     return None
 

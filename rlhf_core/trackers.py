@@ -136,8 +136,9 @@ class Trackers:
 
     @staticmethod
     def _drop(name: str, error: Exception) -> None:
-        warnings.warn(f"tracker {name} failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-                      "; it is dropped, metrics.jsonl goes on", stacklevel=3)
+        first = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(f"tracker {name} failed ({type(error).__name__}: {first}); it is dropped, metrics.jsonl goes on",
+                      stacklevel=3)
 
     def _each(self, call: str, *args: Any) -> None:
         for tracker in list(self.active):

@@ -17,7 +17,8 @@ from .advantages import (
 )
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .losses import AGGREGATIONS, aggregate, aggregation_units, entropy_bonus, explained_variance, kl_penalty_loss, policy_loss, value_loss
+from .losses import (AGGREGATIONS, aggregate, aggregation_units, entropy_bonus, explained_variance, kl_penalty_loss,
+                     policy_loss, value_loss)
 from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
                       sequence_kls)
 from .utils import last_index, masked_mean, masked_sum, masked_var

@@ -191,8 +191,10 @@ class PPOTrainer:
         # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
         self.episodes += cfg.batch_size
         elapsed = t_update - t_start
-        critic = {"val/explained_variance": float(explained_variance(  # of the global batch (batch_size / world rows each)
-            exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1]))} if exp.values is not None else {}
+        critic = {}  # explained variance of the global batch (each rank holds batch_size / world rows)
+        if exp.values is not None:
+            critic["val/explained_variance"] = float(explained_variance(
+                exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1]))
         metrics = D.reduce_metrics({
             **update,
             "objective/kl": penalty_kl,
@@ -266,7 +268,8 @@ class PPOTrainer:
             (loss * weight * share).backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
-                    {"response_ids": part.response_ids, **{k: v.detach() for k, v in {**out, **stats}.items() if v is not None}})
+                    {"response_ids": part.response_ids,
+                     **{k: v.detach() for k, v in {**out, **stats}.items() if v is not None}})
             for k, v in stats.items():  # loss terms pool like the loss, diagnostics (clipfrac, ...) by tokens
                 stats_sum[k] = stats_sum.get(k, 0.0) + (weight if _aggregated(k) else token_weight) * float(v)
             if first:
