@@ -26,6 +26,7 @@ Health of the optimisation:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -106,6 +107,14 @@ def step_breaches(metrics: dict[str, Any], iteration: int) -> list[Breach]:
     return [Breach(c, iteration, float(metrics[c.metric])) for c in CHECKS
             if c.per_iteration and isinstance(metrics.get(c.metric), (int, float))
             and c.breached(float(metrics[c.metric]))]
+
+
+def warn_breaches(metrics: dict[str, Any], iteration: int, warned: set[str]) -> None:
+    """Warn once per check (``warned`` holds those already warned about) for what this iteration breaks."""
+    for breach in step_breaches(metrics, iteration):
+        if breach.check.metric not in warned:
+            warned.add(breach.check.metric)
+            warnings.warn(f"ppo check: {breach.line()}", stacklevel=3)
 
 
 def _mean(xs: list[float]) -> float:

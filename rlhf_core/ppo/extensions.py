@@ -8,7 +8,10 @@ with ``group_size < 2`` is one ``ConfigError`` line naming the setting.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+
+import torch
 
 from ..config import PPOConfig
 from ..errors import ConfigError
@@ -29,6 +32,39 @@ class Estimator:
 
     def __call__(self, **kw):
         return self.fn(**kw)
+
+    def check_policy(self, has_critic: bool) -> None:
+        """Raise a one-line ConfigError when the policy's critic does not match the declaration."""
+        if self.critic != has_critic:
+            raise ConfigError(f"ppo.advantage_estimator={self.name!r} " + (
+                "reads a critic's values: build the policy with a value head (value_model 'shared' or 'separate')"
+                if self.critic else "is critic-free: build the policy with value_model='none' (no value head to "
+                                    "build, train or save)"))
+
+    def advantages(self, rewards: torch.Tensor, watch_kl: str = "", **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages, returns)`` from the estimator. With ``watch_kl`` (the ``ppo.kl_penalty`` that put a
+        KL penalty into ``rewards``), warn when the estimator never read ``rewards``: the penalty would be
+        dropped (advantages.py, the contract). The estimator is called once: it may keep state."""
+        watched = rewards.as_subclass(_Watched) if watch_kl else rewards
+        _Watched.read = False
+        advantages, returns = (t.as_subclass(torch.Tensor) for t in self.fn(rewards=watched, **kw))
+        if watch_kl and not _Watched.read:
+            warnings.warn(f"ppo.advantage_estimator={self.name!r} ignores the per-token rewards: the KL penalty in "
+                          f"the reward (ppo.kl_penalty={watch_kl!r}) is dropped; use ppo.kl_penalty=loss or build "
+                          "the advantages from `rewards`", stacklevel=3)
+        return advantages, returns
+
+
+class _Watched(torch.Tensor):
+    """A tensor that records whether any torch operation read it (``_Watched.read``); results are plain
+    tensors."""
+    read = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.read = True
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 def resolve_estimator(cfg: PPOConfig) -> Estimator:

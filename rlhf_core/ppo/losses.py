@@ -42,6 +42,7 @@ __all__ = [
     "entropy_bonus",
     "kl_penalty_loss",
     "explained_variance",
+    "first_step_invariants",
 ]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -247,6 +248,20 @@ def kl_penalty_loss(
     """
     mean_kl = aggregate(kl, mask, aggregation, max_length)
     return kl_coef * mean_kl, {"loss/kl": mean_kl.detach()}
+
+
+def first_step_invariants(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
+                          ) -> tuple[float, float]:
+    """(Σ |log ρ_t|, max |ρ_t − 1|) over valid tokens: on the first minibatch of an iteration no weight has
+    moved, so both must be ~0 (``check/logprob_gap`` = the sum over the minibatch's tokens,
+    ``check/first_ratio_dev`` = the max; rlhf_core/checks.py).
+
+    Shapes: (B, T) each -> two floats.
+    """
+    with torch.no_grad():
+        log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T)
+        dev = float(torch.expm1(log_ratio).abs().max()) if log_ratio.numel() else 0.0
+        return float(log_ratio.abs().sum()), dev
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

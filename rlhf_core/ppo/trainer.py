@@ -14,7 +14,6 @@ Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered st
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 from .. import checks, distributed as D, fsdp
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..config import PPOConfig
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..models import fast_activations
 from ..optim import can_fuse, count_skip, finish_step, make_optimizer
 from ..tracking import MeanMetrics, MetricsLogger, progress
@@ -32,26 +31,13 @@ from .advantages import AdvantageEstimator, masked_whiten
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
 from .extensions import declared_estimator, resolve_estimator, resolve_loss_fn
-from .losses import aggregation_units, explained_variance
+from .losses import aggregation_units, explained_variance, first_step_invariants
 from .objective import LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable from here too)
 from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
 from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
                       sequence_kls)
 from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
-
-
-class _Watched(torch.Tensor):
-    """A tensor that records whether any torch operation read it (``_Watched.read``); results are plain
-    tensors. The trainer hands the estimator its rewards this way once, to see whether the KL penalty in
-    them reaches the advantages, without calling the (possibly stateful) estimator twice."""
-    read = False
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        cls.read = True
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **(kwargs or {}))
 
 
 def _aggregated(stat: str) -> bool:
@@ -86,11 +72,7 @@ class PPOTrainer:
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
         self.estimator = resolve_estimator(config) if estimator is None else declared_estimator(estimator, config)
-        if self.estimator.critic != policy.has_critic:
-            raise ConfigError(f"ppo.advantage_estimator={config.advantage_estimator!r} " + (
-                "reads a critic's values: build the policy with a value head (value_model 'shared' or 'separate')"
-                if self.estimator.critic else "is critic-free: build the policy with value_model='none' (no value "
-                                              "head to build, train or save)"))
+        self.estimator.check_policy(policy.has_critic)
         self.cfg, self.policy, self.tokenizer = config, policy, tokenizer
         self.reward = checked_reward(reward_fn)
         self.gold = checked_reward(gold_fn, "gold") if gold_fn is not None else None
@@ -160,16 +142,10 @@ class PPOTrainer:
         if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
             rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
         # 6. advantages and returns from the estimator (scores raw, rewards with the KL where it sits)
-        estimate = dict(values=exp.values, mask=mask, scores=exp.scores, gamma=cfg.gamma, lam=cfg.lam,
-                        group_size=cfg.group_size)
-        watch = self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0
-        watched = rewards.as_subclass(_Watched) if watch else rewards  # did the estimator read them?
-        _Watched.read = False
-        advantages, returns = (t.as_subclass(torch.Tensor) for t in self.estimator(rewards=watched, **estimate))
-        if watch and not _Watched.read:  # a KL penalty in the reward never reached the advantages
-            warnings.warn(f"ppo.advantage_estimator={self.estimator.name!r} ignores the per-token rewards: the KL "
-                          f"penalty in the reward (ppo.kl_penalty={cfg.kl_penalty!r}) is dropped; use "
-                          "ppo.kl_penalty=loss or build the advantages from `rewards`", stacklevel=2)
+        watch = self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0  # KL in the rewards
+        advantages, returns = self.estimator.advantages(
+            rewards, watch_kl=cfg.kl_penalty if watch else "", values=exp.values, mask=mask, scores=exp.scores,
+            gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
         # 7. whiten the advantages over the (global) batch if the estimator declares it (or
         #    ppo.whiten_advantages says so); a KL loss term is scaled alike (objective.py)
         used = advantages
@@ -215,14 +191,8 @@ class PPOTrainer:
             "time/rollout": t_rollout - t_start,
             "time/update": t_update - t_rollout,
         })
-        for breach in checks.step_breaches(metrics, self.iteration):
-            self._warn_once(breach)
+        checks.warn_breaches(metrics, self.iteration, self.warned)
         return metrics
-
-    def _warn_once(self, breach: checks.Breach) -> None:
-        if breach.check.metric not in self.warned:
-            self.warned.add(breach.check.metric)
-            warnings.warn(f"ppo check: {breach.line()}", stacklevel=3)
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
@@ -273,10 +243,8 @@ class PPOTrainer:
             for k, v in stats.items():  # loss terms pool like the loss, diagnostics (clipfrac, ...) by tokens
                 stats_sum[k] = stats_sum.get(k, 0.0) + (weight if _aggregated(k) else token_weight) * float(v)
             if first:
-                with torch.no_grad():
-                    diff = (out["logprobs"] - part.logprobs) * part.mask  # (b, T) log ρ, 0 on padding
-                    gap_sum += float(diff.abs().sum())
-                    ratio_dev = max(ratio_dev, float(torch.expm1(diff).abs().max()) if diff.numel() else 0.0)
+                gap, dev = first_step_invariants(out["logprobs"], part.logprobs, part.mask)
+                gap_sum, ratio_dev = gap_sum + gap, max(ratio_dev, dev)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
         grad_norm = finish_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm, finite)
         self.skipped_steps, self.skipped_in_row = count_skip(grad_norm is not None, self.skipped_steps,
