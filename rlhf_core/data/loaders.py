@@ -10,8 +10,10 @@ Formats (TRL's names) and their fields:
 - ``prompt_completion``: ``{"prompt", "completion"}`` (SFT);
 - ``messages``: ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant turn;
 - ``preference``: ``{"prompt", "chosen", "rejected"}`` (reward model), strings or TRL's
-  conversational form (``prompt`` a list of turns ending with the user's, ``chosen``/``rejected``
-  lists ending with an assistant turn, whose content is kept): the reward phase renders those
+  conversational forms (``prompt`` a list of turns ending with the user's, ``chosen``/``rejected``
+  lists ending with an assistant turn, whose content is kept; or, with the prompt implicit,
+  ``chosen``/``rejected`` two whole conversations that differ only in their last, assistant,
+  turn): the reward phase renders those
   with the reward model's chat template (``reward_sources.chat_pair``);
 - ``prompt``: ``{"prompt"}`` (PPO): a string, or TRL's conversational prompt, a list of
   ``{role, content}`` turns (``{"messages": [...]}`` is read the same way); a conversation is
@@ -266,6 +268,12 @@ def _validate(path: Path, n: int, rec: Any, fmt: str) -> dict:
     if fmt == "preference" and isinstance(rec.get("prompt"), list):  # TRL's conversational preference
         out = {"prompt": _messages(path, n, rec, "prompt", last="user")}
         out.update({k: _messages(path, n, rec, k)[-1]["content"] for k in ("chosen", "rejected")})
+    elif fmt == "preference" and "prompt" not in rec and isinstance(rec.get("chosen"), list):  # implicit prompt
+        chosen, rejected = _messages(path, n, rec, "chosen"), _messages(path, n, rec, "rejected")
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1] or chosen[-2]["role"] != "user":
+            raise DataError(path, "chosen and rejected must be the same conversation, ending with a user turn, "
+                                  "then each one's assistant answer", record=n, field="rejected")
+        out = {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
     else:
         out = {field: _text(path, n, rec, field) for field in FORMATS[fmt]}
     if fmt == "preference" and out["chosen"] == out["rejected"]:

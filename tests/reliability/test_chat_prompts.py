@@ -114,6 +114,15 @@ def test_conversational_preferences_train_the_reward_model_in_its_template(tiny_
     text = render_preference(loaded[0], tok)
     assert (text["prompt"], text["chosen"]) == chat_pair(tok, TURNS, "Great film 0.")
     assert text["prompt"].endswith("User: Review of The Red Moon:\nAssistant:") and text["chosen"].endswith(tok.eos_token)
+    implicit = jsonl(tmp_path / "implicit.jsonl",
+                     {"chosen": TURNS + [{"role": "assistant", "content": "Great film."}],
+                      "rejected": TURNS + [{"role": "assistant", "content": "Dull."}]},
+                     {"chosen": TURNS + [{"role": "assistant", "content": "Great."}],
+                      "rejected": [TURNS[1], {"role": "assistant", "content": "Dull."}]})
+    with pytest.raises(DataError, match=r"implicit.jsonl:2: field 'rejected': chosen and rejected must be the same"):
+        load_records(implicit, "preference")
+    implicit.write_text(implicit.read_text().splitlines()[0] + "\n")
+    assert load_records(implicit, "preference") == [{"prompt": TURNS, "chosen": "Great film.", "rejected": "Dull."}]
     out = tmp_path / "run"
     assert main(["reward", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
                  "--reward.max_steps", "2", "--reward.batch_size", "4"]) == 0
