@@ -24,12 +24,11 @@ import argparse
 import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from doc_runs import ROOT, rlhf, save_figure, splice_doc
+
 ESTIMATORS = {  # name -> extra `rlhf ppo` flags
     "gae": ["--ppo.value_model", "separate", "--ppo.value_init_from_reward", "true"],  # the pipeline's critic
     "grpo": ["--ppo.group_size", "4"],
@@ -37,11 +36,6 @@ ESTIMATORS = {  # name -> extra `rlhf ppo` flags
     "rloo": ["--ppo.group_size", "4"],
     "reinforce_pp": [],
 }
-BEGIN, END = "<!-- estimators: begin -->", "<!-- estimators: end -->"
-
-
-def rlhf(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "rlhf_core", *args], check=True, cwd=ROOT)
 
 
 def curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -127,10 +121,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("held-out gold reward")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -188,11 +179,8 @@ def main() -> None:
         (out / "estimators.json").write_text(json.dumps(rows, indent=1))
     plot(rows, ROOT / "docs" / "img" / "estimators.png")
     command = " ".join(["python", "benchmarks/estimators.py", "--seeds", *map(str, args.seeds), *args.extra])
-    doc = Path(args.doc)
-    text = doc.read_text(encoding="utf-8")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    doc.write_text(text[:start] + "\n" + markdown(rows, command) + "\n" + text[end:], encoding="utf-8")
-    print(f"wrote {doc} and docs/img/estimators.png")
+    splice_doc(args.doc, "estimators", markdown(rows, command))
+    print(f"wrote {args.doc} and docs/img/estimators.png")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from doc_runs import ROOT, rlhf, save_figure, splice_doc
+
 CONFIGS = {  # label -> (kl_estimator, kl_penalty)
     "k1 in the reward (default)": ("k1", "reward"),
     "exact in both": ("exact", "both"),
     "k3 in the loss (GRPO's)": ("k3", "loss"),
 }
-BEGIN, END = "<!-- kl_runs: begin -->", "<!-- kl_runs: end -->"
-
-
-def rlhf(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "rlhf_core", *args], check=True, cwd=ROOT)
 
 
 def run(seeds: list[int], out: Path, extra: list[str]) -> list[dict]:
@@ -67,10 +61,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Reward–KL frontier: one point per seed, circled: the mean")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -106,11 +97,8 @@ def main() -> None:
         (Path(args.out) / "kl_runs.json").write_text(json.dumps(rows, indent=1))
     plot(rows, ROOT / "docs" / "img" / "kl_frontier.png")
     command = " ".join(["python", "benchmarks/kl_runs.py", "--seeds", *map(str, args.seeds), *args.extra])
-    doc = Path(args.doc)
-    text = doc.read_text(encoding="utf-8")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    doc.write_text(text[:start] + "\n" + markdown(rows, command) + "\n" + text[end:], encoding="utf-8")
-    print(f"wrote {doc} and docs/img/kl_frontier.png")
+    splice_doc(args.doc, "kl_runs", markdown(rows, command))
+    print(f"wrote {args.doc} and docs/img/kl_frontier.png")
 
 
 if __name__ == "__main__":
