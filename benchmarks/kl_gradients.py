@@ -25,12 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import fused_kl, fused_logprobs, fused_logprobs_kl  # noqa: E402
-from rlhf_core.config import KL_PENALTIES  # noqa: E402
 from rlhf_core.ppo import approx_kl, compute_gae, policy_loss  # noqa: E402
 from rlhf_core.ppo.losses import kl_penalty_loss  # noqa: E402
 from rlhf_core.ppo.rewards import kl_in_rewards, kl_penalized_rewards  # noqa: E402
 
-PAIRS = [(e, p) for e, places in KL_PENALTIES.items() for p in places]
+# Every pair, k1/loss included: the trainer refuses it (config.KL_PENALTIES), this table shows why.
+PAIRS = [("k1", "reward"), ("k1", "loss"), ("k2", "reward"), ("k2", "loss"), ("k3", "reward"), ("k3", "loss"),
+         ("exact", "reward"), ("exact", "loss"), ("exact", "both")]
 
 
 class Tree:

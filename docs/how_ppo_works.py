@@ -1026,12 +1026,13 @@ the rows ({order}); for each of the `ppo_epochs` ({cfg['ppo_epochs']}) passes ov
     L_value  = ½ masked_mean( max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²) )      ε_v = {g(cfg['clip_range_value'])}
     loss     = L_policy + vf_coef · L_value − ent_coef · entropy                             ({g(cfg['vf_coef'])}, {g(cfg['ent_coef'])})
 
-(`objective:ppo_loss`; replace it with `PPOTrainer(loss_fn=...)`; `objective:micro_batch_loss` runs the
-forward and, when `kl_penalty` is "loss" or "both", adds (β/σ_Â)·masked_mean(kl_t) with kl_t under the
-current parameters — [docs/kl.md](kl.md).) The max makes both losses pessimistic: once
-ρ leaves [1−ε, 1+ε] in the direction Â favours, that token's gradient is 0. With micro-batches, each micro
-loss is scaled by its share of the minibatch's valid tokens (`buffer:accumulation_weights`), so the
-step equals the un-accumulated one (tested to 1e-6). A non-finite loss or gradient skips the step
+(`objective:loss_terms` builds these per-token terms, the policy one the registered `ppo.policy_loss`,
+`losses:ppo_clip_loss` by default — [docs/losses.md](losses.md) has the others; `objective:micro_batch_loss`
+runs the forward and, when `kl_penalty` is "loss" or "both", adds β_b·kl_t with kl_t under the current
+parameters and β_b the row's weight, here β/σ_Â — [docs/kl.md](kl.md).) The max makes both losses
+pessimistic: once ρ leaves [1−ε, 1+ε] in the direction Â favours, that token's gradient is 0. With
+micro-batches, each one's terms are divided by the whole minibatch's valid tokens (`objective:Denominators`),
+so the micro losses add up to the un-accumulated one (tested to 1e-6). A non-finite loss or gradient skips the step
 (`perf/skipped_steps`). The gradient norm is clipped to `max_grad_norm` ({g(cfg['max_grad_norm'])}); AdamW steps;
 the LR follows `optim:lr_factor`: `{cfg['lr_schedule']}` decay from {g(cfg['learning_rate'])} to 0 over all
 {cfg['num_iterations'] * cfg['ppo_epochs'] * cfg['num_mini_batches']} optimizer steps of this run.

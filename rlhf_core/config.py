@@ -52,7 +52,9 @@ class TaskConfig(ConfigBase):
 # "reward": -beta*kl_t in token t's reward; "loss": beta*kl_t as a loss term, differentiated (GRPO's
 # placement of k3); "both" (exact only): the next state's KL in the reward, this state's in the loss,
 # the unbiased gradient of E[score] - beta*E[sum_t KL(pi(.|s_t) || pi_ref(.|s_t))].
-KL_PENALTIES = {"k1": ("reward", "loss"), "k2": ("reward", "loss"), "k3": ("reward", "loss"),
+# k1 in the loss is refused: E_π[∇(log π − log π_ref)] = E_π[∇log π] = 0 at θ = θ_old, so its expected KL
+# gradient is exactly zero on the first step of every iteration (docs/kl.md).
+KL_PENALTIES = {"k1": ("reward",), "k2": ("reward", "loss"), "k3": ("reward", "loss"),
                 "exact": ("reward", "loss", "both")}
 # How the PPO loss reduces its per-token terms (rlhf_core.ppo.losses.aggregate, the same tuple there).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -228,6 +230,28 @@ class PPOConfig(LoraFields, PhaseCommon):
     kl_target: float = opt(1.0, "target sequence KL for the adaptive controller")
     kl_horizon: int = opt(10000, "adaptive controller horizon in episodes")
     clip_range: float = opt(0.2, "PPO ratio clip epsilon")
+    policy_loss: str = opt("ppo", "the per-token policy loss: 'ppo' (clipped; asymmetric with clip_range_low/high: "
+                                  "DAPO's clip-higher), 'dual_clip', 'gspo', 'cispo', 'sapo', another registered "
+                                  "name, or 'file.py:function' (docs/losses.md)")
+    clip_range_low: float = opt(0.0, "lower clip epsilon: ratios clipped at 1 - clip_range_low (0: clip_range); "
+                                     "gspo's paper uses 3e-4, cispo's sets 1 (no lower bound)")
+    clip_range_high: float = opt(0.0, "upper clip epsilon: ratios clipped at 1 + clip_range_high (0: clip_range); "
+                                      "DAPO's clip-higher uses 0.28 with clip_range 0.2, gspo's paper 4e-4")
+    dual_clip_c: float = opt(3.0, "dual_clip: the loss of a token with A < 0 is bounded by c*|A| (c > 1; "
+                                  "Ye et al. 2020 use 3)")
+    sapo_tau_pos: float = opt(1.0, "sapo: gate temperature for tokens with A > 0")
+    sapo_tau_neg: float = opt(1.05, "sapo: gate temperature for tokens with A <= 0 (the paper: > sapo_tau_pos)")
+    dynamic_sampling: bool = opt(False, "DAPO's dynamic sampling: drop groups whose scores are all equal (no "
+                                        "learning signal) and refill the batch from further prompts (needs "
+                                        "group_size >= 2)")
+    dynamic_sampling_max_rounds: int = opt(4, "generation rounds per iteration at most when dynamic_sampling "
+                                              "refills; still short after them, the batch is completed with "
+                                              "dropped groups (logged as dynamic/refilled_with_flat)")
+    overlong_buffer: int = opt(0, "DAPO's overlong reward shaping: a length penalty rising linearly from 0 to "
+                                  "-overlong_penalty over the last N tokens of response_length (0: off)")
+    overlong_penalty: float = opt(1.0, "the overlong shaping's largest penalty (at response_length)")
+    overlong_filter: bool = opt(False, "DAPO's overlong filtering: responses cut at response_length without an "
+                                       "EOS are kept out of the loss (they still count in group baselines)")
     clip_range_value: float = opt(0.2, "value clip epsilon around the old values")
     vf_coef: float = opt(0.1, "value loss weight")
     ent_coef: float = opt(0.0, "entropy bonus weight")
@@ -292,6 +316,10 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant, linear or cosine")
         self.check(self.kl_coef >= 0, "kl_coef", "a number >= 0")
         self.check(self.kl_estimator in KL_PENALTIES, "kl_estimator", "k1, k2, k3 or exact")
+        if self.kl_estimator == "k1" and self.kl_penalty == "loss":
+            raise ConfigError("ppo.kl_penalty='loss' with ppo.kl_estimator='k1': its expected KL gradient is exactly 0 "
+                              "at theta = theta_old (E[grad log pi] = 0), so it trains no KL; use kl_penalty 'reward' "
+                              "(k1 there is unbiased) or kl_estimator k2, k3 or exact (docs/kl.md)")
         if self.kl_penalty not in KL_PENALTIES[self.kl_estimator]:
             raise ConfigError(f"ppo.kl_penalty={self.kl_penalty!r} with ppo.kl_estimator={self.kl_estimator!r}: "
                               f"expected one of {', '.join(KL_PENALTIES[self.kl_estimator])} ('both' needs 'exact'; "
@@ -299,6 +327,25 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(self.kl_target > 0, "kl_target", "a positive number")
         self.check(self.kl_horizon > 0, "kl_horizon", "a positive integer")
         self.check(self.clip_range > 0, "clip_range", "a positive number")
+        self.check(0 <= self.clip_range_low <= 1, "clip_range_low", "a number in [0, 1] (0: clip_range; 1: no "
+                                                                     "lower bound, the ratio stays >= 0)")
+        self.check(self.clip_range_high >= 0, "clip_range_high", "a number >= 0 (0: clip_range)")
+        low, high = self.clip_range_low or self.clip_range, self.clip_range_high or self.clip_range
+        if high < low and self.policy_loss != "cispo":  # cispo's paper: no lower bound (1), a tuned upper one
+            raise ConfigError(f"ppo.clip_range_high={high:g} < ppo.clip_range_low={low:g}: the trust region's upper "
+                              "clip must be at least its lower one (DAPO's clip-higher raises the upper one; only "
+                              "cispo, whose paper sets no lower bound, takes clip_range_low 1 with a smaller high)")
+        self.check(self.dual_clip_c > 1, "dual_clip_c", "a number > 1")
+        self.check(self.sapo_tau_pos > 0, "sapo_tau_pos", "a positive number")
+        self.check(self.sapo_tau_neg > 0, "sapo_tau_neg", "a positive number")
+        self.check(bool(self.policy_loss), "policy_loss", "a registered name or 'file.py:function'")
+        self.check(not self.dynamic_sampling or self.group_size >= 2, "dynamic_sampling",
+                   f"false unless group_size >= 2 (it drops groups whose scores are all equal; group_size="
+                   f"{self.group_size})")
+        self.check(self.dynamic_sampling_max_rounds >= 1, "dynamic_sampling_max_rounds", "a positive integer")
+        self.check(0 <= self.overlong_buffer < self.response_length, "overlong_buffer",
+                   f"an integer in [0, response_length={self.response_length})")
+        self.check(self.overlong_penalty >= 0, "overlong_penalty", "a number >= 0")
         self.check(self.clip_range_value > 0, "clip_range_value", "a positive number")
         self.check(self.vf_coef >= 0, "vf_coef", "a number >= 0")
         self.check(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")

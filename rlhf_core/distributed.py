@@ -186,6 +186,16 @@ def global_count(n: int | float) -> float:
     return float(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=device())))
 
 
+def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Σ over ranks of each metric, in one collective (every rank passes the same keys); identity in
+    one process. For quantities already divided by a global count (a micro-batch's share of a loss)."""
+    if not (is_initialized() and world_size() > 1):
+        return dict(metrics)
+    keys = sorted(metrics)
+    packed = all_reduce_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device()))
+    return {k: float(packed[i]) for i, k in enumerate(keys)}
+
+
 def global_max(x: float) -> float:
     """Max over ranks of a local number (identity in one process)."""
     t = torch.tensor(float(x), dtype=torch.float64, device=device())

@@ -29,6 +29,11 @@ class RewardError(RLHFError):
     """A reward source that raised, returned non-finite values or the wrong number of scores."""
 
 
+class UserCodeError(RLHFError):
+    """The user's own function (an estimator, a policy loss, a loss) broke its contract at run time:
+    the message names the function, the iteration and what was wrong."""
+
+
 class CheckpointError(RLHFError):
     """A checkpoint that is missing, torn or corrupted (never loaded silently)."""
 

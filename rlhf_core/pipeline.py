@@ -34,7 +34,7 @@ from .errors import ConfigError, RLHFError
 from .models import load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
-from .ppo.extensions import resolve_estimator, resolve_loss_fn
+from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss
 from .user_code import load_user_function
 from .presets import get_preset
 from .report import write_report
@@ -76,11 +76,11 @@ DATA_FIELDS = {"pretrain": ("data", ("text",)), "sft": ("data", ("prompt_complet
 def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     """Read every data file the phases will use before the output dir is touched, so a bad record
     (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
-    same for a ``device='cuda'`` that this machine cannot give, for PPO's estimator, loss and gold judge
-    (``ppo.advantage_estimator`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or ``file.py:function`` that must
-    load), its evaluation prompts and the held-out split of the user's prompts."""
+    same for a ``device='cuda'`` that this machine cannot give, for PPO's estimator, losses and gold judge
+    (``ppo.advantage_estimator`` / ``ppo.policy_loss`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or
+    ``file.py:function`` that must load, declared), its evaluation prompts and the held-out split of the user's prompts."""
     if "ppo" in phases:
-        resolve_estimator(cfg.ppo), resolve_loss_fn(cfg.ppo)
+        resolve_policy_loss(cfg.ppo, has_critic=resolve_estimator(cfg.ppo).critic), resolve_loss_fn(cfg.ppo)
         if cfg.ppo.gold:
             load_user_function(cfg.ppo.gold, "ppo.gold")
         if cfg.ppo.eval_prompts:

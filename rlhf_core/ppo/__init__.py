@@ -10,6 +10,8 @@ from .advantages import (
     estimator_declarations,
     get_advantage_estimator,
     grpo_advantages,
+    grpo_return_weights,
+    group_index,
     masked_whiten,
     register_advantage_estimator,
     reinforce_pp_returns,
@@ -17,8 +19,9 @@ from .advantages import (
 )
 from .buffer import RolloutBuffer, accumulation_weights, micro_batches
 from .experience import Experience
-from .losses import (AGGREGATIONS, aggregate, aggregation_units, entropy_bonus, explained_variance, kl_penalty_loss,
-                     policy_loss, value_loss)
+from .losses import (AGGREGATIONS, POLICY_LOSSES, aggregate, aggregation_units, cispo_loss, dual_clip_loss,
+                     entropy_bonus, explained_variance, get_policy_loss, gspo_loss, kl_penalty_loss, policy_loss,
+                     policy_loss_term, ppo_clip_loss, register_policy_loss, sapo_loss, value_loss, value_loss_terms)
 from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
                       sequence_kls)
 from .utils import last_index, masked_mean, masked_sum, masked_var
@@ -26,6 +29,7 @@ from .utils import last_index, masked_mean, masked_sum, masked_var
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
+    "POLICY_LOSSES",
     "AdaptiveKLController",
     "Experience",
     "FixedKLController",
@@ -35,12 +39,18 @@ __all__ = [
     "aggregate",
     "aggregation_units",
     "approx_kl",
+    "cispo_loss",
     "compute_gae",
+    "dual_clip_loss",
     "entropy_bonus",
     "estimator_declarations",
     "explained_variance",
     "get_advantage_estimator",
+    "get_policy_loss",
+    "group_index",
     "grpo_advantages",
+    "grpo_return_weights",
+    "gspo_loss",
     "kl_in_rewards",
     "kl_penalized_rewards",
     "kl_penalty_loss",
@@ -51,9 +61,14 @@ __all__ = [
     "masked_whiten",
     "micro_batches",
     "policy_loss",
+    "policy_loss_term",
+    "ppo_clip_loss",
     "register_advantage_estimator",
+    "register_policy_loss",
     "reinforce_pp_returns",
     "rloo_advantages",
+    "sapo_loss",
     "sequence_kls",
     "value_loss",
+    "value_loss_terms",
 ]

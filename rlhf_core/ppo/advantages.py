@@ -20,23 +20,27 @@ for the ones it ignores:
   token and −β·KL_t on every token where ``ppo.kl_penalty`` puts the penalty in the reward.
   An estimator that builds its advantages from ``rewards`` gets the KL penalty with them.
 - ``scores`` (B,): the raw reward-source scores, *no KL in them*. An estimator that uses only
-  ``scores`` drops a KL penalty placed in the reward: run it with ``ppo.kl_penalty=loss`` or say
-  in its docstring that it trains without a KL penalty (the trainer warns when the advantages
-  do not move with the KL).
+  ``scores`` drops a KL penalty placed in the reward: it declares ``reads_rewards=False`` and the
+  trainer refuses to run it with a KL penalty in the rewards (use ``ppo.kl_penalty=loss``).
 - ``values`` (B, T) or None (critic-free runs), ``mask`` (B, T), ``gamma``, ``lam``,
-  ``group_size`` (rows come in contiguous groups of ``group_size`` samples of one prompt).
+  ``group_size``, and ``group_ids`` (B,): which prompt each row answers (the ``group_size`` rows of
+  one prompt share an id). Group estimators read the groups from ``group_ids``, so a batch in any
+  row order is grouped correctly, and one whose ids do not form whole groups is an error.
 
 It returns ``(advantages, returns)``, both (B, T) and 0 on padding (``returns`` are the value
 targets; a critic-free estimator's are only logged).
 
 Each estimator declares how the trainer treats it (``register_advantage_estimator`` or, for a
-function used as ``file.py:function``, the ``advantage_estimator`` decorator):
-``whiten`` (advantages normalised to mean 0 / std 1 over the global batch after the estimator;
-``ppo.whiten_advantages`` overrides it), ``critic`` (reads ``values``: the run builds and trains
-a value head; False: no value head is built, trained or saved), ``groups`` (needs
-``group_size >= 2``).  For example::
+function used as ``file.py:function``, the ``advantage_estimator`` decorator); every declaration
+is required, an undeclared function is refused: ``whiten`` (advantages normalised to mean 0 / std 1
+over the global batch after the estimator; ``ppo.whiten_advantages`` overrides it), ``critic``
+(reads ``values``: the run builds and trains a value head; False: no value head is built, trained
+or saved), ``groups`` (needs ``group_size >= 2``), ``reads_rewards`` (builds the advantages from
+``rewards``), and optionally ``return_weight`` (∂A_i/∂R_i, the scale the KL loss term follows).
+For example::
 
-    @register_advantage_estimator("reinforce_mean", whiten=False, critic=False)
+    @register_advantage_estimator("reinforce_mean", whiten=False, critic=False, groups=False,
+                                  reads_rewards=True)
     def reinforce_mean(*, rewards, mask, **kw):
         seq = (rewards * mask).sum(-1, keepdim=True)           # (B, 1) score − β·Σ KL
         adv = (seq - seq.mean()) * mask                         # (B, T)
@@ -47,7 +51,7 @@ Imports only torch.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,8 +62,11 @@ __all__ = [
     "masked_whiten",
     "rloo_advantages",
     "grpo_advantages",
+    "grpo_return_weights",
+    "group_index",
     "reinforce_pp_returns",
     "ADVANTAGE_ESTIMATORS",
+    "DECLARATIONS",
     "AdvantageEstimator",
     "advantage_estimator",
     "estimator_declarations",
@@ -166,8 +173,55 @@ def masked_whiten(
     return torch.where(mask.bool(), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def group_index(batch: int, group_size: int, group_ids: torch.Tensor | None = None, name: str = "estimator"
+                ) -> torch.Tensor:
+    """The row order that lays a batch out as (B/k, k) groups: ``rows[order].view(-1, k)``.
+
+    Without ``group_ids`` the rows must come in contiguous blocks of ``group_size`` (rows 0..k−1 share a
+    prompt, then k..2k−1, ...). With ``group_ids`` (B,) the rows may come in any order: each id must
+    appear exactly ``group_size`` times (a misordered or incomplete batch is an error, not a wrong number).
+
+    Shapes: -> order (B,) int64, a permutation of the rows.
+
+    Raises:
+        ValueError: group_size < 2, a batch that does not split into whole groups, or group ids that
+            do not each appear ``group_size`` times.
+    """
+    if group_size < 2 or batch % group_size != 0:
+        raise ValueError(f"{name} needs group_size >= 2 dividing the batch; got group_size={group_size}, "
+                         f"batch={batch}")
+    if group_ids is None:
+        return torch.arange(batch)
+    ids = torch.as_tensor(group_ids).reshape(-1).cpu()
+    if ids.numel() != batch:
+        raise ValueError(f"{name}: {ids.numel()} group ids for a batch of {batch} rows")
+    _, counts = torch.unique(ids, return_counts=True)
+    if bool((counts != group_size).any()):
+        bad = int(counts[counts != group_size][0])
+        raise ValueError(f"{name}: a group id appears {bad} times in the batch; each group must have exactly "
+                         f"group_size={group_size} rows")
+    return torch.argsort(ids, stable=True)
+
+
+def _group_returns(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, name: str,
+                   group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R grouped (B/k, k), reward-to-go (B, T), the row order of ``group_index``)."""
+    order = group_index(rewards.shape[0], group_size, group_ids, name).to(rewards.device)
+    r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))  # (B, T)
+    seq_return = masked_sum(r, mask, dim=-1)[order].view(-1, group_size)  # (B/k, k)
+    return seq_return, r.flip(-1).cumsum(-1).flip(-1) * mask.bool().to(r.dtype), order
+
+
+def _per_token(grouped: torch.Tensor, order: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-sequence value laid out as groups (B/k, k) put back in row order and broadcast to every
+    valid token: (B, T), 0 on padding."""
+    per_row = torch.empty_like(grouped.reshape(-1))
+    per_row[order] = grouped.reshape(-1)  # (B,)
+    return per_row.unsqueeze(-1) * mask.bool().to(grouped.dtype)
+
+
 def rloo_advantages(
-    rewards: torch.Tensor, mask: torch.Tensor, group_size: int
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int, group_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE leave-one-out advantages (RLOO), one value per sequence.
 
@@ -175,48 +229,23 @@ def rloo_advantages(
     for the group G(i) of i, A_i = R_i − (1/(k−1))·Σ_{j∈G(i), j≠i} R_j, k = group_size,
     broadcast to every valid token of row i.
 
-    Convention: rows come in contiguous blocks of ``group_size`` samples of the same prompt
-    (rows 0..k−1 share a prompt, then k..2k−1, ...). No discount (γ = 1). ``returns`` is the
-    undiscounted reward-to-go Σ_{t'≥t} r_{t'} (equal to R_i on the first token), a sound
+    Convention: the groups are given by ``group_ids`` (B,) (any row order), or, without them, by
+    contiguous blocks of ``group_size`` rows (``group_index``). No discount (γ = 1). ``returns`` is
+    the undiscounted reward-to-go Σ_{t'≥t} r_{t'} (equal to R_i on the first token), a sound
     target if a value head is trained alongside; padding is 0 in both outputs.
 
-    Args:
-        rewards: per-token rewards (from ``kl_penalized_rewards``).
-        mask: 1 on valid tokens.
-        group_size: samples per prompt k ≥ 2.
-
-    Shapes: rewards (B, T), mask (B, T) -> advantages (B, T), returns (B, T); B % k == 0.
-
-    Returns:
-        advantages: (B, T) the row's A_i on valid tokens, 0 on padding.
-        returns: (B, T) reward-to-go on valid tokens, 0 on padding.
+    Shapes: rewards (B, T), mask (B, T), group_ids (B,) -> advantages (B, T), returns (B, T); B % k == 0.
 
     Raises:
-        ValueError: group_size < 2 or not dividing the batch.
+        ValueError: group_size < 2, not dividing the batch, or group ids that do not form whole groups.
     """
-    seq_return, returns = _group_returns(rewards, mask, group_size, "rloo")  # (B/k, k), (B, T)
+    seq_return, returns, order = _group_returns(rewards, mask, group_size, "rloo", group_ids)  # (B/k, k)
     baseline = (seq_return.sum(dim=1, keepdim=True) - seq_return) / (group_size - 1)  # (B/k, k)
-    return _per_token(seq_return - baseline, mask), returns
-
-
-def _group_returns(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, name: str
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R grouped (B/k, k), reward-to-go (B, T)) of the group estimators; checks the grouping."""
-    B = rewards.shape[0]
-    if group_size < 2 or B % group_size != 0:
-        raise ValueError(f"{name} needs group_size >= 2 dividing the batch; got group_size={group_size}, batch={B}")
-    r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))  # (B, T)
-    seq_return = masked_sum(r, mask, dim=-1).view(-1, group_size)  # (B/k, k)
-    return seq_return, r.flip(-1).cumsum(-1).flip(-1) * mask.bool().to(r.dtype)  # reward-to-go
-
-
-def _per_token(grouped: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A per-sequence value (B/k, k) broadcast to every valid token: (B, T), 0 on padding."""
-    return grouped.reshape(-1, 1) * mask.bool().to(grouped.dtype)
+    return _per_token(seq_return - baseline, order, mask), returns
 
 
 def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
-                    scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: bool = True, group_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO (outcome supervision) and Dr. GRPO advantages, one value per sequence.
 
     Formula: R_i = Σ_t m_t·r_{i,t} (the score, minus β·Σ_t KL_t when the penalty is in the
@@ -227,19 +256,36 @@ def grpo_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
     (``torch.std``, as the DeepSeekMath and TRL implementations compute it); a group whose
     returns are all equal gets advantage 0.
 
-    Convention: contiguous groups as in ``rloo_advantages``; ``returns`` = the undiscounted
-    reward-to-go (logged only: GRPO has no critic).
+    Convention: groups as in ``rloo_advantages``; ``returns`` = the undiscounted reward-to-go
+    (logged only: GRPO has no critic).
 
-    Shapes: rewards (B, T), mask (B, T) -> advantages (B, T), returns (B, T); B % k == 0.
+    Shapes: rewards (B, T), mask (B, T), group_ids (B,) -> advantages (B, T), returns (B, T); B % k == 0.
 
     Raises:
-        ValueError: group_size < 2 or not dividing the batch.
+        ValueError: group_size < 2, not dividing the batch, or group ids that do not form whole groups.
     """
-    seq_return, returns = _group_returns(rewards, mask, group_size, "grpo")  # (B/k, k), (B, T)
+    seq_return, returns, order = _group_returns(rewards, mask, group_size, "grpo", group_ids)  # (B/k, k)
     adv = seq_return - seq_return.mean(dim=1, keepdim=True)  # (B/k, k)
     if scale:
         adv = adv / (seq_return.std(dim=1, keepdim=True) + 1e-6)
-    return _per_token(adv, mask), returns
+    return _per_token(adv, order, mask), returns
+
+
+def grpo_return_weights(rewards: torch.Tensor, mask: torch.Tensor, group_size: int,
+                        group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The scale the KL loss term of a GRPO / Dr. GRPO row takes: 1 − 1/k, how much of a change in
+    row i's own return R_i reaches A_i = R_i − mean_G(R) (the group mean includes R_i).
+
+    Dr. GRPO's expected update is exactly (1 − 1/k)·∇J, so with this weight ``kl_penalty=both`` stays
+    unbiased (up to that factor; docs/losses.md). GRPO also divides by std_G(R), a reweighting of the
+    groups that makes its update no multiple of ∇J with or without a KL; the KL term does not follow
+    it: 1/std_G would weigh the KL of a nearly flat group without bound (on the enumerated tree of
+    docs/losses.md the exact/both direction error is 58.7 % with 1/std_G, 18.2 % with 1 − 1/k alone).
+
+    Shapes: rewards (B, T), mask (B, T) -> (B,) (the groups are checked as in ``group_index``).
+    """
+    group_index(rewards.shape[0], group_size, group_ids, "grpo")
+    return torch.full((rewards.shape[0],), 1.0 - 1.0 / group_size, dtype=rewards.dtype, device=rewards.device)
 
 
 def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
@@ -260,40 +306,56 @@ def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float
     return returns, returns
 
 
-def advantage_estimator(whiten: bool = True, critic: bool = True, groups: bool = False
+DECLARATIONS = ("whiten", "critic", "groups", "reads_rewards")
+
+
+def advantage_estimator(*, whiten: bool, critic: bool, groups: bool, reads_rewards: bool,
+                        return_weight: Callable[..., torch.Tensor] | None = None
                         ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator: declare how the trainer treats an estimator (see the module docstring).
+    """Decorator: declare how the trainer treats an estimator (see the module docstring). Every
+    declaration is required: an undeclared estimator is refused, not given GAE's defaults.
 
     Args:
         whiten: normalise its advantages over the global batch (``ppo.whiten_advantages`` overrides).
         critic: it reads ``values``; False: no value head is built, trained or saved.
-        groups: it needs ``group_size >= 2`` samples per prompt.
+        groups: it needs ``group_size >= 2`` samples per prompt (and reads ``group_ids``).
+        reads_rewards: it builds the advantages from the per-token ``rewards`` (which carry the KL
+            penalty where ``ppo.kl_penalty`` puts it in the reward). False (it reads ``scores`` only):
+            a run with a KL penalty in the rewards is refused, since the penalty would be dropped.
+        return_weight: ``(*, rewards, mask, group_size, group_ids, **kw) -> (B,)``, how much of a
+            change in row i's own return R_i = Σ_t r_{i,t} reaches its advantage (∂A_i/∂R_i with batch
+            or group statistics held fixed); default 1 (GAE, RLOO, REINFORCE++ before whitening). The
+            KL loss term of each row is weighted by it, so that ``kl_penalty=both`` splits one penalty
+            consistently between the rewards and the loss (GRPO and Dr. GRPO: 1 − 1/k).
     Returns:
-        A decorator that sets ``fn.whiten``, ``fn.critic``, ``fn.groups`` and returns ``fn``.
+        A decorator that sets the declarations as attributes of ``fn`` and returns ``fn``.
     """
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         fn.whiten, fn.critic, fn.groups = bool(whiten), bool(critic), bool(groups)  # type: ignore[attr-defined]
+        fn.reads_rewards, fn.return_weight = bool(reads_rewards), return_weight  # type: ignore[attr-defined]
         return fn
     return decorator
 
 
-def estimator_declarations(fn: AdvantageEstimator) -> dict[str, bool]:
-    """``{"whiten", "critic", "groups"}`` of an estimator; an undeclared function is treated like
-    GAE (whitened, with a critic, no groups)."""
-    return {"whiten": getattr(fn, "whiten", True), "critic": getattr(fn, "critic", True),
-            "groups": getattr(fn, "groups", False)}
+def estimator_declarations(fn: AdvantageEstimator) -> dict[str, Any]:
+    """``{"whiten", "critic", "groups", "reads_rewards", "return_weight"}`` of an estimator.
+
+    Raises:
+        ValueError: ``fn`` lacks a declaration (decorate it with ``advantage_estimator``).
+    """
+    missing = [k for k in DECLARATIONS if not hasattr(fn, k)]
+    if missing:
+        name = getattr(fn, "__name__", repr(fn))
+        raise ValueError(f"advantage estimator {name!r} does not declare {', '.join(missing)}: decorate it with "
+                         "@advantage_estimator(whiten=..., critic=..., groups=..., reads_rewards=...)")
+    return {**{k: getattr(fn, k) for k in DECLARATIONS}, "return_weight": getattr(fn, "return_weight", None)}
 
 
-def register_advantage_estimator(name: str, *, whiten: bool = True, critic: bool = True, groups: bool = False
+def register_advantage_estimator(name: str, *, whiten: bool, critic: bool, groups: bool, reads_rewards: bool,
+                                 return_weight: Callable[..., torch.Tensor] | None = None
                                  ) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: register ``fn`` under ``name`` in ``ADVANTAGE_ESTIMATORS`` with its declarations
-    (``whiten``, ``critic``, ``groups``: see :func:`advantage_estimator`).
-
-    Args:
-        name: the key a config selects the estimator with.
-
-    Returns:
-        A decorator that stores the function and returns it (declared).
+    (every keyword of :func:`advantage_estimator`; all but ``return_weight`` required).
 
     Raises:
         ValueError: ``name`` is already registered (a silent overwrite hides typos).
@@ -302,7 +364,8 @@ def register_advantage_estimator(name: str, *, whiten: bool = True, critic: bool
     def decorator(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = advantage_estimator(whiten, critic, groups)(fn)
+        ADVANTAGE_ESTIMATORS[name] = advantage_estimator(
+            whiten=whiten, critic=critic, groups=groups, reads_rewards=reads_rewards, return_weight=return_weight)(fn)
         return fn
 
     return decorator
@@ -321,33 +384,40 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
         raise ValueError(f"unknown advantage estimator {name!r}; registered: {known}") from None
 
 
-@register_advantage_estimator("gae", whiten=True, critic=True)
+@register_advantage_estimator("gae", whiten=True, critic=True, groups=False, reads_rewards=True)
 def _gae(*, rewards, values, mask, gamma, lam, **kw):
     """GAE with the critic's values (see ``compute_gae``); whitened over the batch (N+ detail)."""
     return compute_gae(rewards, values, mask, gamma, lam)
 
 
-@register_advantage_estimator("rloo", whiten=False, critic=False, groups=True)
-def _rloo(*, rewards, mask, group_size, **kw):
-    """RLOO from the KL-penalised rewards (see ``rloo_advantages``); not whitened."""
-    return rloo_advantages(rewards, mask, group_size)
+@register_advantage_estimator("rloo", whiten=False, critic=False, groups=True, reads_rewards=True)
+def _rloo(*, rewards, mask, group_size, group_ids=None, **kw):
+    """RLOO from the KL-penalised rewards (see ``rloo_advantages``); not whitened. The baseline
+    excludes row i, so ∂A_i/∂R_i = 1."""
+    return rloo_advantages(rewards, mask, group_size, group_ids)
 
 
-@register_advantage_estimator("grpo", whiten=False, critic=False, groups=True)
-def _grpo(*, rewards, mask, group_size, **kw):
+def _group_mean_weight(*, rewards, mask, group_size, group_ids=None, **kw):
+    return grpo_return_weights(rewards, mask, group_size, group_ids)
+
+
+@register_advantage_estimator("grpo", whiten=False, critic=False, groups=True, reads_rewards=True,
+                              return_weight=_group_mean_weight)
+def _grpo(*, rewards, mask, group_size, group_ids=None, **kw):
     """GRPO's group-normalised sequence return (see ``grpo_advantages``). From ``rewards``: with
     ``ppo.kl_penalty=reward`` the KL is in R_i; with ``loss`` (GRPO's own k3 placement) R_i is the score."""
-    return grpo_advantages(rewards, mask, group_size, scale=True)
+    return grpo_advantages(rewards, mask, group_size, scale=True, group_ids=group_ids)
 
 
-@register_advantage_estimator("dr_grpo", whiten=False, critic=False, groups=True)
-def _dr_grpo(*, rewards, mask, group_size, **kw):
+@register_advantage_estimator("dr_grpo", whiten=False, critic=False, groups=True, reads_rewards=True,
+                              return_weight=_group_mean_weight)
+def _dr_grpo(*, rewards, mask, group_size, group_ids=None, **kw):
     """Dr. GRPO: the group-mean baseline without the std (see ``grpo_advantages``); pair with
     ``ppo.loss_aggregation=seq-mean-token-sum-norm`` for the paper's whole recipe."""
-    return grpo_advantages(rewards, mask, group_size, scale=False)
+    return grpo_advantages(rewards, mask, group_size, scale=False, group_ids=group_ids)
 
 
-@register_advantage_estimator("reinforce_pp", whiten=True, critic=False)
+@register_advantage_estimator("reinforce_pp", whiten=True, critic=False, groups=False, reads_rewards=True)
 def _reinforce_pp(*, rewards, mask, gamma, **kw):
     """REINFORCE++: discounted returns of the KL-penalised per-token rewards, normalised over the
     global batch by the trainer's whitening (see ``reinforce_pp_returns``)."""

@@ -21,6 +21,7 @@ __all__ = ["Experience"]
 # Fields padded on the left when concatenating rollouts of different lengths (prompts are
 # left-padded so generation starts at the same column); every other 2-D field on the right.
 _LEFT_PADDED = ("query_ids", "query_mask")
+_PER_ROW = ("scores", "group_ids", "kl_coef")  # (B,) fields
 
 
 @dataclass
@@ -43,6 +44,11 @@ class Experience:
         returns:       (B, T)  float   value targets R_t, 0 on padding
         kl_exact:      (B, T)  float   exact KL(π_old(·|s_t)‖π_ref(·|s_t)) over the whole vocabulary,
                                        0 on padding (always measured at rollout, whatever the penalty uses)
+        group_ids:     (B,)    int64   which prompt of the iteration each row answers (a group's rows share it)
+        loss_mask:     (B, T)  bool    the tokens the loss terms count: ``mask`` less what is filtered out
+                                       (overlong filtering: truncated responses); None: ``mask``
+        kl_coef:       (B,)    float   the KL loss term's weight of each row: β scaled like the row's return
+                                       in its advantage (objective.py); None without a KL loss term
     """
 
     query_ids: torch.Tensor  # (B, Tq)
@@ -58,6 +64,9 @@ class Experience:
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
     kl_exact: torch.Tensor | None = None  # (B, T)
+    group_ids: torch.Tensor | None = None  # (B,)
+    loss_mask: torch.Tensor | None = None  # (B, T)
+    kl_coef: torch.Tensor | None = None  # (B,)
 
     def __post_init__(self) -> None:
         # Catch a (B, T) / (B, T+1) off-by-one at construction, not as a broadcast deep in a loss.
@@ -68,12 +77,17 @@ class Experience:
                 continue
             if f.name in _LEFT_PADDED:
                 ok = t.dim() == 2 and t.shape[0] == B and t.shape == self.query_ids.shape
-            elif f.name == "scores":
+            elif f.name in _PER_ROW:
                 ok = t.shape == (B,)
             else:
                 ok = t.shape == (B, T)
             if not ok:
                 raise ValueError(f"Experience.{f.name} has shape {tuple(t.shape)}; mask is {(B, T)}")
+
+    @property
+    def loss_tokens(self) -> torch.Tensor:
+        """The mask the loss terms aggregate over: ``loss_mask``, or ``mask`` when nothing is filtered."""
+        return self.mask if self.loss_mask is None else self.loss_mask
 
     def __len__(self) -> int:
         return self.mask.shape[0]

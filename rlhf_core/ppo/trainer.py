@@ -2,47 +2,51 @@
 
 Every formula lives in the functional core (rewards, advantages, losses, buffer, rollout; one
 micro-batch's loss in objective.py); this file only orders the calls, the way CleanRL's ppo.py
-reads. To change the loss, pass ``loss_fn=`` or set ``config.loss_fn`` to ``file.py:function``
-(same keywords as :func:`ppo_loss`); to change the advantages, register an estimator
-(``register_advantage_estimator``) and name it in ``config.advantage_estimator``, or name a
-``file.py:function`` there (extensions.py). Every run logs its invariant checks (``check/*``,
-rlhf_core/checks.py) and warns once when one breaks.
+reads. To change the policy loss, register one (``losses.register_policy_loss``) and name it in
+``config.policy_loss``, name a ``file.py:function`` there, or pass ``policy_loss=``; to change the
+advantages, register an estimator (``register_advantage_estimator``) and name it in
+``config.advantage_estimator``, or name a ``file.py:function`` there (extensions.py). ``loss_fn=``
+(``config.loss_fn``) replaces the policy, value and entropy terms together. Every run logs its
+invariant checks (``check/*``, rlhf_core/checks.py) and warns once when one breaks.
 
 References: Schulman et al. 2017 (PPO); Ziegler et al. 2019 (KL-penalized RLHF, adaptive KL);
 Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO" (numbered steps below).
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .. import checks, distributed as D, fsdp
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..config import PPOConfig
-from ..errors import DataError
+from ..errors import DataError, UserCodeError
 from ..models import fast_activations
 from ..optim import can_fuse, count_skip, finish_step, make_optimizer
 from ..tracking import MeanMetrics, MetricsLogger, progress
-from .advantages import AdvantageEstimator, masked_whiten
-from .buffer import RolloutBuffer, accumulation_weights, micro_batches
+from .advantages import AdvantageEstimator
+from .buffer import RolloutBuffer, micro_batches
 from .experience import Experience
-from .extensions import declared_estimator, resolve_estimator, resolve_loss_fn
-from .losses import aggregation_units, explained_variance, first_step_invariants
-from .objective import LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable from here too)
+from .extensions import declared_estimator, resolve_estimator, resolve_loss_fn, resolve_policy_loss
+from .losses import PolicyLoss, explained_variance, first_step_invariants
+from .objective import Denominators, LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable here)
 from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
-from .rewards import (AdaptiveKLController, FixedKLController, approx_kl, kl_in_rewards, kl_penalized_rewards,
-                      sequence_kls)
-from .rollout import compute_scores, decode_responses, encode_prompts, evaluate, generate, next_prompt_batch, score
+from .rewards import AdaptiveKLController, FixedKLController
+from .rollout import evaluate, make_experience, next_prompt_batch
 
 
-def _aggregated(stat: str) -> bool:
-    """Stats reduced with ``ppo.loss_aggregation`` (the loss terms); the others are token means."""
-    return stat.startswith("loss/") or stat == "policy/entropy"
+@contextlib.contextmanager
+def _naming_iteration(iteration: int) -> Iterator[None]:
+    """Re-raise a UserCodeError (an estimator or loss breaking its contract) with the iteration named."""
+    try:
+        yield
+    except UserCodeError as e:
+        raise UserCodeError(f"ppo iteration {iteration}: {e}") from e
 
 
 class PPOTrainer:
@@ -54,10 +58,12 @@ class PPOTrainer:
         reward_fn: ``(prompts, responses) -> list[float]`` (see ``reward_sources.make_reward_fn``).
         prompts / eval_prompts: training prompts, held-out prompts for evaluation.
         logger: MetricsLogger (metrics go under phase "ppo"); gold_fn: the true judge, if known.
-        loss_fn: replaces :func:`ppo_loss` (same keywords) without copying this class; default
-            ``config.loss_fn`` (``file.py:function``) or :func:`ppo_loss`.
+        loss_fn: replaces the policy, value and entropy terms together (:func:`ppo_loss`'s keywords);
+            default ``config.loss_fn`` (``file.py:function``) or none (the objective's terms).
         estimator: an advantage estimator function (declared with ``advantages.advantage_estimator``)
             used instead of the one ``config.advantage_estimator`` names.
+        policy_loss: a policy-loss function (declared with ``losses.policy_loss_term``) used instead of
+            the one ``config.policy_loss`` names.
 
     The estimator's declarations (``advantages.advantage_estimator``) decide the rest: a critic-free
     one (rloo, grpo, dr_grpo, reinforce_pp) needs a policy built with ``value_model="none"``, one with
@@ -67,12 +73,13 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy: PolicyWithValue, tokenizer: Any, reward_fn: RewardFn,
                  prompts: list[str], eval_prompts: list[str] | None = None, logger: MetricsLogger | None = None,
                  gold_fn: RewardFn | None = None, loss_fn: LossFn | None = None,
-                 estimator: AdvantageEstimator | None = None):
+                 estimator: AdvantageEstimator | None = None, policy_loss: PolicyLoss | None = None):
         config.validate(world_size=D.world_size())  # each rank rolls out batch_size/world rows
         if not prompts:
             raise DataError("ppo.prompts", "no training prompts")
         self.estimator = resolve_estimator(config) if estimator is None else declared_estimator(estimator, config)
         self.estimator.check_policy(policy.has_critic)
+        self.policy_loss = resolve_policy_loss(config, policy.has_critic, policy_loss)
         self.cfg, self.policy, self.tokenizer = config, policy, tokenizer
         self.reward = checked_reward(reward_fn)
         self.gold = checked_reward(gold_fn, "gold") if gold_fn is not None else None
@@ -95,7 +102,6 @@ class PPOTrainer:
             config.num_iterations * config.ppo_epochs * config.num_mini_batches, eps=config.adam_eps,
             fused=can_fuse(self.params))
         self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
-        self.adv_std = 1.0  # the last batch's advantage whitening std: the scale of a KL loss term (step 7)
         self.warned: set[str] = set()  # checks (rlhf_core/checks.py) already warned about
         self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
@@ -108,91 +114,49 @@ class PPOTrainer:
         return time.perf_counter()
 
     def step(self) -> dict[str, float]:
-        """One PPO iteration; the numbered steps are the sections of docs/how_ppo_works.md."""
-        cfg, policy = self.cfg, self.policy
-        self.iteration += 1
-        t_start = self._clock()
-        # 1. prompts -> left-padded queries (group_size samples per prompt, contiguous)
-        batch, self._order = next_prompt_batch(self.prompts, self._order, cfg.batch_size, cfg.group_size,
+        """One PPO iteration, numbered like docs/how_ppo_works.md; returns its metrics."""
+        with _naming_iteration(self.iteration + 1):  # user code failing: one line naming the iteration
+            cfg = self.cfg
+            self.iteration += 1
+            t_start = self._clock()
+            # 1-7. prompts, generation (dynamic sampling), scores, logprobs, rewards, advantages (rollout.py)
+            exp, rollout_metrics, extras = make_experience(
+                self.policy, self.tokenizer, self.reward, self.estimator, cfg, self.kl_ctl.value, self._draw_prompts,
+                self.sample_gen, self.iteration, self.sharded)
+            if cfg.trace and self.iteration == 1:
+                self.trace = {**extras, **vars(exp), "kl_coef": self.kl_ctl.value, "kl_row_weights": exp.kl_coef}
+            t_rollout = self._clock()
+            # 8. the update: PPO epochs over shuffled minibatches of the buffer
+            update = self.update(RolloutBuffer([exp]))
+            t_update = self._clock()
+            # 9. KL controller: adapt beta to the sequence KL the penalty uses (equal rows per rank)
+            penalty_kl = D.reduce_metrics({"kl": rollout_metrics["objective/kl"]})["kl"]
+            self.kl_ctl.update(penalty_kl, cfg.batch_size)
+            # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
+            self.episodes += cfg.batch_size
+            elapsed = t_update - t_start
+            critic = {}  # explained variance of the global batch (each rank holds batch_size / world rows)
+            if exp.values is not None:
+                critic["val/explained_variance"] = float(explained_variance(
+                    exp.values, exp.returns, exp.mask, variance=lambda x, m: D.global_masked_moments(x, m)[1]))
+            metrics = D.reduce_metrics({
+                **update, **rollout_metrics, **critic, "objective/kl_coef": self.kl_ctl.value,
+                "lr": self.scheduler.get_last_lr()[0],
+                "perf/episodes_per_s": cfg.batch_size / elapsed,
+                "perf/tokens_per_s": D.global_count(float(exp.mask.sum())) / elapsed,
+                "perf/skipped_steps": self.skipped_steps,
+                "time/score": t_rollout - t_start - rollout_metrics["time/generate"],
+                "time/rollout": t_rollout - t_start,
+                "time/update": t_update - t_rollout,
+            })
+            checks.warn_breaches(metrics, self.iteration, self.warned)
+            return metrics
+
+    def _draw_prompts(self) -> list[str]:
+        """The next global batch of prompts (groups contiguous), advancing the data cursor."""
+        batch, self._order = next_prompt_batch(self.prompts, self._order, self.cfg.batch_size, self.cfg.group_size,
                                                self.shuffle_gen)
-        prompts = list(D.shard(batch))  # this rank's contiguous slice of the global batch
-        query_ids, query_mask = encode_prompts(self.tokenizer, prompts, cfg.max_prompt_length, self.device)
-        # 2. generate responses with the KV cache (no grad), keeping the states they were sampled from
-        response_ids, mask, has_eos, hidden = generate(
-            policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.sample_gen, return_hidden=True,
-            stop_together=self.sharded)
-        t_generate = self._clock()
-        # 3. logprobs and values: the policy's from the sampling loop's states, the reference's forward
-        exp = score(policy, query_ids, query_mask, response_ids, mask, None, cfg.temperature,
-                    cfg.kl_estimator, cfg.kernel_backend, hidden if cfg.rollout_logprobs else None)
-        # 4. scores: the reward source on the decoded text (validated before any weight changes)
-        texts = decode_responses(self.tokenizer, response_ids, mask)
-        scores = compute_scores(self.reward, prompts, texts, has_eos, cfg.missing_eos_penalty, self.iteration)
-        exp = replace(exp, scores=scores.to(self.device))
-        t_score = self._clock()
-        # 5. per-token rewards: the score on each row's last valid token (its EOS) and -beta * KL where
-        #    ppo.kl_penalty puts it (docs/kl.md)
-        kl = (exp.kl_exact if cfg.kl_estimator == "exact"
-              else approx_kl(exp.logprobs, exp.ref_logprobs, cfg.kl_estimator)) * mask  # (B, T) the penalty's KL
-        rewards, _ = kl_penalized_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, self.kl_ctl.value,
-                                          kl=kl_in_rewards(kl, mask, cfg.kl_penalty))
-        seq_kl = {k: float(v.mean()) for k, v in sequence_kls(exp.logprobs, exp.ref_logprobs, exp.kl_exact, mask).items()}
-        seq_reward = float(exp.scores.mean()) - self.kl_ctl.value * float(kl.sum(1).mean())  # the objective
-        if cfg.whiten_rewards:  # (x - mu)/sigma + mu: keeps the mean, see advantages.masked_whiten
-            rewards = masked_whiten(rewards, mask, shift_mean=False, moments=D.global_masked_moments)
-        # 6. advantages and returns from the estimator (scores raw, rewards with the KL where it sits)
-        watch = self.iteration == 1 and cfg.kl_penalty != "loss" and self.kl_ctl.value > 0  # KL in the rewards
-        advantages, returns = self.estimator.advantages(
-            rewards, watch_kl=cfg.kl_penalty if watch else "", values=exp.values, mask=mask, scores=exp.scores,
-            gamma=cfg.gamma, lam=cfg.lam, group_size=cfg.group_size)
-        # 7. whiten the advantages over the (global) batch if the estimator declares it (or
-        #    ppo.whiten_advantages says so); a KL loss term is scaled alike (objective.py)
-        used = advantages
-        if self.estimator.whiten:
-            mean, var = D.global_masked_moments(advantages, mask)
-            self.adv_std = float(torch.sqrt(var + 1e-8))
-            used = masked_whiten(advantages, mask, moments=lambda x, m: (mean, var))
-        exp = replace(exp, rewards=rewards, kl=kl, returns=returns, advantages=used)
-        if cfg.trace and self.iteration == 1:
-            self.trace = {"prompts": prompts, "responses": texts, "kl_coef": self.kl_ctl.value,
-                          "raw_advantages": advantages, **vars(exp)}
-        t_rollout = self._clock()
-        # 8. the update: PPO epochs over shuffled minibatches of the buffer
-        update = self.update(RolloutBuffer([exp]))
-        t_update = self._clock()
-        # 9. KL controller: adapt beta to the sequence KL the penalty uses
-        penalty_kl = D.reduce_metrics({"kl": float(exp.kl.sum(1).mean())})["kl"]  # equal rows per rank
-        self.kl_ctl.update(penalty_kl, cfg.batch_size)
-        # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
-        self.episodes += cfg.batch_size
-        elapsed = t_update - t_start
-        critic = {}  # explained variance of the global batch (each rank holds batch_size / world rows)
-        if exp.values is not None:
-            critic["val/explained_variance"] = float(explained_variance(
-                exp.values, returns, mask, variance=lambda x, m: D.global_masked_moments(x, m)[1]))
-        metrics = D.reduce_metrics({
-            **update,
-            "objective/kl": penalty_kl,
-            **{f"objective/kl_{k}": v for k, v in seq_kl.items()},  # exact, k1, k3 of the same rollout
-            "objective/scores": float(exp.scores.mean()),
-            "objective/rlhf_reward": seq_reward,
-            "objective/kl_coef": self.kl_ctl.value,
-            **critic,
-            "response/length": float(mask.sum(1).float().mean()),
-            "response/eos_fraction": float(has_eos.float().mean()),
-            "check/truncated_fraction": 1.0 - float(has_eos.float().mean()),
-            "lr": self.scheduler.get_last_lr()[0],
-            "perf/episodes_per_s": cfg.batch_size / elapsed,
-            "perf/tokens_per_s": D.global_count(float(mask.sum())) / elapsed,
-            "perf/skipped_steps": self.skipped_steps,
-            "time/generate": t_generate - t_start,
-            "time/score": t_score - t_generate,
-            "time/rollout": t_rollout - t_start,
-            "time/update": t_update - t_rollout,
-        })
-        checks.warn_breaches(metrics, self.iteration, self.warned)
-        return metrics
+        return batch
 
     def update(self, buffer: RolloutBuffer) -> dict[str, float]:
         """ppo_epochs passes of minibatch steps; stops early when approx KL exceeds target_kl."""
@@ -208,53 +172,46 @@ class PPOTrainer:
     def minibatch_step(self, minibatch: Experience, first: bool = False) -> dict[str, float] | None:
         """One optimizer step on a minibatch, accumulated over micro-batches.
 
-        Each micro-batch loss is scaled by its share of what the minibatch's aggregation divides by
-        (``buffer.accumulation_weights`` with ``ppo.loss_aggregation``), and each rank's by its share
-        of the global minibatch, so the gradient equals the un-accumulated one-process gradient. A
-        non-finite loss or gradient skips the step: weights and optimizer state stay untouched.
-        ``first``: the first minibatch of the iteration's first epoch, where no weight has moved yet:
-        adds the ``check/first_ratio_dev`` and ``check/logprob_gap`` invariants (rlhf_core/checks.py).
+        Each micro-batch's loss is its share of the global minibatch loss (objective.py: the aggregate
+        divides by the whole minibatch's counts, summed over ranks), so the summed backward passes give
+        the un-accumulated one-process gradient. A non-finite loss or gradient skips the step: weights and
+        optimizer state stay untouched. ``first``: the first minibatch of the iteration's first epoch, where
+        no weight has moved yet: adds the ``check/first_ratio_dev`` and ``check/logprob_gap`` invariants.
         """
         cfg = self.cfg
-        size = cfg.micro_batch_size or len(minibatch)
-        weights = accumulation_weights(minibatch.mask, size, cfg.loss_aggregation)
-        token_weights = accumulation_weights(minibatch.mask, size)  # for the token-mean diagnostics
-        n_local = float(minibatch.mask.sum())
-        self.step_tokens = D.global_count(n_local)  # the global minibatch's valid tokens (metric weights)
-        units = float(aggregation_units(minibatch.mask, cfg.loss_aggregation).sum())
-        share = units / max(D.global_count(units), 1)  # this rank's share of the global aggregation
+        den = Denominators.of(minibatch.loss_tokens, cfg.loss_aggregation, total=D.global_count)
+        self.step_tokens = den.tokens  # the global minibatch's loss tokens (metric weights)
         self.optimizer.zero_grad(set_to_none=True)
         stats_sum: dict[str, float] = {}
-        gap_sum, ratio_dev = 0.0, 0.0  # the first minibatch's invariants
-        finite = True
-        for weight, token_weight, part in zip(weights, token_weights, micro_batches(minibatch, size)):
-            if weight == 0 and not self.sharded:  # sharded: every rank runs every forward (collectives)
+        gap_sum, ratio_dev, finite = 0.0, 0.0, True  # the first minibatch's invariants
+        for part in micro_batches(minibatch, cfg.micro_batch_size or len(minibatch)):
+            if not part.loss_tokens.any() and not self.sharded:  # sharded: every rank runs every forward
                 continue
-            loss, stats, out = micro_batch_loss(self.policy, part, cfg, self.loss_fn, self.kl_ctl.value / self.adv_std)
+            loss, stats, out = micro_batch_loss(self.policy, part, cfg, self.policy_loss, den, self.loss_fn)
             if not torch.isfinite(loss):
                 finite = False
                 if not self.sharded:
                     break
-            (loss * weight * share).backward()
+            loss.backward()
             if self.trace and self.iteration == 1:  # for docs: what each update step saw
                 self.trace.setdefault("updates", []).append(
-                    {"response_ids": part.response_ids,
-                     **{k: v.detach() for k, v in {**out, **stats}.items() if v is not None}})
-            for k, v in stats.items():  # loss terms pool like the loss, diagnostics (clipfrac, ...) by tokens
-                stats_sum[k] = stats_sum.get(k, 0.0) + (weight if _aggregated(k) else token_weight) * float(v)
+                    {"response_ids": part.response_ids, **{k: v.detach() for k, v in out.items() if v is not None},
+                     **{k: torch.tensor(v) for k, v in stats.items()}})
+            for k, v in stats.items():  # shares: they sum to the minibatch's values
+                stats_sum[k] = stats_sum.get(k, 0.0) + v
             if first:
                 gap, dev = first_step_invariants(out["logprobs"], part.logprobs, part.mask)
                 gap_sum, ratio_dev = gap_sum + gap, max(ratio_dev, dev)
-        D.all_reduce_gradients(self.params)  # sum: the shares already make it the global token-mean
+        D.all_reduce_gradients(self.params)  # sum: the shares already make it the global aggregate
         grad_norm = finish_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm, finite)
         self.skipped_steps, self.skipped_in_row = count_skip(grad_norm is not None, self.skipped_steps,
                                                              self.skipped_in_row, cfg.max_skipped_steps,
                                                              f"ppo iteration {self.iteration}")
         if grad_norm is None:
             return None
-        stats_sum = D.reduce_metrics(stats_sum, {k: units if _aggregated(k) else n_local for k in stats_sum})
+        stats_sum = D.sum_metrics(stats_sum)
         if first:
-            stats_sum["check/logprob_gap"] = D.global_count(gap_sum) / max(self.step_tokens, 1)
+            stats_sum["check/logprob_gap"] = D.global_count(gap_sum) / max(D.global_count(minibatch.mask.sum()), 1)
             stats_sum["check/first_ratio_dev"] = D.global_max(ratio_dev)
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
 

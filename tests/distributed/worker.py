@@ -159,7 +159,8 @@ def ppo_experience(policy, gen: torch.Generator):
     return Experience(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, mask=mask,
                       logprobs=logprobs + 0.3 * noise(), ref_logprobs=logprobs + 0.3 * noise(),
                       scores=torch.randn(B, generator=gen),
-                      values=values + 0.5 * noise(), advantages=noise(), returns=noise())
+                      values=values + 0.5 * noise(), advantages=noise(), returns=noise(),
+                      kl_coef=torch.rand(B, generator=gen))
 
 
 def ppo_grads(policy, exp, weight: float) -> dict[str, torch.Tensor]:
@@ -323,17 +324,16 @@ def case_ppo_fsdp2() -> dict:
                        lambda p, r: [len(x) / 10.0 for x in r], task.prompts)
         lengths = []
         real_generate = rollout.generate
-        trainer_mod = sys.modules[PPOTrainer.__module__]
 
         def spy(*a, **k):
             out = real_generate(*a, **k)
             lengths.append(out[0].shape[1])
             return out
-        trainer_mod.generate = spy
+        rollout.generate = spy  # make_experience (rollout.py) generates
         try:
             metrics = [t.step(), t.step()]
         finally:
-            trainer_mod.generate = real_generate
+            rollout.generate = real_generate
         return t, metrics, lengths
 
     tok_probe, _, _ = tiny_setup(n_prompts=1, n_eval_prompts=1, model_cfg=tiny)

@@ -14,6 +14,7 @@ from rlhf_core.ppo.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_gae,
     estimator_declarations,
+    grpo_return_weights,
     get_advantage_estimator,
     grpo_advantages,
     masked_whiten,
@@ -235,16 +236,58 @@ def test_reinforce_pp_returns_match_the_paper(gamma):
 
 
 def test_each_builtin_declares_its_normalization_and_critic():
-    table = {name: estimator_declarations(ADVANTAGE_ESTIMATORS[name])
+    table = {name: {k: v for k, v in estimator_declarations(ADVANTAGE_ESTIMATORS[name]).items() if k != "return_weight"}
              for name in ("gae", "rloo", "grpo", "dr_grpo", "reinforce_pp")}
     assert table == {
-        "gae": {"whiten": True, "critic": True, "groups": False},
-        "rloo": {"whiten": False, "critic": False, "groups": True},
-        "grpo": {"whiten": False, "critic": False, "groups": True},
-        "dr_grpo": {"whiten": False, "critic": False, "groups": True},
-        "reinforce_pp": {"whiten": True, "critic": False, "groups": False},
+        "gae": {"whiten": True, "critic": True, "groups": False, "reads_rewards": True},
+        "rloo": {"whiten": False, "critic": False, "groups": True, "reads_rewards": True},
+        "grpo": {"whiten": False, "critic": False, "groups": True, "reads_rewards": True},
+        "dr_grpo": {"whiten": False, "critic": False, "groups": True, "reads_rewards": True},
+        "reinforce_pp": {"whiten": True, "critic": False, "groups": False, "reads_rewards": True},
     }
-    assert estimator_declarations(lambda **kw: None) == {"whiten": True, "critic": True, "groups": False}
+
+
+def test_an_undeclared_estimator_is_refused_not_given_gae_defaults():
+    with pytest.raises(ValueError, match="'f' does not declare whiten, critic, groups, reads_rewards"):
+        def f(**kw):
+            return None
+        estimator_declarations(f)
+    with pytest.raises(TypeError):  # every declaration is a required keyword
+        register_advantage_estimator("_undeclared", whiten=False)(lambda **kw: None)
+
+
+def test_group_return_weight_is_the_derivative_of_the_advantage_in_the_own_return():
+    """Dr. GRPO's ∂A_i/∂R_i, by autograd of grpo_advantages itself, is the weight the KL loss term takes
+    (GRPO takes the same: its 1/std_G is not followed, see grpo_return_weights)."""
+    g = torch.Generator().manual_seed(11)
+    k, T = 4, 3
+    rewards = torch.randn(8, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(8, T, dtype=torch.float64)
+    r = rewards.clone().requires_grad_()
+    adv = grpo_advantages(r, mask, k, scale=False)[0][:, 0]  # (B,)
+    want = torch.stack([torch.autograd.grad(adv[i], r, retain_graph=True)[0][i, 0] for i in range(8)])
+    torch.testing.assert_close(grpo_return_weights(rewards, mask, k), want, rtol=1e-12, atol=1e-12)
+    assert want.tolist() == pytest.approx([0.75] * 8)
+
+
+def test_group_ids_group_a_shuffled_batch_and_refuse_a_broken_one():
+    """A batch in any row order gives each row the advantage of its own group; ids that do not form whole
+    groups are an error, not a silently wrong number."""
+    g = torch.Generator().manual_seed(12)
+    k, T = 3, 4
+    rewards = torch.randn(9, T, generator=g, dtype=torch.float64)
+    mask = right_padded_mask([4, 2, 3, 1, 4, 4, 2, 3, 1], T)
+    ids = torch.arange(9) // k
+    perm = torch.randperm(9, generator=g)
+    for fn in (rloo_advantages, lambda r, m, k_, group_ids=None: grpo_advantages(r, m, k_, group_ids=group_ids)):
+        ordered, _ = fn(rewards, mask, k, group_ids=ids)
+        torch.testing.assert_close(ordered, fn(rewards, mask, k)[0])
+        shuffled, _ = fn(rewards[perm], mask[perm], k, group_ids=ids[perm])
+        torch.testing.assert_close(shuffled, ordered[perm])
+        with pytest.raises(ValueError, match="appears 2 times"):
+            fn(rewards[:8], mask[:8], 4, group_ids=torch.tensor([0, 0, 1, 1, 1, 1, 2, 2]))
+    # the same shuffled batch without ids is silently misgrouped: what the ids prevent
+    assert not torch.allclose(rloo_advantages(rewards[perm], mask[perm], k)[0], rloo_advantages(rewards, mask, k)[0][perm])
 
 
 def test_registry_builtin_estimators_and_errors():
@@ -259,11 +302,12 @@ def test_registry_builtin_estimators_and_errors():
     with pytest.raises(ValueError, match="gae.*rloo"):
         get_advantage_estimator("nope")
     with pytest.raises(ValueError, match="already registered"):
-        register_advantage_estimator("gae")(lambda **kw: None)
+        register_advantage_estimator("gae", whiten=True, critic=True, groups=False, reads_rewards=True)(
+            lambda **kw: None)
 
 
 def test_registry_new_estimator_in_a_few_lines():
-    @register_advantage_estimator("_test_reinforce")
+    @register_advantage_estimator("_test_reinforce", whiten=False, critic=False, groups=False, reads_rewards=False)
     def reinforce(*, scores, mask, **kw):
         adv = scores.view(-1, 1) * mask  # (B, T)
         return adv, adv

@@ -76,7 +76,8 @@ def uneven_experience(trainer, lengths=(6, 1, 4, 2)):
     response_ids = torch.randint(3, 100, (4, T), generator=g)
     mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
     exp = score(trainer.policy, query_ids, query_mask, response_ids, mask, torch.zeros(4))
-    return replace(exp, advantages=torch.randn(4, T, generator=g) * mask, returns=torch.randn(4, T, generator=g) * mask)
+    return replace(exp, advantages=torch.randn(4, T, generator=g) * mask, returns=torch.randn(4, T, generator=g) * mask,
+                   kl_coef=torch.rand(4, generator=g))
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -238,14 +239,16 @@ def test_update_pools_minibatch_statistics_over_their_tokens():
 
 def test_example_custom_advantage_learns_and_shows_the_dropped_kl():
     """examples/custom_advantage.py: both estimators raise the score; the one reading only `scores` is
-    warned about and drifts further from the reference than the one built from the penalised `rewards`."""
+    refused with a KL penalty in the rewards, and without one drifts further from the reference than the
+    one built from the penalised `rewards`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     try:
         import custom_advantage
     finally:
         sys.path.pop(0)
-    with pytest.warns(UserWarning, match="'reinforce_ema_scores_only' ignores the per-token rewards"):
-        runs = custom_advantage.main()  # 40 iterations, seed 0, as `python examples/custom_advantage.py`
+    with pytest.raises(ConfigError, match="'reinforce_ema_scores_only' declares reads_rewards=False"):
+        custom_advantage.train(custom_advantage.reinforce_ema_scores_only, 1, kl_coef=0.1)
+    runs = custom_advantage.main()  # 40 iterations, seed 0, as `python examples/custom_advantage.py`
     smooth = custom_advantage.smooth
     for metrics in runs.values():
         score = smooth([m["objective/scores"] for m in metrics])
@@ -335,7 +338,7 @@ def test_bad_estimator_settings_are_one_line(fields, needle):
 
 
 @pytest.mark.parametrize("spec, needle", [
-    ("nope", "ppo.loss_fn='nope': expected '' (the PPO loss) or 'file.py:function'"),
+    ("nope", "ppo.loss_fn='nope': expected '' (the PPO objective) or 'file.py:function'"),
     ("missing.py:f", "ppo.loss_fn 'missing.py:f': file missing.py not found"),
 ])
 def test_bad_loss_fn_settings_are_one_line(spec, needle):
@@ -345,21 +348,20 @@ def test_bad_loss_fn_settings_are_one_line(spec, needle):
     assert needle in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_an_estimator_that_reads_only_scores_is_warned_about():
+def test_an_estimator_that_reads_only_scores_is_refused_with_the_kl_in_the_rewards():
     from rlhf_core.ppo.advantages import ADVANTAGE_ESTIMATORS, register_advantage_estimator
 
-    @register_advantage_estimator("_scores_only", whiten=False, critic=False)
+    @register_advantage_estimator("_scores_only", whiten=False, critic=False, groups=False, reads_rewards=False)
     def scores_only(*, scores, mask, **kw):
         adv = (scores - scores.mean()).view(-1, 1) * mask
         return adv, adv
     try:
-        with pytest.warns(UserWarning, match="'_scores_only' ignores the per-token rewards"):
-            make_trainer(advantage_estimator="_scores_only").step()
-        import warnings
-        with warnings.catch_warnings():  # with the KL in the loss nothing is dropped
-            warnings.simplefilter("error", UserWarning)
-            warnings.filterwarnings("ignore", message="ppo check")
-            make_trainer(advantage_estimator="_scores_only", kl_estimator="k3", kl_penalty="loss").step()
+        for penalty in ("reward", "both"):
+            with pytest.raises(ConfigError, match="'_scores_only' declares reads_rewards=False") as exc:
+                make_trainer(advantage_estimator="_scores_only", kl_estimator="exact", kl_penalty=penalty)
+            assert "\n" not in str(exc.value)
+        make_trainer(advantage_estimator="_scores_only", kl_coef=0.0).step()  # no penalty: nothing dropped
+        make_trainer(advantage_estimator="_scores_only", kl_estimator="k3", kl_penalty="loss").step()
     finally:
         del ADVANTAGE_ESTIMATORS["_scores_only"]
 
