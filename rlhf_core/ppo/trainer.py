@@ -165,7 +165,7 @@ class PPOTrainer:
             for i, minibatch in enumerate(buffer.minibatches(cfg.num_mini_batches, self.shuffle_gen)):
                 stats = self.minibatch_step(minibatch, first=epoch == 0 and i == 0)  # None: skipped (non-finite)
                 metrics.add(stats or {}, weight=self.step_tokens)  # pooled over the tokens (tracking.MeanMetrics)
-                if stats and cfg.target_kl and stats["policy/approx_kl"] > cfg.target_kl:
+                if stats and cfg.target_kl and stats.get("policy/approx_kl", 0.0) > cfg.target_kl:
                     return {**metrics.mean(), "policy/early_stop": 1.0}
         return {**metrics.mean(), "policy/early_stop": 0.0}
 
@@ -185,7 +185,7 @@ class PPOTrainer:
         stats_sum: dict[str, float] = {}
         gap_sum, ratio_dev, finite = 0.0, 0.0, True  # the first minibatch's invariants
         for part in micro_batches(minibatch, cfg.micro_batch_size or len(minibatch)):
-            if not part.loss_tokens.any() and not self.sharded:  # sharded: every rank runs every forward
+            if not part.loss_tokens.any() and D.world_size() == 1:  # ranks keep one set of stat keys
                 continue
             loss, stats, out = micro_batch_loss(self.policy, part, cfg, self.policy_loss, den, self.loss_fn)
             if not torch.isfinite(loss):

@@ -151,6 +151,20 @@ def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path, kl
     assert r0["prompts"] + r1["prompts"] == r0["ref_prompts"]  # contiguous shards of the global batch
 
 
+def test_dapo_terms_under_torchrun_keep_the_ranks_in_step(tmp_path):
+    """Dynamic sampling refills each rank's share in the same number of rounds on every rank (generation,
+    scoring and the reductions stay collective), each rank keeps whole groups, and the replicas agree."""
+    r0, r1 = run_ranks("ppo_dapo", tmp_path)
+    for m0, m1 in zip(r0["metrics"], r1["metrics"]):
+        assert m0 == m1  # reduced metrics, identical on both ranks
+    assert sum(m["dynamic/dropped_groups"] for m in r0["metrics"]) > 0
+    for r in (r0, r1):
+        for ids in r["group_ids"]:
+            assert len(ids) == 4 and all(ids.count(i) == 2 for i in ids)
+    for name, w in r0["weights"].items():
+        torch.testing.assert_close(r1["weights"][name], w, rtol=0, atol=0, msg=name)
+
+
 def test_sharded_evaluation_equals_one_process_exactly(tmp_path):
     """LM loss and reward-model metrics: each rank runs 2 of the 4 batches (7 items), the gathered
     result is bitwise the one-process value on both ranks."""

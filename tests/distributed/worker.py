@@ -260,6 +260,33 @@ def case_ppo_trainer() -> dict:
     return out
 
 
+def case_ppo_dapo() -> dict:
+    """Two PPO iterations on 2 ranks with DAPO's dynamic sampling (a reward flat for half the prompts),
+    overlong shaping and filtering, and the gspo loss: every rank must run as many generation rounds
+    (no hang), keep whole groups, and end with the same weights."""
+    from rlhf_core.config import PPOConfig, TinyModelConfig
+    from rlhf_core.testing import tiny_setup
+    from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo.trainer import PPOTrainer
+    tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    cfg = PPOConfig(batch_size=8, num_mini_batches=1, micro_batch_size=2, eval_every=0, response_length=4,
+                    advantage_estimator="grpo", group_size=2, dynamic_sampling=True, dynamic_sampling_max_rounds=4,
+                    overlong_buffer=2, overlong_filter=True, policy_loss="gspo", clip_range_low=0.05,
+                    clip_range_high=0.06, num_iterations=2)
+    tok, model, task = tiny_setup(n_prompts=32, n_eval_prompts=1, model_cfg=tiny)
+    torch.manual_seed(0)
+
+    def reward(prompts, responses):  # flat (all 0) for prompts of odd length
+        return [float(len(r) % 3 == 0) if len(p) % 2 == 0 else 0.0 for p, r in zip(prompts, responses)]
+    t = PPOTrainer(cfg, PolicyWithValue(model, value_model="none"), tok, reward, task.prompts)
+    seen = []
+    real = t.update
+    t.update = lambda buffer: (seen.append(buffer.experience.group_ids.tolist()), real(buffer))[1]
+    metrics = [t.step(), t.step()]
+    return {"metrics": metrics, "group_ids": seen,
+            "weights": {k: v.detach().clone() for k, v in t.policy.model.state_dict().items()}}
+
+
 def case_eval() -> dict:
     """eval_lm_loss and the reward model's evaluate with 7 items in batches of 2 (4 batches: 2 + 2
     per rank), against the same calls in one process; forwards counted per rank."""
@@ -363,7 +390,7 @@ def case_ppo_fsdp2() -> dict:
 
 
 CASES = {"whiten": case_whiten, "ppo_fsdp2": case_ppo_fsdp2, "ddp_sft": lambda: sft_case("ddp"), "fsdp2_sft": lambda: sft_case("fsdp2"),
-         "ppo": case_ppo, "ppo_trainer": case_ppo_trainer, "eval": case_eval}
+         "ppo": case_ppo, "ppo_trainer": case_ppo_trainer, "eval": case_eval, "ppo_dapo": case_ppo_dapo}
 
 if __name__ == "__main__":
     case, out_dir = sys.argv[1], sys.argv[2]
