@@ -63,8 +63,14 @@ def row(task: str, seed: int, loss: str, dynamic: bool, summary: dict, run_dir: 
     return out
 
 
-def tiny_runs(seeds: list[int], out: Path, iterations: int) -> list[dict]:
-    rows = []
+def record(out: Path, rows: list[dict], new: dict) -> None:
+    """Append a finished run's row and rewrite OUT/losses.json, so a stopped benchmark keeps what it ran."""
+    rows.append(new)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "losses.json").write_text(json.dumps(rows, indent=1))
+
+
+def tiny_runs(seeds: list[int], out: Path, iterations: int, rows: list[dict]) -> list[dict]:
     for seed in seeds:
         base = out / "tiny" / f"seed{seed}"
         if not (base / "reward").is_dir():
@@ -77,11 +83,12 @@ def tiny_runs(seeds: list[int], out: Path, iterations: int) -> list[dict]:
                  "--ppo.num_iterations", str(iterations), *GRPO, *LOSSES[name], *(DYNAMIC if dynamic else []),
                  "--output-dir", str(run_dir), "--overwrite")
             summary = json.loads((run_dir / "summary.json").read_text())["ppo"]
-            rows.append(row("tiny", seed, name, dynamic, summary, run_dir, time.time() - t0))
+            record(out, rows, row("tiny", seed, name, dynamic, summary, run_dir, time.time() - t0))
     return rows
 
 
-def smollm2_runs(out: Path, sft: Path | None, iterations: int, seed: int = 0) -> list[dict]:
+def smollm2_runs(out: Path, sft: Path | None, iterations: int, rows: list[dict], dynamic_modes: tuple[bool, ...],
+                 seed: int = 0) -> list[dict]:
     """PPO from the smollm2 preset's SFT policy with the exact-answer reward, in this process (the preset's
     task supplies the held-out questions and the gold judge)."""
     from rlhf_core.config import PipelineConfig
@@ -100,8 +107,7 @@ def smollm2_runs(out: Path, sft: Path | None, iterations: int, seed: int = 0) ->
     cfg = PipelineConfig.from_dict(preset.defaults({"seed": seed}))
     models = {name: locate() for name, locate in preset.models.items()}
     task = preset.make_task(cfg.task, seed, load_tokenizer(str(models[preset.task_tokenizer])))
-    rows = []
-    for dynamic in (False, True):
+    for dynamic in dynamic_modes:
         for name, flags in LOSSES.items():
             flags = flags + (DYNAMIC if dynamic else [])
             fields = {f.removeprefix("--ppo."): v for f, v in zip(flags[::2], flags[1::2])}
@@ -116,8 +122,8 @@ def smollm2_runs(out: Path, sft: Path | None, iterations: int, seed: int = 0) ->
             t0 = time.time()
             summary = phase.run(ppo_cfg, run_dir / "ppo", MetricsLogger(run_dir / "metrics.jsonl", echo=False),
                                 task=task)
-            rows.append({**row("smollm2", seed, name, dynamic, summary, run_dir, time.time() - t0),
-                         "iterations": iterations})
+            record(out, rows, {**row("smollm2", seed, name, dynamic, summary, run_dir, time.time() - t0),
+                               "iterations": iterations})
     return rows
 
 
@@ -203,6 +209,8 @@ def main() -> None:
     ap.add_argument("--smollm2-iterations", type=int, default=20)
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--smollm2-dynamic", choices=("no", "yes", "both"), default="both",
+                    help="SmolLM2 runs without dynamic sampling, with it, or both (to split the part over processes)")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "losses.md"))
     ap.add_argument("--from-json", nargs="+", help="re-render the doc and the plot from losses.json files")
     args = ap.parse_args()
@@ -210,10 +218,12 @@ def main() -> None:
     if args.from_json:
         rows = [r for f in args.from_json for r in json.loads(Path(f).read_text())]
     else:
-        rows = [] if args.skip_tiny else tiny_runs(args.seeds, out, args.tiny_iterations)
-        rows += [] if args.skip_smollm2 else smollm2_runs(out, args.smollm2_sft, args.smollm2_iterations)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "losses.json").write_text(json.dumps(rows, indent=1))
+        rows: list[dict] = []
+        if not args.skip_tiny:
+            tiny_runs(args.seeds, out, args.tiny_iterations, rows)
+        if not args.skip_smollm2:
+            modes = {"no": (False,), "yes": (True,), "both": (False, True)}[args.smollm2_dynamic]
+            smollm2_runs(out, args.smollm2_sft, args.smollm2_iterations, rows, modes)
     plot(rows, ROOT / "docs" / "img" / "losses.png")
     command = " ".join(["python", "benchmarks/losses.py", "--seeds", *map(str, args.seeds)])
     splice_doc(args.doc, "losses", markdown(rows, command))

@@ -9,6 +9,7 @@ verifies: a torn or corrupted checkpoint is skipped with a warning, never loaded
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,32 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from . import distributed as D, fsdp
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DiskFullError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(path: Path, is_dir: bool) -> None:
+    """mkstemp / mkdtemp create 0600 / 0700; give the finished file or folder the permissions an ordinary
+    ``open`` / ``mkdir`` would (0666 / 0777 less the umask), so collaborators and servers can read it."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """An OSError with ENOSPC / EDQUOT, or a library's wrapper of one (safetensors raises its own type)."""
+    return (isinstance(e, OSError) and e.errno in NO_SPACE) or "No space left on device" in str(e)
+
+
+def _disk_full(path: Path, e: BaseException) -> DiskFullError:
+    kept = "the previous version there is intact" if path.exists() else "nothing was written there"
+    return DiskFullError(f"{path}: no space left on device while writing it ({type(e).__name__}); {kept}. "
+                         "Free some space and rerun (with --resume to continue a run from its last checkpoint)")
 
 
 def fsync_tree(root: Path) -> None:
@@ -51,6 +77,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp's 0700, and libraries that write 0600 (safetensors)
+            if not p.is_symlink():
+                _honour_umask(p, is_dir=p.is_dir())
         fsync_tree(tmp)
         old = None
         if path.exists():
@@ -60,8 +89,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         fsync_dir(path.parent)  # make the rename itself durable
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(e):
+            raise _disk_full(path, e) from e
         raise
 
 
@@ -76,10 +107,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        _honour_umask(Path(tmp), is_dir=False)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_disk_full(e):
+            raise _disk_full(path, e) from e
         raise
 
 

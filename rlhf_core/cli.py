@@ -7,6 +7,7 @@ Every config field is a flag (`--sft.learning_rate 1e-4`), listed with its help 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import distributed  # noqa: E402
+from . import distributed, signals  # noqa: E402
 from .config import PHASES, ConfigBase, PipelineConfig, load_config_file  # noqa: E402
 from .errors import ConfigError, RLHFError  # noqa: E402
 from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline  # noqa: E402
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.showwarning = one_line_warning
+    signals.install()  # SIGTERM: finish the step, checkpoint, exit 143 (rlhf_core/signals.py)
     try:
         if args.command == "report":
             print(f"wrote {regenerate(Path(args.output_dir), parse_report_to(args.report_to))}", file=sys.stderr)
@@ -169,10 +171,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
             print(f"  {phase}: {shown}", file=sys.stderr)
         return _leave(0, grouped)
+    except signals.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return _leave(signals.EXIT_CODE, distributed.is_initialized())
     except RLHFError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a disk that fills outside the atomic writes (metrics.jsonl, a tracker's files)
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or args.output_dir}: no space left on device; every checkpoint written is intact "
+              "(free some space and rerun with --resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

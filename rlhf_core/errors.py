@@ -34,6 +34,11 @@ class UserCodeError(RLHFError):
     the message names the function, the iteration and what was wrong."""
 
 
+class DiskFullError(RLHFError):
+    """No space left while writing a checkpoint, a model or a JSON file: the write was atomic, so the
+    previous version is intact."""
+
+
 class CheckpointError(RLHFError):
     """A checkpoint that is missing, torn or corrupted (never loaded silently)."""
 

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from ..models import module_device, save_model
 from ..optim import count_skip, finish_step, make_optimizer
 from ..tracking import MetricsLogger, progress
+from .. import signals
 
 
 def num_threads() -> int:
@@ -219,11 +220,14 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
                                      "lr": sched.get_last_lr()[0], "perf/skipped_steps": loop["skipped"],
                                      "perf/tokens_per_s": window_tokens / max(now - last_log, 1e-9)})
             loop["tail"], loop["window"], window_tokens, last_log = loop["window"], [], 0, now
-        if checkpoint_dir is not None and (step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+        stop = signals.stop_requested()  # SIGTERM: checkpoint this step, then stop (every rank alike)
+        if checkpoint_dir is not None and (stop or step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
             tensors, meta = capture_state(named, opt, sched, {})  # every rank: gathers per-rank RNG states
             if D.is_main():
                 save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},
                                 keep=cfg.keep_checkpoints)
+        if stop and step < total:
+            raise signals.preempted(phase, step, checkpoint_dir)
     tail = loop["tail"]
     return LoopResult(train_loss=sum(tail) / max(len(tail), 1), steps=total, tokens=loop["tokens"],
                       seconds=time.perf_counter() - t0)

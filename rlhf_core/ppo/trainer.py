@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import checks, distributed as D, fsdp
+from .. import checks, distributed as D, fsdp, signals
 from ..checkpoint import capture_state, restore_state, save_checkpoint
 from ..config import PPOConfig
 from ..errors import DataError, UserCodeError
@@ -275,10 +275,13 @@ class PPOTrainer:
                 metrics.update(self.evals["last"])
             if evaluated or final or it % cfg.log_every == 0:
                 self.logger.log("ppo", it, metrics)
-            if checkpoint_dir is not None and (final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
+            stop = signals.stop_requested()  # SIGTERM: checkpoint this iteration, then stop (every rank alike)
+            if checkpoint_dir is not None and (stop or final or (cfg.save_every > 0 and it % cfg.save_every == 0)):
                 state = self.state()  # every rank: each one's sampling generator goes into the checkpoint
                 if D.is_main():
                     save_checkpoint(checkpoint_dir, it, *state, keep=cfg.keep_checkpoints)
+            if stop and not final:
+                raise signals.preempted("ppo", it, checkpoint_dir)
         summary = {f"{k.split('/')[1]}_before": v for k, v in self.evals["before"].items()}
         summary.update({f"{k.split('/')[1]}_after": v for k, v in self.evals["last"].items()})
         summary.update({"episodes_per_s": self.episodes / max(self.train_seconds, 1e-9),

@@ -333,3 +333,29 @@ def test_two_nodes_through_the_c10d_rendezvous_match_one_process(tiny_model, sft
     assert [r["step"] for r in lines if "loss/train" in r] == [1, 2, 3]  # one writer, not two
     assert json.loads((out / "summary.json").read_text())["sft"]["world_size"] == 2
     assert_same_weights(out, sft_one)
+
+
+def test_torchrun_ppo_sigterm_checkpoints_on_every_rank_and_resume_is_bitwise_the_uninterrupted_run(tiny_model,
+                                                                                                     tmp_path):
+    """SIGTERM to torchrun (a cluster's preemption) reaches both ranks; they agree on the iteration to stop
+    at (a collective), rank 0 writes its checkpoint (save_every 0: no other), both exit 143, and the 2-rank
+    --resume ends byte-identical to an uninterrupted 2-rank run."""
+    common = ["ppo", "--policy", str(tiny_model), *PPO_RESUME, "--ppo.save_every", "0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    reference = launch([*common, "--output-dir", str(ref)], nproc=2)
+    victim = launch([*common, "--output-dir", str(run)], nproc=2)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while victim.poll() is None and time.monotonic() < deadline and not (
+            metrics.is_file() and '"step": 1,' in metrics.read_text()):
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGTERM)
+    err = victim.communicate(timeout=120)[1]
+    assert "stopped: ppo stopped by SIGTERM after step" in err, err[-3000:]
+    ckpts = sorted(p.name for p in (run / "checkpoints" / "ppo").iterdir())
+    assert len(ckpts) == 1 and not (run / "ppo").exists(), ckpts
+    resumed = rlhf([*common, "--output-dir", str(run), "--resume"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert reference.wait(timeout=120) == 0, reference.stderr.read()[-3000:]
+    for name in ("model.safetensors", "value_head.safetensors"):
+        assert (run / "ppo" / name).read_bytes() == (ref / "ppo" / name).read_bytes(), f"{name} differs"

@@ -3,6 +3,7 @@
 Each test runs the real CLI in subprocesses (one torch thread): a reference run, started in
 parallel, and a run that is SIGKILLed at chosen moments and resumed with ``--resume`` each time.
 """
+import contextlib
 import json
 import random
 import signal
@@ -125,3 +126,50 @@ def test_sft_and_reward_kill9_resume_are_bitwise_identical(cli, tiny_model_dir, 
         assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()[-2000:]
         assert_same_files(tmp_path / f"ref-{phase}" / phase, out / phase, ["model.safetensors"])
         assert (out / "checkpoints" / phase / "step-000012").is_dir()
+
+
+def logged(metrics: Path, phase: str, step: int):
+    """True once ``phase`` has logged ``step`` (or later) in metrics.jsonl."""
+    def ready():
+        if not metrics.is_file():
+            return False
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                if r.get("phase") == phase and r.get("step", 0) >= step:
+                    return True
+        return False
+    return ready
+
+
+def terminate_when(proc: subprocess.Popen, ready, timeout: float = 90) -> str:
+    """SIGTERM once ``ready()``; the run must stop cleanly with exit code 143. Returns its stderr."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 143, f"exit {proc.returncode}: {err[-1500:]}"
+    return err
+
+
+@pytest.mark.parametrize("phase", ["ppo", "sft"])
+def test_sigterm_checkpoints_the_step_exits_143_and_resume_is_bitwise_identical(cli, tiny_model_dir, tmp_path, phase):
+    """Clusters preempt with SIGTERM: the run finishes the step it is in, writes its checkpoint (even with
+    save_every 0), says how to continue, exits 143; --resume then ends byte-identical to an uninterrupted run."""
+    if phase == "ppo":
+        common = ["ppo", "--policy", str(tiny_model_dir), *PPO_ARGS, "--ppo.save_every", "0"]
+    else:
+        data = write_phase_data("sft", tmp_path / "sft.jsonl")
+        common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--sft.max_steps", "12",
+                  "--sft.save_every", "0", "--sft.batch_size", "4", "--sft.eval_fraction", "0.2", "--sft.log_every", "1"]
+    ref_out, out = tmp_path / "ref", tmp_path / "run"
+    reference = cli.start(*common, "--output-dir", str(ref_out))
+    err = terminate_when(cli.start(*common, "--output-dir", str(out)), logged(out / "metrics.jsonl", phase, 3))
+    assert f"stopped: {phase} stopped by SIGTERM after step" in err and "--resume" in err and "Traceback" not in err
+    ckpts = sorted(p.name for p in (out / "checkpoints" / phase).iterdir())
+    assert len(ckpts) == 1 and not (out / phase).exists()  # the step's checkpoint, no final model yet
+    final = cli.run(*common, "--output-dir", str(out), "--resume")
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()[-2000:]
+    assert_same_files(ref_out / phase, out / phase, ["model.safetensors"])
