@@ -26,7 +26,8 @@ if not torch.cuda.is_available():
 from . import distributed, signals  # noqa: E402
 from .config import PHASES, ConfigBase, PipelineConfig, load_config_file  # noqa: E402
 from .errors import ConfigError, RLHFError  # noqa: E402
-from .pipeline import PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline  # noqa: E402
+from .pipeline import (PHASE_ORDER, preflight, prepare_output_dir, run_phase_command, run_pipeline,  # noqa: E402
+                       settle_replaced)
 from .presets import PRESETS, get_preset  # noqa: E402
 from .report import regenerate  # noqa: E402
 from .trackers import parse_report_to  # noqa: E402
@@ -137,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.debug:
         warnings.showwarning = one_line_warning
     signals.install()  # SIGTERM: finish the step, checkpoint, exit 143 (rlhf_core/signals.py)
+    out, replaced, succeeded = Path(args.output_dir), None, False
     try:
         if args.command == "report":
             print(f"wrote {regenerate(Path(args.output_dir), parse_report_to(args.report_to))}", file=sys.stderr)
@@ -152,15 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases = PHASE_ORDER[:PHASE_ORDER.index(args.stop_after) + 1] if pipeline else (args.command,)
         phases = tuple(p for p in phases if not pipeline or p in get_preset(cfg.preset).phases)
         preflight(cfg, phases)  # bad data: fail before writing
-        out = Path(args.output_dir)
         if distributed.is_main():  # the others wait; if rank 0 fails, torchrun stops them
-            out = prepare_output_dir(out, overwrite=args.overwrite, resume=args.resume)
+            out, replaced = prepare_output_dir(out, overwrite=args.overwrite, resume=args.resume)
         distributed.barrier()
         t0 = time.time()
         if args.command == "pipeline":
             summary = run_pipeline(cfg, out, stop_after=args.stop_after, resume=args.resume)
         else:
             summary = run_phase_command(args.command, cfg, out, resume=args.resume)
+        succeeded = True
+        settle_replaced(out, replaced, succeeded)  # before _leave, which may end the process at once
+        replaced = None
         main_rank, grouped = distributed.is_main(), distributed.is_initialized()
         distributed.barrier()
         distributed.shutdown()  # leave the group before exit: gloo threads torn down at exit can abort
@@ -173,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _leave(0, grouped)
     except signals.Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
+        settle_replaced(out, replaced, succeeded=False)  # it checkpointed: the new run replaces the old
+        replaced = None
         return _leave(signals.EXIT_CODE, distributed.is_initialized())
     except RLHFError as e:
         if args.debug:
@@ -188,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # --overwrite: the previous run goes only once the new one finished or checkpointed
+        note = settle_replaced(out, replaced, succeeded)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
 
 
 def _leave(code: int, grouped: bool) -> int:

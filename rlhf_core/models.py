@@ -168,14 +168,57 @@ def _seq_cls_from(path: Path, num_labels: int, pad_token_id: int | None) -> nn.M
     return model
 
 
-def load_reward_model(path: str, num_labels: int = 1, tokenizer_path: str = "") -> tuple[nn.Module, Any]:
-    """(sequence classifier, its tokenizer) from a folder; ``config.pad_token_id`` set so the
-    score is read at the last non-pad token."""
+def check_reward_dir(path: str, tokenizer_path: str = "") -> Path:
+    """Refuse, in one line, a reward folder whose scores would be random: a model that is not a sequence
+    classifier (a causal LM, e.g. the SFT policy, would get a freshly initialised score head), one with
+    more than one label, or a tokenizer with more tokens than the model's embeddings (its ids past them
+    would read random rows). Reads config.json and the tokenizer only (no weights): cheap enough for
+    the checks a run makes before it writes anything.
+
+    Raises:
+        ConfigError: any of the above, or a folder that is not a saved HF model.
+    """
     p = check_model_dir(path, "reward model")
+    if not (p / "config.json").is_file():  # an adapter folder: its base says what it is
+        return p
+    config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        kind = archs[0] if archs else config.get("model_type", "model")
+        raise ConfigError(f"{p}: a {kind}, not a sequence classifier: as a reward its score head would be freshly "
+                          "initialised (random scores). Give a folder trained by `rlhf reward` or an HF sequence "
+                          "classifier with one label")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+    if labels != 1:
+        raise ConfigError(f"{p}: a classifier with {labels} labels; a reward model has one scalar output "
+                          "(num_labels=1)")
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     tok = load_tokenizer(tokenizer_path or str(p))
-    model = _seq_cls_from(p, num_labels, tok.pad_token_id)
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tok))
+    if vocab and len(tok) > vocab:
+        raise ConfigError(f"{p}: its tokenizer has {len(tok)} tokens but the model's embeddings only {vocab}: the "
+                          "ids past them would read rows nobody trained; give the tokenizer the model was trained "
+                          "with")
+    return p
+
+
+def load_reward_model(path: str, num_labels: int = 1, tokenizer_path: str = "") -> tuple[nn.Module, Any]:
+    """(sequence classifier, its tokenizer) from a folder (checked by :func:`check_reward_dir`);
+    ``config.pad_token_id`` set so the score is read at the last non-pad token.
+
+    Raises:
+        ConfigError: ``check_reward_dir``'s cases, or weights that lack the classifier's head (it would be
+            freshly initialised).
+    """
+    p = check_reward_dir(path, tokenizer_path)
+    tok = load_tokenizer(tokenizer_path or str(p))
+    with quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(p), num_labels=num_labels, trust_remote_code=False, dtype=torch.float32, output_loading_info=True)
+    if info.get("missing_keys"):
+        raise ConfigError(f"{p}: its weights lack {', '.join(sorted(info['missing_keys'])[:3])}: the classifier "
+                          "would score with freshly initialised parameters")
+    if tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,16 +27,16 @@ from typing import Any
 
 from . import distributed as D
 from .checkpoint import check_resume_config, write_json_atomic
-from .config import PipelineConfig
+from .config import PipelineConfig, PPOConfig
 from .data.loaders import load_records
 from .data.tasks import Task
 from .data.tokenizer import train_tokenizer
 from .errors import ConfigError, RLHFError
-from .models import load_tokenizer, merge_adapter
+from .models import check_reward_dir, load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
 from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss
-from .user_code import load_user_function
+from .user_code import is_user_spec, load_user_function
 from .presets import get_preset
 from .report import write_report
 from .trackers import Trackers, parse_report_to
@@ -46,16 +47,23 @@ PHASE_ORDER = ("pretrain", "sft", "reward", "ppo")
 RUNNERS = {"pretrain": pretrain.run, "sft": sft.run, "reward": reward_model.run, "ppo": ppo.run}
 
 
-def prepare_output_dir(out: Path, overwrite: bool, resume: bool = False) -> Path:
+def prepare_output_dir(out: Path, overwrite: bool, resume: bool = False) -> tuple[Path, Path | None]:
     """Refuse to write into an existing non-empty dir unless --overwrite (and only if rlhf made it);
-    with --resume an rlhf run folder is reused as it is (a missing one is started fresh)."""
+    with --resume an rlhf run folder is reused as it is (a missing one is started fresh).
+
+    With --overwrite the previous run is not deleted here: it is moved aside to a hidden sibling (the
+    second value returned) and :func:`settle_replaced` either deletes it, once the new run has finished
+    or written a checkpoint of its own, or moves it back, when the new run failed before that. So a
+    typo that fails after this point (a reward folder that does not load) never costs a finished run.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: output dir is a file")
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (resume keeps the run, overwrite deletes it)")
+    replaced = None
     if out.exists() and any(out.iterdir()):
         if resume and (out / MARKER).exists():
-            return out
+            return out, None
         if resume:
             raise ConfigError(f"{out}: not an rlhf run folder (no {MARKER}); nothing to resume")
         if not overwrite:
@@ -63,9 +71,25 @@ def prepare_output_dir(out: Path, overwrite: bool, resume: bool = False) -> Path
                               "--resume to continue it)")
         if not (out / MARKER).exists():
             raise ConfigError(f"{out}: not an rlhf run folder (no {MARKER}); refusing to delete it, remove it yourself")
-        shutil.rmtree(out)
+        replaced = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.replace(out, replaced)
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, replaced
+
+
+def settle_replaced(out: Path, replaced: Path | None, succeeded: bool) -> str:
+    """The end of an --overwrite: delete the previous run when the new one succeeded or has a checkpoint
+    (it can be resumed), else put the previous run back in place of the failed one. Returns what was done,
+    in words ("" when nothing was replaced)."""
+    if replaced is None or not replaced.exists():
+        return ""
+    started = (out / "checkpoints").is_dir() and any((out / "checkpoints").rglob("step-*"))
+    if succeeded or started:
+        shutil.rmtree(replaced, ignore_errors=True)
+        return "" if succeeded else f"the previous run in {out} was replaced (the new one has a checkpoint)"
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(replaced, out)
+    return f"the previous run in {out} is kept (the new one failed before writing anything worth keeping)"
 
 
 # Each phase's data field and the formats it accepts (the first that fits wins, as in the phases).
@@ -80,11 +104,7 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     (``ppo.advantage_estimator`` / ``ppo.policy_loss`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or
     ``file.py:function`` that must load, declared), its evaluation prompts and the held-out split of the user's prompts."""
     if "ppo" in phases:
-        resolve_policy_loss(cfg.ppo, has_critic=resolve_estimator(cfg.ppo).critic), resolve_loss_fn(cfg.ppo)
-        if cfg.ppo.gold:
-            load_user_function(cfg.ppo.gold, "ppo.gold")
-        if cfg.ppo.eval_prompts:
-            load_records(cfg.ppo.eval_prompts, "prompt")
+        preflight_ppo(cfg.ppo)
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]
@@ -107,6 +127,32 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
                 ppo.check_prompt_lengths(prompts, tokenizer, cfg.ppo)
         if phase == "ppo" and not cfg.ppo.eval_prompts:
             ppo.held_out_records(len(records), cfg.ppo)  # enough prompts to hold some out
+
+
+def preflight_ppo(cfg: PPOConfig) -> None:
+    """PPO's own checks before anything is written: the estimator and losses (declared, loadable), the
+    gold judge, a reward folder that is a real sequence classifier (``models.check_reward_dir``), a
+    value model initialised from it with the policy's vocabulary, and an eval file rendered as the
+    policy reads it (a conversational file needs the policy's chat template)."""
+    resolve_policy_loss(cfg, has_critic=resolve_estimator(cfg).critic), resolve_loss_fn(cfg)
+    if cfg.gold:
+        load_user_function(cfg.gold, "ppo.gold")
+    reward_dir = cfg.reward and cfg.reward != "gold" and not is_user_spec(cfg.reward)
+    if reward_dir:
+        check_reward_dir(cfg.reward)
+    tokenizer = load_tokenizer(cfg.policy) if cfg.policy else None
+    if reward_dir and cfg.policy and cfg.value_model == "separate" and cfg.value_init_from_reward:
+        vocab = {name: json.loads((Path(folder) / "config.json").read_text()).get("vocab_size")
+                 for name, folder in (("reward", cfg.reward), ("policy", cfg.policy))
+                 if (Path(folder) / "config.json").is_file()}
+        if len(vocab) == 2 and vocab["reward"] != vocab["policy"]:
+            raise ConfigError(f"ppo.value_init_from_reward=true: the reward model's vocabulary ({vocab['reward']}) "
+                              f"differs from the policy's ({vocab['policy']}); the value model reads the policy's "
+                              "token ids")
+    if cfg.eval_prompts:
+        evals = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")]
+        if tokenizer is not None:
+            ppo.render_prompts(evals, tokenizer, cfg.chat_template, cfg.eval_prompts)
 
 
 def _load_summary(out: Path) -> dict[str, Any]:
