@@ -103,5 +103,5 @@ def count_skip(stepped: bool, skipped: int, in_row: int, limit: int, where: str)
     skipped, in_row = skipped + 1, in_row + 1
     if in_row >= limit:
         raise NumericError(f"{where}: {in_row} optimizer steps in a row had a non-finite loss or gradient; "
-                           "stopped (the last checkpoint is intact)")
+                           "stopped before writing another checkpoint")
     return skipped, in_row

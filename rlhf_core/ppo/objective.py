@@ -25,9 +25,10 @@ entropy terms together; the KL loss term is added to it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -73,6 +74,18 @@ def default_policy_loss(config: PPOConfig) -> Callable[..., Any]:
     return get_policy_loss(config.policy_loss) if config.policy_loss else ppo_clip_loss
 
 
+@contextlib.contextmanager
+def _user_code(where: str) -> Iterator[None]:
+    """An exception from the user's function as one UserCodeError line naming it."""
+    try:
+        yield
+    except UserCodeError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserCodeError(f"{where} raised {type(e).__name__}: {first}") from e
+
+
 def _checked(name: str, out: Any, logprobs: torch.Tensor, mask: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A policy loss's output, or a one-line UserCodeError naming the function and what was wrong."""
@@ -108,8 +121,9 @@ def loss_terms(*, logprobs: torch.Tensor, values: torch.Tensor | None, entropy: 
     """
     mask = exp.loss_tokens
     name = getattr(policy_loss, "name", getattr(policy_loss, "__name__", "policy_loss"))
-    out = policy_loss(logprobs=logprobs, old_logprobs=exp.logprobs, advantages=exp.advantages, mask=mask,
-                      values=values, **policy_loss_options(config))
+    with _user_code(f"ppo.policy_loss {name!r}"):
+        out = policy_loss(logprobs=logprobs, old_logprobs=exp.logprobs, advantages=exp.advantages, mask=mask,
+                          values=values, **policy_loss_options(config))
     per_token, stats = _checked(name, out, logprobs, mask)
     stats = {k: torch.as_tensor(v).detach().reshape(()) for k, v in stats.items()}
     terms = {"policy": (1.0, per_token), "entropy": (-config.ent_coef, entropy)}
@@ -189,14 +203,21 @@ def micro_batch_loss(policy: PolicyWithValue, part: Experience, config: PPOConfi
     else:
         agg = functools.partial(aggregate, mask=mask, aggregation=config.loss_aggregation,
                                 max_length=config.response_length, units=den.units)
-        loss, stats = loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=config,
-                              aggregate=agg)
-        if isinstance(loss, torch.Tensor) and loss.dim() == 2:  # per-token terms: reduced here
+        where = f"ppo.loss_fn {getattr(loss_fn, '__name__', 'loss_fn')!r}"
+        with _user_code(where):
+            out = loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=config, aggregate=agg)
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
+            raise UserCodeError(f"{where} returned {type(out).__name__}; expected (loss, stats dict)")
+        loss, stats = out
+        if isinstance(loss, torch.Tensor) and loss.shape == mask.shape:  # per-token terms: reduced here
             loss = agg(loss)
         elif not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise UserCodeError(f"ppo.loss_fn {getattr(loss_fn, '__name__', 'loss_fn')!r} returned a loss of "
-                                f"shape {got}; expected a scalar built with `aggregate` or a (B, T) per-token loss")
+            raise UserCodeError(f"{where} returned a loss of shape {got}; expected a scalar built with `aggregate` "
+                                f"or a per-token loss of shape (B, T) = {tuple(mask.shape)}")
+        if not all(isinstance(v, (torch.Tensor, float, int)) and torch.as_tensor(v).numel() == 1
+                   for v in stats.values()):
+            raise UserCodeError(f"{where} returned stats that are not a dict of scalars")
         term_stats = {}
         if kl is not None:
             kl_loss, term_stats = reduce_terms({"kl": (1.0, kl * part.kl_coef.unsqueeze(-1)), "kl_raw": (0.0, kl)},

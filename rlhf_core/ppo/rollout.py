@@ -345,7 +345,7 @@ def compute_advantages(exp: Experience, estimator: Any, cfg: PPOConfig, kl_coef:
               group_size=cfg.group_size, group_ids=exp.group_ids)
     try:
         out = estimator(rewards=rewards, **kw)
-    except (ValueError, TypeError, RuntimeError, KeyError, IndexError) as e:
+    except Exception as e:  # the user's code (or a built-in estimator refusing its input)
         raise UserCodeError(f"ppo.advantage_estimator {estimator.name!r} raised {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
     advantages, returns = _checked_estimator(estimator.name, out, mask)

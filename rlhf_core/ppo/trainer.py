@@ -22,9 +22,9 @@ from typing import Any, Iterator
 import torch
 
 from .. import checks, distributed as D, fsdp, signals
-from ..checkpoint import capture_state, restore_state, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..config import PPOConfig
-from ..errors import DataError, UserCodeError
+from ..errors import DataError, NumericError, RewardError, UserCodeError
 from ..models import fast_activations
 from ..optim import can_fuse, count_skip, finish_step, make_optimizer
 from ..tracking import MeanMetrics, MetricsLogger, progress
@@ -37,6 +37,7 @@ from .objective import Denominators, LossFn, micro_batch_loss, ppo_loss  # noqa:
 from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
 from .rewards import AdaptiveKLController, FixedKLController
+from .resume import Resumable
 from .rollout import evaluate, make_experience, next_prompt_batch
 
 
@@ -49,7 +50,7 @@ def _naming_iteration(iteration: int) -> Iterator[None]:
         raise UserCodeError(f"ppo iteration {iteration}: {e}") from e
 
 
-class PPOTrainer:
+class PPOTrainer(Resumable):
     """PPO with a KL-penalized reward on an HF causal LM wrapped in :class:`PolicyWithValue`.
 
     Args:
@@ -102,6 +103,7 @@ class PPOTrainer:
             config.num_iterations * config.ppo_epochs * config.num_mini_batches, eps=config.adam_eps,
             fused=can_fuse(self.params))
         self.iteration, self.skipped_steps, self.skipped_in_row, self.episodes = 0, 0, 0, 0
+        self.stepped = False  # an optimizer step happened in the current iteration (resume.Resumable)
         self.warned: set[str] = set()  # checks (rlhf_core/checks.py) already warned about
         self._order: list[int] = []  # data cursor: prompt indices not yet used in this epoch
         self.train_seconds, self.evals = 0.0, {"before": {}, "last": {}}
@@ -204,6 +206,7 @@ class PPOTrainer:
                 gap_sum, ratio_dev = gap_sum + gap, max(ratio_dev, dev)
         D.all_reduce_gradients(self.params)  # sum: the shares already make it the global aggregate
         grad_norm = finish_step(self.params, self.optimizer, self.scheduler, cfg.max_grad_norm, finite)
+        self.stepped = self.stepped or grad_norm is not None  # the weights moved this iteration
         self.skipped_steps, self.skipped_in_row = count_skip(grad_norm is not None, self.skipped_steps,
                                                              self.skipped_in_row, cfg.max_skipped_steps,
                                                              f"ppo iteration {self.iteration}")
@@ -225,34 +228,6 @@ class PPOTrainer:
             seed=c.seed + 7919, backend=c.kernel_backend)  # the same draws at every evaluation
         return metrics
 
-    RESUMED = ("iteration", "skipped_steps", "skipped_in_row", "episodes", "train_seconds", "evals", "_order",
-               "responses")
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything an exact resume needs: trainable weights (full or adapter) and value head, optimizer,
-        LR schedule, KL controller, every RNG (of every rank: a collective under torchrun), the data
-        cursor (``_order``) and the counters."""
-        tensors, meta = capture_state(self.policy.named_trainable_parameters(), self.optimizer, self.scheduler,
-                                      {"sample": self.sample_gen, "shuffle": self.shuffle_gen})
-        meta.update(config=self.cfg.to_dict(), kl_ctl=self.kl_ctl.state_dict(),
-                    ppo={k: getattr(self, k) for k in self.RESUMED})
-        return tensors, meta
-
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Inverse of :meth:`state` (e.g. from ``checkpoint.load_checkpoint``).
-
-        Under torchrun each rank restores its own generators. A checkpoint from another world size
-        loads too (weights, optimizer, schedule, KL controller, data cursor), each rank then samples
-        from a new stream seeded by (seed, rank, iteration): deterministic, not the uninterrupted run.
-        """
-        exact = restore_state(tensors, meta, self.policy.named_trainable_parameters(), self.optimizer, self.scheduler,
-                              {"sample": self.sample_gen, "shuffle": self.shuffle_gen})
-        self.kl_ctl.load_state_dict(meta["kl_ctl"])
-        for key in self.RESUMED:
-            setattr(self, key, meta["ppo"].get(key, getattr(self, key)))  # "responses": not in older checkpoints
-        if not exact:
-            self.sample_gen.manual_seed((self.cfg.seed + D.rank()) * 1_000_003 + self.iteration)
-
     def train(self, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
         """Iterations up to ``num_iterations`` (a resumed trainer goes on from ``self.iteration``); evaluation
         before, every eval_every and at the end; a checkpoint under ``checkpoint_dir`` every save_every and
@@ -265,8 +240,11 @@ class PPOTrainer:
             self.logger.log("ppo", 0, self.evals["before"])
         todo = range(self.iteration + 1, cfg.num_iterations + 1)
         for it in progress(todo, total=len(todo), desc="ppo"):
-            t_it = time.perf_counter()
-            metrics = self.step()
+            t_it, before = time.perf_counter(), self.before_iteration()
+            try:
+                metrics = self.step()
+            except (RewardError, UserCodeError, NumericError) as e:  # one line, and how to go on
+                raise type(e)(f"{e}; {self.save_before(before, checkpoint_dir)}") from e
             self.train_seconds += time.perf_counter() - t_it
             final = it == cfg.num_iterations
             evaluated = bool(self.eval_prompts) and (final or (cfg.eval_every > 0 and it % cfg.eval_every == 0))

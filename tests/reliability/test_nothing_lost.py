@@ -115,3 +115,130 @@ def test_overwrite_keeps_the_finished_run_when_the_new_one_fails_before_its_firs
     assert "no such column" in err and "the previous run in" in err and "is kept" in err
     assert snapshot(finished_run) == before
     assert not [p for p in finished_run.parent.iterdir() if ".replaced-" in p.name]  # no leftovers
+
+
+FLAKY = '''
+import os
+import torch
+from rlhf_core.ppo import advantage_estimator
+
+
+def _calls(name):
+    path = os.environ["FLAKY_DIR"] + "/" + name
+    n = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    open(path, "w").write(str(n))
+    return n
+
+
+@advantage_estimator(whiten=False, critic=False, groups=False, reads_rewards=True)
+def flaky(*, rewards, mask, **kw):
+    if _calls("estimator") == 3 and os.environ.get("FLAKY_BREAK"):
+        raise ValueError("the third batch is bad")
+    seq = (rewards * mask).sum(-1, keepdim=True)
+    adv = (seq - seq.mean()) * mask
+    return adv, adv
+
+
+def reward(prompts, responses):
+    if _calls("reward") == 3 and os.environ.get("FLAKY_BREAK"):  # 1: the evaluation before training
+        raise KeyError("answer")
+    return [len(r) / 10.0 for r in responses]
+
+
+@advantage_estimator(whiten=False, critic=False, groups=False, reads_rewards=True)
+def wrong_shape(*, rewards, **kw):
+    return rewards[:, :1], rewards
+
+
+@advantage_estimator(whiten=False, critic=False, groups=False, reads_rewards=True)
+def a_list(*, rewards, **kw):
+    return rewards.tolist(), rewards
+
+
+@advantage_estimator(whiten=False, critic=False, groups=False, reads_rewards=True)
+def one_value(*, rewards, **kw):
+    return rewards.sum()
+'''
+
+
+@pytest.mark.parametrize("what, argv_extra, needle, saved_step", [
+    ("estimator", ["--ppo.advantage_estimator", "{code}:flaky"],
+     "ppo iteration 3: ppo.advantage_estimator '{code}:flaky' raised ValueError: the third batch is bad", 2),
+    ("reward", ["--reward", "{code}:reward", "--ppo.advantage_estimator", "{code}:flaky"],
+     "reward batch 2: the reward raised KeyError", 1),
+])
+def test_user_code_failing_mid_run_saves_the_state_before_and_resumes_exactly(tiny_model_dir, tmp_path, capsys,
+                                                                             monkeypatch, what, argv_extra, needle,
+                                                                             saved_step):
+    """An estimator (or reward) of the user's raising at iteration N: one line naming it and the iteration,
+    exit 2, the state before iteration N checkpointed (save_every 0: no other); fixed, --resume ends
+    byte-identical to a run that never failed."""
+    code = tmp_path / "flaky.py"
+    code.write_text(FLAKY)
+    argv_extra = [a.format(code=code) for a in argv_extra]
+    common = ["ppo", "--policy", str(tiny_model_dir), *PPO, "--ppo.num_iterations", "4", "--ppo.save_every", "0",
+              *argv_extra]
+    for name in ("ref", "run"):
+        (tmp_path / f"calls-{name}").mkdir()
+    monkeypatch.setenv("FLAKY_DIR", str(tmp_path / "calls-ref"))
+    assert main([*common, "--output-dir", str(tmp_path / "ref")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("FLAKY_DIR", str(tmp_path / "calls-run"))
+    monkeypatch.setenv("FLAKY_BREAK", "1")
+    assert main([*common, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and needle.format(code=code) in err, err
+    assert f"the state before iteration {saved_step + 1} is saved" in err and "--resume" in err
+    ckpts = tmp_path / "run" / "checkpoints" / "ppo"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step-{saved_step:06d}"]
+    monkeypatch.delenv("FLAKY_BREAK")
+    assert main([*common, "--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+    for name in ("model.safetensors",):
+        assert (tmp_path / "run" / "ppo" / name).read_bytes() == (tmp_path / "ref" / "ppo" / name).read_bytes()
+
+
+@pytest.mark.parametrize("function, needle", [
+    ("wrong_shape", "returned advantages of shape (4, 1); expected (B, T)"),
+    ("a_list", "returned advantages of shape list; expected (B, T)"),
+    ("one_value", "returned Tensor; expected (advantages, returns), each (B, T)"),
+])
+def test_an_estimator_breaking_its_contract_is_one_line(tiny_model_dir, tmp_path, capsys, function, needle):
+    code = tmp_path / "flaky.py"
+    code.write_text(FLAKY)
+    argv = ["ppo", "--policy", str(tiny_model_dir), *PPO, "--ppo.advantage_estimator", f"{code}:{function}",
+            "--output-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: ppo iteration 1: ppo.advantage_estimator '{code}:{function}' ") and needle in err
+    assert "no checkpoint was written yet" in err
+
+
+def _loss(kind):
+    import torch
+
+    def loss_fn(*, logprobs, exp, aggregate, **kw):
+        per_token = -exp.advantages * torch.exp(logprobs - exp.logprobs)
+        if kind == "raises":
+            raise RuntimeError("my bug")
+        if kind == "3-D":
+            return per_token.unsqueeze(-1), {}
+        if kind == "no tuple":
+            return aggregate(per_token)
+        if kind == "string stats":
+            return aggregate(per_token), {"mine": "high"}
+        return per_token.sum(-1), {}
+    return loss_fn
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("raises", "raised RuntimeError: my bug"), ("3-D", "returned a loss of shape (2, 4, 1); expected a scalar"),
+    ("no tuple", "returned Tensor; expected (loss, stats dict)"), ("string stats", "stats that are not a dict"),
+    ("non-scalar", "returned a loss of shape (2,)"),
+])
+def test_a_loss_fn_breaking_its_contract_is_one_line(make_trainer, kind, needle):
+    from rlhf_core.errors import UserCodeError
+    t = make_trainer(loss_fn=_loss(kind))
+    with pytest.raises(UserCodeError) as exc:
+        t.train()
+    msg = str(exc.value)
+    assert msg.startswith("ppo iteration 1: ppo.loss_fn 'loss_fn' ") and needle in msg and "\n" not in msg, msg
