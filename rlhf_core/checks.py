@@ -15,6 +15,7 @@ Invariants of the PPO core:
   separate inference engine) that biases the ratio.
 - ``check/truncated_fraction``: responses cut at ``response_length`` without an EOS: their score
   judges unfinished text.
+- ``perf/skipped_steps``: optimizer steps skipped for a non-finite loss or gradient (the count so far).
 Health of the optimisation:
 - ``policy/clipfrac`` above 0.3: steps too large for the trust region.
 - ``policy/entropy`` below a tenth of its first value: entropy collapse.
@@ -22,7 +23,8 @@ Health of the optimisation:
 - ``objective/kl_exact`` running away: over the last quarter at least twice the second quarter's
   mean, and above 1 nat.
 - ``eval/gold_reward`` falling from its best evaluation to the last by more than 0.05 while
-  ``eval/scores`` rises over the same span: reward hacking; only when a gold judge exists.
+  ``eval/scores`` rises over the same span: reward hacking; only when a gold judge exists and has at
+  least two evaluations (:func:`unjudged` says so otherwise).
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ CHECKS = (
           "rollout and training logprobs of the same tokens differ"),
     Check("check/truncated_fraction", 0.5, "above", "ppo.trainer.PPOTrainer.step",
           "most responses hit response_length without an EOS"),
+    Check("perf/skipped_steps", 0.0, "above", "optim.finish_step",
+          "optimizer steps were skipped for a non-finite loss or gradient (count so far; weights untouched)"),
     Check("policy/clipfrac", 0.3, "above", "ppo.losses.policy_loss",
           "the clip is active on many tokens: updates too large for the trust region (lower the learning rate)"),
     Check("policy/entropy", 0.1, "below_fraction_of_first", "ppo.losses.entropy_bonus",
@@ -148,6 +152,20 @@ def _judge(c: Check, pts: list[tuple[int, float]], records: list[dict[str, Any]]
     if rose and best - last > c.threshold:
         return Breach(c, last_step, last)
     return None
+
+
+def unjudged(records: Iterable[dict[str, Any]]) -> list[str]:
+    """What the health checks could not judge on these PPO records, in words: reward hacking without a gold
+    judge, or from fewer than two evaluations."""
+    records = list(records)
+    gold = [r for r in records if isinstance(r.get("eval/gold_reward"), (int, float))]
+    if not gold:
+        return ["reward hacking is not checked: there is no gold judge (give --ppo.gold file.py:function, a judge "
+                "the reward never sees)"]
+    if len(gold) < 2:
+        return [f"reward hacking is not judged: it needs two evaluations of the gold reward, there is "
+                f"{len(gold)} (evaluate before training and every --ppo.eval_every iterations)"]
+    return []
 
 
 def find_breaches(records: Iterable[dict[str, Any]], num_iterations: int | None = None) -> list[Breach]:

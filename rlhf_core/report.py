@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checks import CHECKS, find_breaches
+from .checks import CHECKS, find_breaches, unjudged
+from .errors import DataError
 from .trackers import Trackers
 from .tracking import read_metrics
 
@@ -60,18 +61,26 @@ def _fmt(v: Any) -> str:
 
 
 def check_lines(records: list[dict[str, Any]], num_iterations: int | None = None) -> list[str]:
-    """The PPO run's health: one line per check of rlhf_core/checks.py whose metric was logged, either
-    what broke (metric, value, threshold, iteration, the function that computes it) or that it held."""
+    """The PPO run's health: whether the run is complete (of ``num_iterations``, the planned length), one
+    line per check of rlhf_core/checks.py whose metric was logged, either what broke (metric, value,
+    threshold, iteration, the function that computes it) or that it held, and what could not be judged."""
+    done = max((r["step"] for r in records), default=0)
+    head = ([f"- **incomplete**: {done} of {num_iterations} iterations logged (the run stopped, or is still "
+             "running; `--resume` continues it)", ""] if num_iterations and done < num_iterations else [])
     broken = {b.check.metric: b for b in find_breaches(records, num_iterations)}
     present = [c for c in CHECKS if any(c.metric in r for r in records)]
     if not present:
-        return ["No check metrics were logged."]
+        return head + ["No check metrics were logged."]
     lines = [f"- **flagged**: {broken[c.metric].line()}" if c.metric in broken else f"- ok: `{c.metric}` {c.held()}"
              for c in present]
-    return lines + ["", "Found nothing." if not broken else f"{len(broken)} of {len(present)} checks flagged."]
+    lines += [f"- not judged: {note}" for note in unjudged(records)]
+    return head + lines + ["", "Found nothing." if not broken else f"{len(broken)} of {len(present)} checks flagged."]
 
 
-def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, Any],
+                 planned_iterations: int | None = None) -> Path:
+    """report.md of a run: summary table, PPO health (against ``planned_iterations``, the configured length,
+    so a stopped run says how far it got), curves and sample generations."""
     # After a resume, steps between the last checkpoint and the crash were logged twice: keep the last.
     records = list({(r["phase"], r["step"], tuple(sorted(r))): r for r in records}.values())
     lines = ["# Run report", "", f"Folder: `{out}`", "", "## Summary", "", "| phase | key | value |", "|---|---|---|"]
@@ -80,7 +89,8 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
             lines.append(f"| {phase} | {k} | {_fmt(v)} |")
     ppo = [r for r in records if r["phase"] == "ppo"]
     if ppo:
-        lines += ["", "## Health", ""] + check_lines(ppo, summary.get("ppo", {}).get("iterations"))
+        planned = planned_iterations or summary.get("ppo", {}).get("iterations")
+        lines += ["", "## Health", ""] + check_lines(ppo, planned)
     lines += ["", "## Curves", ""]
     for phase in dict.fromkeys(r["phase"] for r in records):
         png = out / "plots" / f"{phase}.png"
@@ -94,22 +104,40 @@ def write_report(out: Path, records: list[dict[str, Any]], summary: dict[str, An
     return path
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object, or a one-line DataError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), f"not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), f"not valid JSON ({e.msg})", record=e.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError(str(path), f"expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
 def regenerate(out: Path, trackers: list[str] | None = None) -> Path:
     """report.md (and plots/) of the run in ``out`` from its metrics.jsonl and, if present, summary.json;
     with ``trackers`` (names, ``trackers.parse_report_to``) every record is exported to them too.
 
     Raises:
-        DataError: no metrics.jsonl in ``out``, or a line of it that is not JSON (a torn last line, from
-            a run killed while writing, is skipped).
+        DataError: no metrics.jsonl in ``out``; a line of it that is not JSON, not UTF-8 or lacks its phase
+            and step (a torn last line, from a run killed while writing, is skipped); a summary.json or
+            config.json that is not a JSON object (each names the file and line).
     """
     out = Path(out)
     records = read_metrics(out / "metrics.jsonl")
     summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    report = write_report(out, records, summary)
+    summary = read_json_object(summary_path) if summary_path.is_file() else {}
+    if not all(isinstance(v, dict) for v in summary.values()):
+        raise DataError(str(summary_path), "expected one object of values per phase")
+    config = out / "config.json"
+    run_config = read_json_object(config) if config.is_file() else {}
+    planned = (run_config.get("ppo") or {}).get("num_iterations") if isinstance(run_config.get("ppo"), dict) else None
+    report = write_report(out, records, summary, planned if isinstance(planned, int) else None)
     if trackers:
-        config = out / "config.json"
-        export = Trackers(trackers, out, json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {})
+        export = Trackers(trackers, out, run_config)
         for r in records:
             export.log(r.get("phase", "run"), int(r.get("step", 0)), r)
         for path in (report, out / "ppo" / "samples.md", summary_path):

@@ -27,7 +27,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(str(path), "file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(str(path), f"not UTF-8 text (byte {e.start})", record=line) from None
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -40,6 +44,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(str(path), "not a JSON object", record=i + 1) from None
         if not isinstance(rec, dict):
             raise DataError(str(path), "not a JSON object", record=i + 1)
+        if not isinstance(rec.get("phase"), str) or not isinstance(rec.get("step"), int):
+            raise DataError(str(path), "a metrics record needs a string \"phase\" and an integer \"step\"",
+                            record=i + 1)
         records.append(rec)
     return records
 

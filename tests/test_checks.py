@@ -3,6 +3,7 @@ from rlhf_core.checks import CHECKS, find_breaches, step_breaches
 from rlhf_core.report import check_lines, write_report
 
 HEALTHY = {"check/first_ratio_dev": 1e-6, "check/logprob_gap": 1e-7, "check/truncated_fraction": 0.1,
+           "perf/skipped_steps": 0,
            "policy/clipfrac": 0.05, "policy/entropy": 2.0, "val/explained_variance": 0.3, "objective/kl_exact": 1.0}
 
 
@@ -77,7 +78,7 @@ def test_the_report_has_the_health_section(tmp_path):
     recs = records(**{"check/logprob_gap": {2: 0.01}})
     text = write_report(tmp_path, recs, {"ppo": {"iterations": 20}}).read_text()
     assert "## Health" in text and "**flagged**: check/logprob_gap = 0.01 > 0.001" in text
-    assert "1 of 7 checks flagged." in text
+    assert "1 of 8 checks flagged." in text
 
 
 def test_rlhf_report_rebuilds_a_killed_runs_report(tmp_path, capsys):
@@ -100,3 +101,52 @@ def test_rlhf_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'metrics.jsonl'}:2: not a JSON object"
     assert not (tmp_path / "report.md").exists()
+
+
+def test_skipped_steps_incomplete_runs_and_unjudged_hacking_are_said():
+    recs = records(n=6, **{"perf/skipped_steps": {4: 1, 5: 3, 6: 3}})
+    lines = check_lines(recs, num_iterations=8)
+    assert lines[0] == ("- **incomplete**: 6 of 8 iterations logged (the run stopped, or is still running; "
+                        "`--resume` continues it)")
+    text = "\n".join(lines)
+    assert "**flagged**: perf/skipped_steps = 1 > 0 (first at iteration 4; optim.finish_step)" in text
+    assert "- not judged: reward hacking is not checked: there is no gold judge" in text
+    one = check_lines(records(n=6, evals={6: (1.0, 0.2)}), 6)
+    assert any("reward hacking is not judged: it needs two evaluations of the gold reward, there is 1" in x
+               for x in one)
+    assert not any("not judged" in x for x in check_lines(records(n=6, evals={0: (0.1, 0.0), 6: (1.0, 0.5)}), 6))
+    assert [b.check.metric for b in step_breaches({"perf/skipped_steps": 2}, 3)] == ["perf/skipped_steps"]  # live
+
+
+def test_rlhf_report_of_a_killed_run_says_how_far_it_got(tmp_path):
+    import json
+    from rlhf_core.cli import main
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(n=3)))
+    (tmp_path / "config.json").write_text(json.dumps({"ppo": {"num_iterations": 8}}))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "- **incomplete**: 3 of 8 iterations logged" in (tmp_path / "report.md").read_text()
+
+
+def test_rlhf_report_turns_every_damaged_input_into_one_line(tmp_path, capsys):
+    import json
+    from rlhf_core.cli import main
+    good = "".join(json.dumps(r) + "\n" for r in records(n=2))
+    cases = [
+        ({"metrics.jsonl": '{"phase": "ppo", "step": 1}\n{"step": 2, "loss": 1}\n{"phase": "ppo", "step": 3}\n'},
+         "metrics.jsonl:2: a metrics record needs a string \"phase\" and an integer \"step\"", []),
+        ({"metrics.jsonl": good.encode() + b'{"phase": "ppo", "step": 3, "x": "\xff"}\n'},
+         "metrics.jsonl:3: not UTF-8 text", []),
+        ({"metrics.jsonl": good, "summary.json": "{not json"}, "summary.json:1: not valid JSON", []),
+        ({"metrics.jsonl": good, "summary.json": "[1, 2]"}, "summary.json: expected a JSON object, found a list", []),
+        ({"metrics.jsonl": good, "summary.json": '{"ppo": 3}'}, "summary.json: expected one object of values", []),
+        ({"metrics.jsonl": good, "config.json": "{broken"}, "config.json:1: not valid JSON",
+         ["--report-to", "tensorboard"]),
+    ]
+    for i, (files, needle, flags) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        run.mkdir()
+        for name, text in files.items():
+            (run / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert main(["report", str(run), *flags]) == 2, needle
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {run}") and needle in err and "\n" not in err, err
