@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,27 @@ class Tracker:
         pass
 
 
+def _quiet_writer_threads(previous: Any = None) -> None:
+    """TensorBoard writes from a background thread; when a write fails there (a full disk) the thread dies
+    with a 15-line "Exception in thread" traceback, and the next write in the main thread raises the same
+    error, which drops the tracker with one warning. Silence the thread's copy (only that thread's)."""
+    previous = previous or threading.excepthook
+    if getattr(previous, "rlhf_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+    hook.rlhf_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoardTracker(Tracker):
     name = "tensorboard"
 
     def __init__(self, out: Path, config: dict[str, Any]):
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        _quiet_writer_threads()
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
         self.writer.add_text("config", "```json\n" + json.dumps(config, indent=1) + "\n```", 0)
 

@@ -3,6 +3,7 @@ errors for an unknown tracker or a missing extra; a tracker that fails mid-run n
 import importlib.util
 import json
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -130,3 +131,34 @@ def test_a_tracker_that_fails_mid_run_is_dropped_once_and_the_jsonl_goes_on(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logger.trackers.close()  # nothing left to close
+
+
+TB_FAILS = """
+import sys, time, warnings
+from pathlib import Path
+from rlhf_core import trackers
+from rlhf_core.tracking import MetricsLogger
+out = Path(sys.argv[1])
+tb = trackers.TensorBoardTracker(out, {})
+def full(*a, **k):
+    raise OSError(28, "No space left on device")
+tb.writer._get_file_writer().event_writer._async_writer._writer.write = full
+logger = MetricsLogger(out / "metrics.jsonl", trackers=trackers.Trackers([], out, {}))
+logger.trackers.active.append(tb)
+for step in range(1, 6):
+    logger.log("ppo", step, {"loss/policy": float(step)})
+    time.sleep(0.05)  # let the writer thread take the record (and fail)
+"""
+
+
+def test_tensorboard_failing_in_its_writer_thread_is_one_warning_not_a_traceback(tmp_path):
+    """In a fresh process (pytest would catch the thread's exception itself): one warning line, no
+    "Exception in thread" traceback, and every metric in metrics.jsonl."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", TB_FAILS, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Exception in thread" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "tracker tensorboard failed" in proc.stderr
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
