@@ -195,7 +195,12 @@ class PPOConfig(LoraFields, PhaseCommon):
     prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
     eval_prompts: str = opt("", "held-out prompts to evaluate on ('prompt' records); default: the embedded task's, "
                                 "or with your own --ppo.prompts a seeded held-out split of them (eval_fraction, "
-                                "at least 16, never trained on)")
+                                "at least 16, never trained on; an error when it would leave fewer prompts to train "
+                                "on than it holds out). Rules for an eval file: prompts longer than "
+                                "max_prompt_length follow on_long_prompt; eval prompts that are also training "
+                                "prompts, a file in another format than the training prompts (plain strings vs "
+                                "conversations) and fewer training prompts than one iteration uses are warnings, "
+                                "listed in summary.json (ppo.eval_warnings)")
     chat_template: str = opt("auto", "conversational prompts ({role, content} turns) are always rendered with the "
                                      "policy tokenizer's chat template; plain-string prompts: 'auto' and 'never' use "
                                      "them as they are, 'always' renders each as one user turn")

@@ -152,7 +152,9 @@ def preflight_ppo(cfg: PPOConfig) -> None:
     if cfg.eval_prompts:
         evals = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")]
         if tokenizer is not None:
-            ppo.render_prompts(evals, tokenizer, cfg.chat_template, cfg.eval_prompts)
+            evals = ppo.render_prompts(evals, tokenizer, cfg.chat_template, cfg.eval_prompts)
+            if cfg.on_long_prompt == "error":
+                ppo.check_prompt_lengths(evals, tokenizer, cfg, source=cfg.eval_prompts)
 
 
 def _load_summary(out: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Evaluation:
     judge: str  # which judge, in words
     held_out: list[int] | None = None  # record numbers (1-based) of cfg.prompts held out, if split
     task_judge: bool = False  # the task's own judge (its gold_parts, shown_prompt apply)
+    warnings: list[str] = field(default_factory=list)  # the hygiene rules' warnings (summary.json)
 
 
 def held_out_records(n: int, cfg: PPOConfig) -> list[int]:
@@ -62,9 +63,10 @@ def held_out_records(n: int, cfg: PPOConfig) -> list[int]:
         DataError: too few prompts to hold that many out and still train on some.
     """
     k = max(MIN_EVAL_PROMPTS, round(cfg.eval_fraction * n))
-    if k >= n:
-        raise DataError(cfg.prompts, f"{n} prompts are too few to hold out {k} for evaluation and train on the rest "
-                                     "(give --ppo.eval_prompts)")
+    if n - k < k:  # the rule of --ppo.eval_prompts' help: the split may not leave less to train on than it holds out
+        raise DataError(cfg.prompts, f"{n} prompts are too few to hold out {k} for evaluation: {max(n - k, 0)} would "
+                                     "be left to train on (give --ppo.eval_prompts, or at least "
+                                     f"{2 * MIN_EVAL_PROMPTS} prompts)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     return sorted(i + 1 for i in order[:k])
 
@@ -80,11 +82,12 @@ def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str], tokenizer: A
     """
     own = bool(cfg.prompts)  # trained on the user's prompts, not the task's
     held = None
+    notes: list[str] = []
     if cfg.eval_prompts:
-        evals, train = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")], prompts
-        if tokenizer is not None:
-            evals = render_prompts(evals, tokenizer, cfg.chat_template, cfg.eval_prompts, conversations)
+        raw, train = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")], prompts
+        evals = render_prompts(raw, tokenizer, cfg.chat_template, cfg.eval_prompts, conversations) if tokenizer else raw
         source = f"{cfg.eval_prompts} ({len(evals)} prompts)"
+        notes = eval_hygiene(cfg, raw, evals, train, tokenizer)
     elif own:
         held = held_out_records(len(prompts), cfg)
         keep = set(held)
@@ -95,11 +98,46 @@ def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str], tokenizer: A
     else:
         evals, train = task.eval_prompts, prompts
         source = f"the {type(task).__name__}'s held-out prompts ({len(evals)})"
+    per_batch = cfg.batch_size // cfg.group_size
+    if len(train) < per_batch:
+        notes.append(f"{len(train)} training prompts for {per_batch} prompts per iteration: every iteration repeats "
+                     "prompts")
+    for note in notes:
+        warnings.warn(f"ppo evaluation: {note}", stacklevel=2)
     if cfg.gold:
-        return Evaluation(train, evals, load_user_function(cfg.gold, "ppo.gold"), source, cfg.gold, held)
+        return Evaluation(train, evals, load_user_function(cfg.gold, "ppo.gold"), source, cfg.gold, held,
+                          warnings=notes)
     if own:
-        return Evaluation(train, evals, None, source, "none (no --ppo.gold): no gold numbers", held)
-    return Evaluation(train, evals, task.gold_reward, source, f"the {type(task).__name__}'s gold judge", held, True)
+        return Evaluation(train, evals, None, source, "none (no --ppo.gold): no gold numbers", held, warnings=notes)
+    return Evaluation(train, evals, task.gold_reward, source, f"the {type(task).__name__}'s gold judge", held, True,
+                      notes)
+
+
+def eval_hygiene(cfg: PPOConfig, raw: list[Any], evals: list[str], train: list[str], tokenizer: Any) -> list[str]:
+    """The rules ``--ppo.eval_prompts``' help states, for an eval file: eval prompts longer than
+    ``max_prompt_length`` follow ``on_long_prompt`` (an error, or truncated with a warning); eval prompts that
+    are also training prompts, and an eval file whose format (plain strings / conversations) differs from the
+    training prompts', are warnings, returned in words (they go into summary.json).
+
+    Raises:
+        DataError: an over-long eval prompt with ``on_long_prompt=error``.
+    """
+    notes = []
+    if tokenizer is not None:
+        check_prompt_lengths(evals, tokenizer, cfg, source=cfg.eval_prompts)
+    seen = set(train)
+    shared = sum(p in seen for p in evals)
+    if shared:
+        notes.append(f"{shared} of {len(evals)} eval prompts ({cfg.eval_prompts}) are also training prompts: "
+                     "what is measured on them is not held out")
+    if cfg.prompts:
+        train_raw = [r["prompt"] for r in load_records(cfg.prompts, "prompt")]
+        kinds = {name: {"conversations" if isinstance(p, list) else "plain strings" for p in ps}
+                 for name, ps in (("eval", raw), ("train", train_raw))}
+        if kinds["eval"] != kinds["train"]:
+            notes.append(f"the eval prompts are {' and '.join(sorted(kinds['eval']))}, the training prompts "
+                         f"{' and '.join(sorted(kinds['train']))}: they reach the policy in different formats")
+    return notes
 
 
 def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None,
@@ -148,8 +186,9 @@ def render_prompts(prompts: list[Any], tokenizer: Any, mode: str, source: str,
     return out
 
 
-def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> None:
-    """Raise DataError (on_long_prompt=error) or warn once (truncate) about over-long prompts.
+def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig, source: str = "") -> None:
+    """Raise DataError (on_long_prompt=error) or warn once (truncate) about over-long prompts of ``source``
+    (default: the training prompts).
 
     Truncation keeps each prompt's last ``max_prompt_length`` tokens (``rollout.encode_prompts``).
     """
@@ -157,7 +196,7 @@ def check_prompt_lengths(prompts: list[str], tokenizer: Any, cfg: PPOConfig) -> 
     long = [i for i, n in enumerate(lengths) if n > cfg.max_prompt_length]
     if not long:
         return
-    source, first = cfg.prompts or "embedded task", long[0]
+    source, first = source or cfg.prompts or "embedded task", long[0]
     if cfg.on_long_prompt == "error":
         raise DataError(source, f"prompt has {lengths[first]} tokens, more than ppo.max_prompt_length="
                                 f"{cfg.max_prompt_length} (or pass --ppo.on_long_prompt truncate)",
@@ -311,6 +350,7 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
         **gold,
         "eval_prompts": evaluation.prompt_source,
         "gold_judge": evaluation.judge,
+        **({"eval_warnings": evaluation.warnings} if evaluation.warnings else {}),
         **({"eval_held_out_records": evaluation.held_out} if evaluation.held_out else {}),
         "scores_before": result.get("scores_before"),
         "scores_after": result.get("scores_after"),

@@ -103,3 +103,31 @@ def test_bad_evaluation_input_is_one_line(tiny_model_dir, tmp_path, capsys, flag
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and err.startswith("error: ") and needle in err, err
     assert not (out / "ppo").exists()  # no policy saved
+
+
+def test_evaluation_hygiene_rules_of_the_help(tiny_model_dir, tmp_path, capsys):
+    """--ppo.eval_prompts' help states the rules: an eval file sharing prompts with training, or in another
+    format, is a warning listed in summary.json; a held-out split that would leave fewer prompts to train on
+    than it holds out is an error; an over-long eval prompt follows on_long_prompt."""
+    (tmp_path / "judges.py").write_text(JUDGES)
+    train = write_prompts(tmp_path / "train.jsonl", 8)
+    out = tmp_path / "same"
+    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--eval-prompts", str(train))) == 0
+    ppo = json.loads((out / "summary.json").read_text())["ppo"]
+    assert ppo["eval_warnings"] == [f"8 of 8 eval prompts ({train}) are also training prompts: what is measured on "
+                                    "them is not held out"]
+    assert "warning: ppo evaluation: 8 of 8 eval prompts" in capsys.readouterr().err
+    convo = tmp_path / "convo.jsonl"
+    convo.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    plan = plan_evaluation(PPOConfig(prompts=str(convo), eval_prompts=str(train)), None, ["hi"])
+    assert any("the eval prompts are plain strings, the training prompts conversations" in w for w in plan.warnings)
+    with pytest.raises(DataError, match="18 prompts are too few to hold out 16 for evaluation: 2 would be left"):
+        held_out_records(18, PPOConfig(prompts="mine.jsonl"))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 300}) + "\n")
+    out = tmp_path / "long"
+    assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--eval-prompts", str(long),
+                         "--ppo.on_long_prompt", "error")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {long}:1: field 'prompt': prompt has ") and "ppo.max_prompt_length=32" in err, err
+    assert not out.exists()  # caught before anything was written
