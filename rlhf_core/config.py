@@ -191,7 +191,11 @@ class PPOConfig(LoraFields, PhaseCommon):
     save_every (PPO logs and saves per iteration)."""
     _section = "ppo"
     policy: str = opt("", "SFT policy folder (default in the pipeline: phase 1's output)")
-    reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function'")
+    reward: str = opt("", "reward: a reward-model folder, an HF classifier folder, 'gold', or 'file.py:function' "
+                          "(TRL's contract fn(prompts, completions, **kwargs) gets the prompt records' other columns; "
+                          "fn(prompts, responses) works too); several, comma-separated, are summed with reward_weights")
+    reward_weights: list[float] = opt([], "weights of the comma-separated reward sources in reward (default 1 each); "
+                                          "each source's mean is logged as objective/reward/NAME")
     prompts: str = opt("", "prompt data: JSONL/parquet with 'prompt' (default: embedded task)")
     eval_prompts: str = opt("", "held-out prompts to evaluate on ('prompt' records); default: the embedded task's, "
                                 "or with your own --ppo.prompts a seeded held-out split of them (eval_fraction, "
@@ -351,6 +355,10 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(0 <= self.overlong_buffer < self.response_length, "overlong_buffer",
                    f"an integer in [0, response_length={self.response_length})")
         self.check(self.overlong_penalty >= 0, "overlong_penalty", "a number >= 0")
+        sources = [part for part in self.reward.split(",") if part.strip()]
+        if self.reward_weights and sources and len(self.reward_weights) != len(sources):
+            raise ConfigError(f"ppo.reward_weights: {len(self.reward_weights)} weights for {len(sources)} reward sources "
+                              f"in ppo.reward")
         self.check(self.clip_range_value > 0, "clip_range_value", "a positive number")
         self.check(self.vf_coef >= 0, "vf_coef", "a number >= 0")
         self.check(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")

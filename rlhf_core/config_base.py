@@ -88,8 +88,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is list:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # "a,b" on the command line; "1,0.5" for a list of numbers
+            value = [v if args and args[0] is str else parse_literal(v) for v in value.split(",") if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # "--x 1": a list of one number
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [coerce(v, args[0], where) for v in value] if args else value

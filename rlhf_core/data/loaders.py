@@ -18,8 +18,8 @@ Formats (TRL's names) and their fields:
 - ``prompt``: ``{"prompt"}`` (PPO): a string, or TRL's conversational prompt, a list of
   ``{role, content}`` turns (``{"messages": [...]}`` is read the same way); a conversation is
   rendered with the policy's chat template by the PPO phase (``rlhf_core.phases.ppo.render_prompts``).
-Returned records hold only the format's fields (extra fields are dropped). Over-long prompts are
-the phases' business, not the loader's.
+Returned records hold only the format's fields (extra fields are dropped, or kept apart under
+``"columns"`` with ``keep_columns``). Over-long prompts are the phases' business, not the loader's.
 """
 from __future__ import annotations
 
@@ -52,15 +52,17 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 ROLES = ("system", "user", "assistant")
 
 
-def load_records(path: str | Path, fmt: str) -> list[dict]:
+def load_records(path: str | Path, fmt: str, keep_columns: bool = False) -> list[dict]:
     """Read ``path`` and validate every record against the format ``fmt``.
 
     Args:
         path: a ``.jsonl``, ``.json`` or ``.parquet`` file, or a ``save_to_disk`` folder.
         fmt: one of :data:`FORMATS`.
+        keep_columns: keep the record's other fields under ``"columns"`` (a dict; TRL passes a dataset's
+            extra columns, e.g. a reference answer, to its reward functions).
 
     Returns:
-        The records, each a dict with exactly the format's fields.
+        The records, each a dict with exactly the format's fields (and ``"columns"`` with ``keep_columns``).
 
     Raises:
         DataError: the first problem found, naming file, record (1-based) and field.
@@ -83,7 +85,12 @@ def load_records(path: str | Path, fmt: str) -> list[dict]:
                               "(expected .jsonl, .json, .parquet or a datasets folder)")
     if not numbered:
         raise DataError(path, "no records (the file is empty)")
-    return [_validate(path, n, rec, fmt) for n, rec in numbered]
+    out = [_validate(path, n, rec, fmt) for n, rec in numbered]
+    if keep_columns:
+        own = set(FORMATS[fmt]) | {"messages"}
+        for rec, (_, raw) in zip(out, numbered):
+            rec["columns"] = {k: v for k, v in raw.items() if k not in own}
+    return out
 
 
 def load_or_default(path: str, fmt: str, default: list[dict]) -> list[dict]:

@@ -14,6 +14,8 @@ scores) and, with ``cfg.trace``, ``trace.json`` holding every tensor of the firs
 from __future__ import annotations
 
 import copy
+import functools
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,13 +29,14 @@ from .. import distributed as D, fsdp
 from ..checkpoint import load_for_resume, write_json_atomic
 from ..config import PPOConfig, TaskConfig
 from ..data import movie_reviews
-from ..data.loaders import load_or_default, load_records
+from ..data.loaders import load_records
 from ..data.tasks import Task
 from ..errors import ConfigError, DataError
 from ..models import load_causal_lm, load_reward_model, load_tokenizer, place, save_model
 from ..ppo.extensions import resolve_estimator
 from ..ppo.policy import PolicyWithValue
-from ..ppo.reward_sources import RewardFn, RewardModelScorer, chat_text_format, make_reward_fn
+from ..ppo.reward_sources import (RewardFn, RewardModelScorer, RewardSet, chat_text_format, make_reward_fn,
+                                  with_dataset_columns)
 from ..ppo.trainer import PPOTrainer
 from ..tracking import MetricsLogger
 from ..user_code import load_user_function
@@ -72,7 +75,8 @@ def held_out_records(n: int, cfg: PPOConfig) -> list[int]:
 
 
 def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str], tokenizer: Any = None,
-                    conversations: dict[str, list[dict]] | None = None) -> Evaluation:
+                    conversations: dict[str, list[dict]] | None = None,
+                    columns: dict[str, dict[str, Any]] | None = None) -> Evaluation:
     """Which prompts to evaluate on and with which judge (see the module docstring); an eval file's
     prompts are rendered like the training prompts (with ``tokenizer``).
 
@@ -84,8 +88,10 @@ def plan_evaluation(cfg: PPOConfig, task: Task, prompts: list[str], tokenizer: A
     held = None
     notes: list[str] = []
     if cfg.eval_prompts:
-        raw, train = [r["prompt"] for r in load_records(cfg.eval_prompts, "prompt")], prompts
+        records = load_records(cfg.eval_prompts, "prompt", keep_columns=True)
+        raw, train = [r["prompt"] for r in records], prompts
         evals = render_prompts(raw, tokenizer, cfg.chat_template, cfg.eval_prompts, conversations) if tokenizer else raw
+        collect_columns(records, evals, cfg.eval_prompts, columns)
         source = f"{cfg.eval_prompts} ({len(evals)} prompts)"
         notes = eval_hygiene(cfg, raw, evals, train, tokenizer)
     elif own:
@@ -141,17 +147,39 @@ def eval_hygiene(cfg: PPOConfig, raw: list[Any], evals: list[str], train: list[s
 
 
 def load_prompts(cfg: PPOConfig, task: Task, tokenizer: Any = None,
-                 conversations: dict[str, list[dict]] | None = None) -> list[str]:
+                 conversations: dict[str, list[dict]] | None = None,
+                 columns: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Training prompts from ``cfg.prompts`` ({"prompt"} records: strings or conversations) or the
     embedded task, rendered for the policy (:func:`render_prompts`; with a tokenizer); prompts over
     ``max_prompt_length`` tokens follow ``cfg.on_long_prompt``. ``conversations`` collects rendered
-    text -> turns for the conversational ones."""
-    records = load_or_default(cfg.prompts, "prompt", [{"prompt": p} for p in task.prompts])
+    text -> turns for the conversational ones, ``columns`` rendered text -> the record's other fields."""
+    records = (load_records(cfg.prompts, "prompt", keep_columns=True) if cfg.prompts
+               else [{"prompt": p} for p in task.prompts])
     prompts = [r["prompt"] for r in records]
     if tokenizer is not None:
         prompts = render_prompts(prompts, tokenizer, cfg.chat_template, cfg.prompts or "embedded task", conversations)
         check_prompt_lengths(prompts, tokenizer, cfg)
+    collect_columns(records, prompts, cfg.prompts, columns)
     return prompts
+
+
+def collect_columns(records: list[dict], prompts: list[Any], source: str,
+                    columns: dict[str, dict[str, Any]] | None) -> None:
+    """``columns[rendered prompt] = the record's other fields``, for the reward's keyword arguments.
+
+    Raises:
+        DataError: the same prompt twice with different columns (which would the reward get?).
+    """
+    if columns is None:
+        return
+    first: dict[str, int] = {}
+    for n, (rec, prompt) in enumerate(zip(records, prompts), start=1):
+        extra = rec.get("columns") or {}
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        if key in columns and columns[key] != extra:
+            raise DataError(source, f"the same prompt as record {first.get(key, '?')} with other columns: the reward "
+                                    "could not tell which to use", record=n, field="prompt")
+        columns[key], first[key] = extra, first.get(key, n)
 
 
 def render_prompts(prompts: list[Any], tokenizer: Any, mode: str, source: str,
@@ -320,16 +348,22 @@ def run(cfg: PPOConfig, output_dir: Path, logger: MetricsLogger, task: Task | No
     model = load_causal_lm(cfg.policy, mode="lora" if cfg.use_lora else "full", lora=cfg)
     hidden = model.get_output_embeddings().weight.shape[1]
     torch.set_num_threads(cfg.num_threads or (1 if hidden < 256 else torch.get_num_threads()))
-    reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device, task=task)
+    conversations: dict[str, list[dict]] = {}  # rendered prompt -> its turns (conversational prompts)
+    columns: dict[str, dict[str, Any]] = {}  # rendered prompt -> its record's other columns (TRL's reward kwargs)
+    adapt = functools.partial(with_dataset_columns, columns=columns, conversations=conversations)
+    reward_fn = make_reward_fn(cfg.reward, tokenizer, device=device, task=task, weights=cfg.reward_weights,
+                               adapt=adapt)
     if cfg.shard_reward_model:  # every rank scores the same number of chunks: the forwards pair up
         if not isinstance(getattr(reward_fn, "model", None), torch.nn.Module):
             raise ConfigError(f"ppo.shard_reward_model=true: ppo.reward={cfg.reward!r} is not a reward-model folder")
         fsdp.wrap_fsdp2(reward_fn.model, mixed_precision_bf16=cfg.mixed_precision == "bf16")
-    conversations: dict[str, list[dict]] = {}  # rendered prompt -> its turns (conversational prompts)
-    evaluation = plan_evaluation(cfg, task, load_prompts(cfg, task, tokenizer, conversations), tokenizer,
-                                 conversations)
-    if conversations and isinstance(reward_fn, RewardModelScorer):  # the reward model's own chat format
-        reward_fn.text_format = chat_text_format(conversations, reward_fn.tokenizer, reward_fn.text_format)
+    evaluation = plan_evaluation(cfg, task, load_prompts(cfg, task, tokenizer, conversations, columns), tokenizer,
+                                 conversations, columns)
+    if cfg.gold:  # the same contract as the reward's
+        evaluation.gold = adapt(evaluation.gold)
+    sources = [part.source for _, part in reward_fn.parts] if isinstance(reward_fn, RewardSet) else [reward_fn]
+    for scorer in (fn for fn in sources if conversations and isinstance(fn, RewardModelScorer)):
+        scorer.text_format = chat_text_format(conversations, scorer.tokenizer, scorer.text_format)  # its own format
     policy = place(build_policy(cfg, model), device)  # policy, value head/trunk and reference copy
     trainer = PPOTrainer(cfg, policy, tokenizer, reward_fn, evaluation.train_prompts, evaluation.prompts, logger,
                          gold_fn=evaluation.gold)

@@ -15,7 +15,9 @@ the weights stay unchanged.
 """
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -129,8 +131,67 @@ def chat_pair(tokenizer: Any, turns: list[dict], response: str) -> tuple[str, st
     return prefix, full[len(prefix):].rstrip() if full.startswith(prefix) else response
 
 
+def takes_dataset_columns(fn: Callable[..., Any]) -> bool:
+    """True for a reward written to TRL's contract, ``fn(prompts, completions, **kwargs)``: it takes
+    ``completions`` or ``**kwargs``. Such a function is called with keywords: ``prompts``, ``completions``
+    and the dataset's other columns; a two-argument ``fn(prompts, responses)`` is called as before."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "completions" for p in params)
+
+
+def with_dataset_columns(fn: Callable[..., Any], columns: dict[str, dict[str, Any]],
+                         conversations: dict[str, list[dict]] | None = None) -> Callable[..., Any]:
+    """``fn`` called the way TRL's GRPOTrainer calls its ``reward_funcs`` (when ``takes_dataset_columns``):
+    ``fn(prompts=..., completions=..., **columns)``, each column a list with one value per response (the
+    value of the prompt's record; None where a record lacks it). A conversational prompt arrives as its
+    list of turns and its completion as ``[{"role": "assistant", "content": text}]``, as TRL passes them;
+    a plain prompt and its completion as strings. Other functions are returned as they are.
+
+    Args:
+        columns: rendered prompt text -> that record's other columns (``phases.ppo.load_prompts``).
+        conversations: rendered prompt text -> its turns, for the conversational prompts.
+    """
+    if not takes_dataset_columns(fn):
+        return fn
+    conversations = conversations or {}
+
+    def call(prompts: list[str], responses: list[str]) -> Any:
+        rows = [columns.get(p, {}) for p in prompts]
+        names = sorted(set().union(*rows)) if rows else []
+        turns = [conversations.get(p) for p in prompts]
+        return fn(prompts=[t if t is not None else p for t, p in zip(turns, prompts)],
+                  completions=[[{"role": "assistant", "content": r}] if t is not None else r
+                               for t, r in zip(turns, responses)],
+                  **{name: [row.get(name) for row in rows] for name in names})
+    call.__name__ = getattr(fn, "__name__", "reward")
+    return call
+
+
+class RewardSet:
+    """Several reward functions, each checked on its own (``checked_reward``), combined as TRL combines
+    ``reward_funcs`` with ``reward_weights``: score = Σ_i w_i·r_i. ``last`` holds each one's mean on the
+    last batch (the trainer logs them as ``objective/reward/NAME``)."""
+
+    def __init__(self, fns: list[tuple[str, RewardFn]], weights: list[float]):
+        self.parts = [(name, checked_reward(fn, f"reward {name}")) for name, fn in fns]
+        self.weights = weights
+        self.last: dict[str, float] = {}
+
+    def __call__(self, prompts: list[str], responses: list[str], batch_index: int = 0) -> torch.Tensor:
+        total = torch.zeros(len(responses))
+        for (name, fn), w in zip(self.parts, self.weights):
+            scores = fn(prompts, responses, batch_index)
+            self.last[name] = float(scores.mean())
+            total = total + w * scores
+        return total
+
+
 def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: str | torch.device = "cpu",
-                   batch_size: int = 64, task: Task | None = None) -> RewardFn:
+                   batch_size: int = 64, task: Task | None = None, weights: list[float] | None = None,
+                   adapt: Callable[[RewardFn], RewardFn] | None = None) -> RewardFn:
     """Turn a reward spec into a callable ``(prompts, responses) -> list[float]``.
 
     Args:
@@ -143,17 +204,31 @@ def make_reward_fn(spec: str | RewardFn, policy_tokenizer: Any = None, device: s
     Raises:
         ConfigError: an empty spec, a missing file/function or a folder that is not a model.
     """
+    adapt = adapt or (lambda fn: fn)
     if callable(spec):
-        return spec
+        return adapt(spec)
     if not spec:
         raise ConfigError("ppo.reward is empty: give a reward-model folder, 'gold' or 'file.py:function'")
+    specs = split_reward_spec(spec)
+    if len(specs) > 1 or weights:
+        weights = list(weights) if weights else [1.0] * len(specs)
+        if len(weights) != len(specs):
+            raise ConfigError(f"ppo.reward_weights: {len(weights)} weights for {len(specs)} reward sources")
+        fns = [(Path(s.rpartition(":")[2] if is_user_spec(s) else s).name,
+                make_reward_fn(s, policy_tokenizer, device, batch_size, task, adapt=adapt)) for s in specs]
+        return RewardSet(fns, weights)
     if spec == "gold":
         return task.gold_reward if task is not None else movie_reviews.gold_reward
     if is_user_spec(spec):
-        return load_user_function(spec, "reward")
+        return adapt(load_user_function(spec, "reward"))
     model, tokenizer = load_reward_model(spec)
     return RewardModelScorer(model.to(device), tokenizer, batch_size=batch_size,
                              text_format=task.reward_text if task is not None else None)
+
+
+def split_reward_spec(spec: str) -> list[str]:
+    """``"a.py:f,rm_folder"`` -> ["a.py:f", "rm_folder"]: several reward sources, comma-separated."""
+    return [part.strip() for part in spec.split(",") if part.strip()]
 
 
 def checked_reward(fn: RewardFn, name: str = "reward") -> Callable[..., torch.Tensor]:
@@ -165,7 +240,7 @@ def checked_reward(fn: RewardFn, name: str = "reward") -> Callable[..., torch.Te
     """
     def call(prompts: list[str], responses: list[str], batch_index: int = 0) -> torch.Tensor:
         try:
-            raw = fn(prompts, responses)
+            raw = fn(prompts, responses, batch_index) if isinstance(fn, RewardSet) else fn(prompts, responses)
         except RewardError:
             raise
         except Exception as e:
@@ -184,4 +259,5 @@ def checked_reward(fn: RewardFn, name: str = "reward") -> Callable[..., torch.Te
                               f"{bad[0]} ({len(bad)} of {len(values)} non-finite)")
         return torch.tensor(values, dtype=torch.float32)  # (B,)
 
+    call.source = fn  # type: ignore[attr-defined] (a RewardSet's per-source means: the trainer logs them)
     return call

@@ -456,6 +456,8 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     }
     if cfg.overlong_buffer:
         metrics["response/overlong_penalty"] = float(shaping.mean())
+    for name, mean in getattr(getattr(reward, "source", None), "last", {}).items():  # several reward sources
+        metrics[f"objective/reward/{name}"] = mean  # of the last round drawn
     if cfg.dynamic_sampling:
         metrics.update({"dynamic/dropped_groups": D.global_count(dropped), "dynamic/rounds": float(len(rounds)),
                         "dynamic/refilled_with_flat": D.global_count(sum(int(rd["flat"][sel // k].sum())

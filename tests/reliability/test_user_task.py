@@ -131,3 +131,69 @@ def test_evaluation_hygiene_rules_of_the_help(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {long}:1: field 'prompt': prompt has ") and "ppo.max_prompt_length=32" in err, err
     assert not out.exists()  # caught before anything was written
+
+
+TRL_REWARDS = '''
+CALLS = []
+
+def exact(prompts, completions, answer, **kwargs):
+    """TRL's contract: the dataset's `answer` column arrives as a keyword, one value per completion."""
+    CALLS.append({"prompts": prompts, "completions": completions, "answer": answer, **kwargs})
+    return [1.0 if a is not None and a in c else 0.0 for c, a in zip(completions, answer)]
+
+def chat(prompts, completions, **kwargs):
+    CALLS.append({"prompts": prompts, "completions": completions, **kwargs})
+    return [float(len(c[0]["content"])) / 10 for c in completions]
+
+def old_style(prompts, responses):
+    return [len(r) / 10 for r in responses]
+'''
+
+
+def test_trl_reward_contract_columns_several_functions_and_weights(tiny_model_dir, tmp_path, capsys):
+    """A reward written for TRL, fn(prompts, completions, **kwargs), gets the prompt records' other columns;
+    several reward sources are summed with --ppo.reward_weights and each is logged; a two-argument function
+    still works beside it."""
+    code = tmp_path / "rewards.py"
+    code.write_text(TRL_REWARDS)
+    (tmp_path / "judges.py").write_text(JUDGES)
+    prompts = tmp_path / "qa.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Q{i}: say {i}.", "answer": str(i), "level": i % 3}) + "\n"
+                               for i in range(40)))
+    out = tmp_path / "run"
+    argv = ppo_argv(tiny_model_dir, out, "--prompts", str(prompts), "--ppo.reward",
+                    f"{code}:exact,{code}:old_style", "--ppo.reward_weights", "2,0.5")
+    assert main(argv) == 0, capsys.readouterr().err
+    from rlhf_core.user_code import load_user_function
+    calls = load_user_function(f"{code}:exact").__globals__["CALLS"]
+    first = calls[0]
+    assert set(first) == {"prompts", "completions", "answer", "level"}
+    by_prompt = {p: (a, lv) for p, a, lv in zip(first["prompts"], first["answer"], first["level"])}
+    for p, (a, lv) in by_prompt.items():
+        i = int(p[1:p.index(":")])
+        assert (a, lv) == (str(i), i % 3)  # each completion gets its own record's columns
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["phase"] == "ppo" and "loss/policy" in r]
+    parts = trained[-1]
+    assert {"objective/reward/exact", "objective/reward/old_style"} <= set(parts)
+    want = 2 * parts["objective/reward/exact"] + 0.5 * parts["objective/reward/old_style"]
+    assert abs(parts["objective/scores"] - want) < 1e-5
+    bad = ppo_argv(tiny_model_dir, tmp_path / "bad", "--prompts", str(prompts), "--ppo.reward",
+                   f"{code}:exact,{code}:old_style", "--ppo.reward_weights", "1")
+    assert main(bad) == 2
+    assert "ppo.reward_weights: 1 weights for 2 reward sources" in capsys.readouterr().err
+
+
+def test_a_trl_reward_gets_conversations_as_message_lists(tiny_parts):
+    from rlhf_core.ppo.reward_sources import with_dataset_columns
+    seen = {}
+
+    def reward(prompts, completions, **kwargs):
+        seen.update(prompts=prompts, completions=completions, **kwargs)
+        return [0.0] * len(prompts)
+    turns = [{"role": "user", "content": "hi"}]
+    fn = with_dataset_columns(reward, {"<rendered>": {"answer": "x"}}, {"<rendered>": turns})
+    fn(["<rendered>", "plain"], ["hello", "there"])
+    assert seen["prompts"] == [turns, "plain"]
+    assert seen["completions"] == [[{"role": "assistant", "content": "hello"}], "there"]
+    assert seen["answer"] == ["x", None]
