@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--report-to", default=argparse.SUPPRESS, metavar="TRACKERS",
                        help="also log to none, tensorboard, wandb, trackio (comma-separated; offline, in the run "
                             "folder; the .[track] extra)")
+        p.add_argument("--project", default=argparse.SUPPRESS, help="the trackers' project (W&B, trackio; "
+                                                                     "default rlhf-core)")
+        p.add_argument("--run-name", default=argparse.SUPPRESS, help="the trackers' run name (default: the output "
+                                                                      "folder's name)")
+        p.add_argument("--tags", default=argparse.SUPPRESS, help="W&B tags, comma-separated")
         if command == "pipeline":
             p.add_argument("--preset", help="model/data preset (default: the config file's, else 'tiny'): " + "; ".join(
                 f"'{name}': {preset.description}" for name, preset in PRESETS.items()))
@@ -115,8 +120,9 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
     data = get_preset(str(preset)).defaults(data, pipeline=args.command == "pipeline")  # under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")
     cfg.preset = str(preset)
-    if hasattr(args, "report_to"):
-        cfg.apply_override("report_to", args.report_to)
+    for key in PipelineConfig.TRACKING:
+        if hasattr(args, key):
+            cfg.apply_override(key, getattr(args, key))
     parse_report_to(cfg.report_to)  # an unknown tracker or a missing extra: before anything is written
     if hasattr(args, "seed"):
         cfg.apply_override("seed", args.seed)

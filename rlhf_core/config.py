@@ -397,6 +397,9 @@ class PipelineConfig:
     seed: int = 0
     preset: str = "tiny"
     report_to: str = "none"  # trackers, comma-separated: none, tensorboard, wandb, trackio (trackers.py)
+    project: str = "rlhf-core"  # the trackers' project (W&B, trackio)
+    run_name: str = ""  # the trackers' run name (default: the output folder's name)
+    tags: list[str] = field(default_factory=list)  # W&B tags
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -405,10 +408,11 @@ class PipelineConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     SECTIONS = ("model", "task", "pretrain", "sft", "reward", "ppo")
+    TRACKING = ("report_to", "project", "run_name", "tags")  # may change on --resume
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PipelineConfig":
-        known = {"seed", "preset", "report_to", *cls.SECTIONS}
+        known = {"seed", "preset", *cls.TRACKING, *cls.SECTIONS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -423,17 +427,18 @@ class PipelineConfig:
             out.seed = coerce(data["seed"], int, f"{source}: seed")
         if "preset" in data:
             out.preset = coerce(data["preset"], str, f"{source}: preset")
-        if "report_to" in data:
-            out.report_to = coerce(data["report_to"], str, f"{source}: report_to")
+        for key in cls.TRACKING:
+            if key in data:
+                setattr(out, key, coerce(data[key], list[str] if key == "tags" else str, f"{source}: {key}"))
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "preset": self.preset, "report_to": self.report_to,
+        return {"seed": self.seed, "preset": self.preset, **{k: getattr(self, k) for k in self.TRACKING},
                 **{name: getattr(self, name).to_dict() for name in self.SECTIONS}}
 
     def apply_override(self, dotted: str, raw: str) -> None:
-        if dotted == "report_to":
-            self.report_to = raw
+        if dotted in self.TRACKING:
+            setattr(self, dotted, coerce(raw, list[str] if dotted == "tags" else str, f"--{dotted}"))
             return
         if dotted in ("seed", "preset"):
             setattr(self, dotted, coerce(parse_literal(raw) if dotted == "seed" else raw,

@@ -182,8 +182,8 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
 
 def _start(cfg: PipelineConfig, out: Path, resume: bool = False) -> MetricsLogger:
     if resume and (out / MARKER).exists():
-        saved = {k: v for k, v in json.loads((out / MARKER).read_text()).items() if k != "report_to"}
-        check_resume_config(saved, {k: v for k, v in cfg.to_dict().items() if k != "report_to"}, "",
+        saved = {k: v for k, v in json.loads((out / MARKER).read_text()).items() if k not in PipelineConfig.TRACKING}
+        check_resume_config(saved, {k: v for k, v in cfg.to_dict().items() if k not in PipelineConfig.TRACKING}, "",
                             PipelineConfig().to_dict())  # the trackers may change on resume
     if not D.is_main():  # torchrun: rank 0 alone writes config, metrics, summary, report
         return MetricsLogger(None, echo=False)

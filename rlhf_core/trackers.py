@@ -100,7 +100,8 @@ class WandbTracker(Tracker):
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
-        self.run = wandb.init(project="rlhf-core", dir=str(out), config=config, name=out.name)
+        self.run = wandb.init(project=config.get("project") or "rlhf-core", dir=str(out), config=config,
+                              name=config.get("run_name") or out.name, tags=config.get("tags") or None)
         self.phases: set[str] = set()
 
     def log(self, phase: str, step: int, metrics: dict[str, float]) -> None:
@@ -127,8 +128,8 @@ class TrackioTracker(Tracker):
         os.environ.setdefault("TRACKIO_DIR", str(out / "trackio"))
         import trackio
         self.trackio = trackio
-        self.run = trackio.init(project="rlhf-core", name=out.name, config=config, embed=False,
-                                auto_log_cpu=False, auto_log_gpu=False)
+        self.run = trackio.init(project=config.get("project") or "rlhf-core", name=config.get("run_name") or out.name,
+                                config=config, embed=False, auto_log_cpu=False, auto_log_gpu=False)
 
     def log(self, phase: str, step: int, metrics: dict[str, float]) -> None:
         self.trackio.log({f"{phase}/step": step, **{f"{phase}/{k}": v for k, v in metrics.items()}})

@@ -162,3 +162,45 @@ def test_tensorboard_failing_in_its_writer_thread_is_one_warning_not_a_traceback
     assert "Exception in thread" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "tracker tensorboard failed" in proc.stderr
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def wandb_run_record(run_file: Path):
+    """The `run` record (project, name, tags) of an offline .wandb file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, block, buf = run_file.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            pos += block - pos % block
+            continue
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            if rec.WhichOneof("record_type") == "run":
+                return rec.run
+    return None
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("wandb", "trackio")),
+                    reason="the .[track] extra is not installed")
+def test_project_run_name_and_tags_are_settings(tmp_path, capsys):
+    out = run_folder(tmp_path)
+    (out / "config.json").write_text(json.dumps({"seed": 7, "project": "my-project", "run_name": "exp-1",
+                                                 "tags": ["grpo", "smollm2"]}))
+    assert main(["report", str(out), "--report-to", "wandb,trackio"]) == 0
+    run = wandb_run_record(next((out / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert run.project == "my-project" and run.display_name == "exp-1" and list(run.tags) == ["grpo", "smollm2"]
+    import os  # trackio's store: TRACKIO_DIR, set by the first trackio run of this process (setdefault)
+    assert (Path(os.environ.get("TRACKIO_DIR", out / "trackio")) / "my-project.db").is_file()
+    from rlhf_core.config import PipelineConfig
+    cfg = PipelineConfig()
+    for key, raw in (("project", "p"), ("run_name", "r"), ("tags", "a,b")):
+        cfg.apply_override(key, raw)
+    assert (cfg.project, cfg.run_name, cfg.tags) == ("p", "r", ["a", "b"])
+    assert PipelineConfig.from_dict(cfg.to_dict()).tags == ["a", "b"]
