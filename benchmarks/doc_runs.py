@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tiny preset's PPO sizes (its pipeline_config): `rlhf ppo` alone has the chat-model defaults (512 / 256).
+DEMO_SIZES = ["--ppo.max_prompt_length", "32", "--ppo.response_length", "24"]
 
 
 def rlhf(*args: str) -> None:

@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import ROOT, rlhf, save_figure, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, splice_doc
 
 ESTIMATORS = {  # name -> extra `rlhf ppo` flags
     "gae": ["--ppo.value_model", "separate", "--ppo.value_init_from_reward", "true"],  # the pipeline's critic
@@ -53,7 +53,7 @@ def tiny_runs(seeds: list[int], out: Path, extra: list[str]) -> list[dict]:
         for name, flags in ESTIMATORS.items():
             run_dir = base / f"ppo_{name}"
             t0 = time.time()
-            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed),
+            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed), *DEMO_SIZES,
                  "--ppo.advantage_estimator", name, *flags, "--output-dir", str(run_dir), "--overwrite", *extra)
             ppo = json.loads((run_dir / "summary.json").read_text())["ppo"]
             rows.append({"task": "tiny", "seed": seed, "estimator": name, "gold_before": ppo["gold_reward_before"],

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import ROOT, rlhf, save_figure, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, splice_doc
 
 CONFIGS = {  # label -> (kl_estimator, kl_penalty)
     "k1 in the reward (default)": ("k1", "reward"),
@@ -34,7 +34,7 @@ def run(seeds: list[int], out: Path, extra: list[str]) -> list[dict]:
         for label, (estimator, penalty) in CONFIGS.items():
             run_dir = base / f"ppo_{estimator}_{penalty}"
             t0 = time.time()
-            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed),
+            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed), *DEMO_SIZES,
                  "--ppo.kl_estimator", estimator, "--ppo.kl_penalty", penalty, "--output-dir", str(run_dir),
                  "--overwrite", *extra)
             ppo = json.loads((run_dir / "summary.json").read_text())["ppo"]

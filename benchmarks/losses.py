@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import ROOT, rlhf, save_figure, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, splice_doc
 from estimators import curve
 
 GRPO = ["--ppo.advantage_estimator", "grpo", "--ppo.group_size", "4"]
@@ -79,7 +79,7 @@ def tiny_runs(seeds: list[int], out: Path, iterations: int, rows: list[dict]) ->
         for name, dynamic in plan:
             run_dir = base / f"ppo_{name}{'_ds' if dynamic else ''}"
             t0 = time.time()
-            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed),
+            rlhf("ppo", "--policy", str(base / "sft"), "--reward", str(base / "reward"), "--seed", str(seed), *DEMO_SIZES,
                  "--ppo.num_iterations", str(iterations), *GRPO, *LOSSES[name], *(DYNAMIC if dynamic else []),
                  "--output-dir", str(run_dir), "--overwrite")
             summary = json.loads((run_dir / "summary.json").read_text())["ppo"]

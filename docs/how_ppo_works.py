@@ -49,7 +49,8 @@ DATA = REPO / DATA_REL
 IMG_NAME = "img/demo_ppo_curves.png"  # relative to docs/
 
 DEMO_ARGS = ["pipeline", "--preset", "tiny", "--output-dir", "{run}", "--overwrite"]
-TRACE_ARGS = ["ppo", "--ppo.policy", "{data}/sft", "--ppo.reward", "{data}/reward", "--ppo.batch_size", "2",
+TRACE_ARGS = ["ppo", "--ppo.policy", "{data}/sft", "--ppo.reward", "{data}/reward", "--ppo.max_prompt_length", "32",
+              "--ppo.batch_size", "2",
               "--ppo.num_mini_batches", "1", "--ppo.ppo_epochs", "2", "--ppo.response_length", "8",
               "--ppo.num_iterations", "1", "--ppo.trace", "true", "--ppo.seed", "1", "--output-dir", "{out}"]
 # What docs/data/demo keeps of a demo run: what from_pretrained and the tokenizer read of each model

@@ -238,6 +238,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 # (``parallel``: DDP and FSDP2 compute the same steps and write the same full-tensor checkpoints.)
 RESUME_FREE = {"save_every", "keep_checkpoints", "log_every", "eval_every", "num_threads", "trace", "parallel",
                "device"}
+# Settings a resume may raise (never lower): a finished PPO run extended with --resume and a larger
+# ppo.num_iterations goes on from its last checkpoint, its LR schedule re-planned over the new length.
+RESUME_GROWABLE = {"num_iterations"}
 
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str,
@@ -256,7 +259,10 @@ def check_resume_config(saved: dict[str, Any], now: dict[str, Any], where: str,
             check_resume_config(a, b, f"{where}{key}.", sub if isinstance(sub, dict) else None)
         elif key not in saved and key in defaults and b == defaults[key]:
             continue
-        elif key not in RESUME_FREE and a != b:
+        elif key in RESUME_GROWABLE and isinstance(a, int) and isinstance(b, int) and b < a:
+            raise ConfigError(f"--resume: {where}{key}={b!r} is less than the interrupted run's {a!r} (a run can be "
+                              "extended, not shortened)")
+        elif key not in RESUME_FREE | RESUME_GROWABLE and a != b:
             raise ConfigError(f"--resume: {where}{key}={b!r} differs from the interrupted run's {a!r} "
                               "(resume with the same configuration)")
 

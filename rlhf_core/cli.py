@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import time
@@ -114,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:
-    """File (if any) → overrides from flags → validate."""
+    """File (if any) → overrides from flags → validate. With --resume the run's saved configuration
+    (OUTPUT/config.json) is the base: a resumed run keeps every setting it was started with (a default that
+    changed since included), and what the file or the flags set must agree with it (checked later)."""
     data = load_config_file(args.config) if args.config else {}
+    saved = Path(args.output_dir) / "config.json"
+    if getattr(args, "resume", False) and saved.is_file():
+        base = json.loads(saved.read_text(encoding="utf-8"))
+        data = {**base, **{k: ({**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v)
+                           for k, v in data.items()}}
     preset = getattr(args, "preset", None) or data.get("preset") or "tiny"
     data = get_preset(str(preset)).defaults(data, pipeline=args.command == "pipeline")  # under the file's values
     cfg = PipelineConfig.from_dict(data, source=args.config or "config")

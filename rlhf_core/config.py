@@ -217,8 +217,10 @@ class PPOConfig(LoraFields, PhaseCommon):
     num_mini_batches: int = opt(2, "minibatches per PPO epoch (batch_size must divide evenly)")
     micro_batch_size: int = opt(0, "gradient-accumulation micro-batch (0: the whole minibatch)")
     ppo_epochs: int = opt(4, "passes over each rollout batch")
-    response_length: int = opt(24, "max new tokens per response")
-    max_prompt_length: int = opt(32, "prompts longer than this (tokens) are truncated from the left")
+    response_length: int = opt(256, "max new tokens per response (TRL's GRPO default; the tiny preset's pipeline "
+                                    "uses 24)")
+    max_prompt_length: int = opt(512, "prompts longer than this (tokens) are truncated from the left, with a warning "
+                                      "or an error (on_long_prompt); TRL's default; the tiny preset's pipeline uses 32")
     on_long_prompt: str = opt("truncate", "a prompt longer than max_prompt_length: 'truncate' "
                                           "(with a warning) or 'error'")
     temperature: float = opt(1.0, "sampling temperature (logprobs are computed at the same temperature)")
@@ -357,8 +359,8 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(self.overlong_penalty >= 0, "overlong_penalty", "a number >= 0")
         sources = [part for part in self.reward.split(",") if part.strip()]
         if self.reward_weights and sources and len(self.reward_weights) != len(sources):
-            raise ConfigError(f"ppo.reward_weights: {len(self.reward_weights)} weights for {len(sources)} reward sources "
-                              f"in ppo.reward")
+            raise ConfigError(f"ppo.reward_weights: {len(self.reward_weights)} weights for {len(sources)} reward "
+                              "sources in ppo.reward")
         self.check(self.clip_range_value > 0, "clip_range_value", "a positive number")
         self.check(self.vf_coef >= 0, "vf_coef", "a number >= 0")
         self.check(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")

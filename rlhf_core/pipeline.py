@@ -102,7 +102,8 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     (or, with ``ppo.on_long_prompt=error``, an over-long prompt) fails with nothing written; the
     same for a ``device='cuda'`` that this machine cannot give, for PPO's estimator, losses and gold judge
     (``ppo.advantage_estimator`` / ``ppo.policy_loss`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or
-    ``file.py:function`` that must load, declared), its evaluation prompts and the held-out split of the user's prompts."""
+    ``file.py:function`` that must load, declared), its reward folder, its evaluation prompts and the held-out
+    split of the user's prompts."""
     if "ppo" in phases:
         preflight_ppo(cfg.ppo)
     for phase in phases:
@@ -165,8 +166,10 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
                task: Task | None = None) -> dict[str, Any]:
     """One phase into ``out/name``; with ``resume`` a phase that already finished (its folder and its
     summary entry both exist) is kept, not rerun."""
-    if resume and (out / name).is_dir() and name in _load_summary(out):
-        return _load_summary(out)[name]
+    done = _load_summary(out).get(name) if resume and (out / name).is_dir() else None
+    extended = name == "ppo" and done is not None and done.get("iterations", 0) < cfg.ppo.num_iterations
+    if done is not None and not extended:  # finished; a PPO run given more iterations goes on
+        return done
     section = getattr(cfg, name)
     extra: dict[str, Any] = {"model_cfg": cfg.model} if name == "pretrain" else {}
     t0 = time.time()

@@ -221,7 +221,8 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
                                      "perf/tokens_per_s": window_tokens / max(now - last_log, 1e-9)})
             loop["tail"], loop["window"], window_tokens, last_log = loop["window"], [], 0, now
         stop = signals.stop_requested()  # SIGTERM: checkpoint this step, then stop (every rank alike)
-        if checkpoint_dir is not None and (stop or step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)):
+        due = stop or step == total or (cfg.save_every > 0 and step % cfg.save_every == 0)
+        if checkpoint_dir is not None and due:
             tensors, meta = capture_state(named, opt, sched, {})  # every rank: gathers per-rank RNG states
             if D.is_main():
                 save_checkpoint(checkpoint_dir, step, tensors, {**meta, "config": cfg.to_dict(), "loop": loop},

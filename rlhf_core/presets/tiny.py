@@ -18,5 +18,8 @@ TINY = Preset(
     # encode the score (a ridge or MLP head fitted on them explains <= 0.08 of the returns), so a head on the
     # shared trunk learned only their mean (val/explained_variance -0.13 to 0); from the reward model's trunk
     # it ends at 0.4-0.67 (3 seeds) at an equal gold reward, for ~20 s more PPO (46 -> 66 s).
-    pipeline_config={"ppo": {"value_model": "separate", "value_init_from_reward": True}},
+    # The demo's sizes: its prompts are ~10 tokens and its answers a sentence (the PPO defaults, 512 / 256, fit a
+    # real chat model).
+    pipeline_config={"ppo": {"value_model": "separate", "value_init_from_reward": True, "max_prompt_length": 32,
+                             "response_length": 24}},
 )

@@ -80,21 +80,34 @@ def reward_dirs(tiny_model_dir, tmp_path_factory):
     model.save_pretrained(big)
     tok.add_tokens([f"<extra_{i}>" for i in range(model.config.vocab_size - len(tok) + 5)])
     tok.save_pretrained(big)
-    return {"big_tokenizer": big}
+    other = root / "other_vocab"  # a classifier whose vocabulary is not the policy's (read from config.json)
+    model.save_pretrained(other)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    convo = root / "convo_eval.jsonl"
+    convo.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    return {"big_tokenizer": big, "other_vocab": other, "convo_eval": convo}
 
 
-@pytest.mark.parametrize("reward, needle", [
-    ("missing_folder", "reward model folder not found"),
-    ("{policy}", "a LlamaForCausalLM, not a sequence classifier: as a reward its score head would be freshly "
-                 "initialised"),
-    ("{big_tokenizer}", "its tokenizer has"),
+@pytest.mark.parametrize("reward, extra, needle", [
+    ("missing_folder", [], "reward model folder not found"),
+    ("{policy}", [], "a LlamaForCausalLM, not a sequence classifier: as a reward its score head would be freshly "
+                     "initialised"),
+    ("{big_tokenizer}", [], "its tokenizer has"),
+    ("{other_vocab}", ["--ppo.value_model", "separate", "--ppo.value_init_from_reward", "true"],
+     "ppo.value_init_from_reward=true: the reward model's vocabulary"),
+    ("gold", ["--ppo.eval_prompts", "{convo_eval}", "--ppo.chat_template", "never"],
+     "convo_eval.jsonl:1: field 'prompt': a conversational prompt needs a chat template"),
 ])
 def test_a_bad_reward_folder_fails_before_the_previous_run_is_touched(finished_run, tiny_model_dir, reward_dirs,
-                                                                      capsys, reward, needle):
+                                                                      capsys, reward, extra, needle):
+    """Every check that can fail before anything is written runs before --overwrite touches the old run."""
     before = snapshot(finished_run)
     reward = reward.format(policy=tiny_model_dir, **reward_dirs)
+    extra = [x.format(**reward_dirs) for x in extra]
     argv = ["ppo", "--policy", str(tiny_model_dir), "--output-dir", str(finished_run), *PPO, "--reward", reward,
-            "--overwrite"]
+            *extra, "--overwrite"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err

@@ -173,3 +173,25 @@ def test_sigterm_checkpoints_the_step_exits_143_and_resume_is_bitwise_identical(
     assert final.returncode == 0, final.stderr[-2000:]
     assert reference.wait(timeout=120) == 0, reference.stderr.read().decode()[-2000:]
     assert_same_files(ref_out / phase, out / phase, ["model.safetensors"])
+
+
+def test_a_finished_ppo_run_is_extended_by_resume_with_more_iterations(cli, tiny_model_dir, tmp_path):
+    """--resume with a larger ppo.num_iterations goes on from the finished run's last checkpoint; the LR
+    schedule is re-planned over the new length (linear: the LR after optimizer step s of S is lr·(1 − s/S));
+    a smaller num_iterations is refused."""
+    out = tmp_path / "run"
+    common = ["ppo", "--policy", str(tiny_model_dir), "--output-dir", str(out), *PPO_ARGS, "--ppo.save_every", "0"]
+    assert cli.run(*common, "--ppo.num_iterations", "2").returncode == 0
+    res = cli.run(*common, "--ppo.num_iterations", "4", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())["ppo"]
+    assert summary["iterations"] == 4
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in lines if r["phase"] == "ppo" and "loss/policy" in r}
+    assert sorted(logged) == [1, 2, 3, 4]
+    per_iteration = 2 * 2  # ppo_epochs x num_mini_batches optimizer steps
+    lr = 1e-4  # the PPOConfig default
+    assert logged[3]["lr"] == pytest.approx(lr * (1 - 3 * per_iteration / (4 * per_iteration)))
+    assert sorted(p.name for p in (out / "checkpoints" / "ppo").iterdir())[-1] == "step-000004"
+    res = cli.run(*common, "--ppo.num_iterations", "3", "--resume")
+    assert res.returncode == 2 and "ppo.num_iterations=3 is less than the interrupted run's 4" in res.stderr

@@ -129,7 +129,7 @@ def test_evaluation_hygiene_rules_of_the_help(tiny_model_dir, tmp_path, capsys):
     assert main(ppo_argv(tiny_model_dir, out, "--prompts", str(train), "--eval-prompts", str(long),
                          "--ppo.on_long_prompt", "error")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {long}:1: field 'prompt': prompt has ") and "ppo.max_prompt_length=32" in err, err
+    assert err.startswith(f"error: {long}:1: field 'prompt': prompt has ") and "ppo.max_prompt_length=" in err, err
     assert not out.exists()  # caught before anything was written
 
 
