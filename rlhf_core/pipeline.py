@@ -104,8 +104,8 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     (``ppo.advantage_estimator`` / ``ppo.policy_loss`` / ``ppo.loss_fn`` / ``ppo.gold``: a name or
     ``file.py:function`` that must load, declared), its reward folder, its evaluation prompts and the held-out
     split of the user's prompts."""
-    if "ppo" in phases:
-        preflight_ppo(cfg.ppo)
+    if "ppo" in phases:  # a policy or reward model that an earlier phase of this run makes is not there yet
+        preflight_ppo(cfg.ppo, made_here={"sft", "reward"} & set(phases[:-1]))
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]
@@ -121,7 +121,7 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
                 errors.append(e)
         else:
             raise errors[0]
-        if phase == "ppo" and cfg.ppo.policy:  # rendered as the policy reads them (chat template)
+        if phase == "ppo" and cfg.ppo.policy and "sft" not in phases:  # rendered as the policy reads them
             tokenizer = load_tokenizer(cfg.ppo.policy)
             prompts = ppo.render_prompts([r["prompt"] for r in records], tokenizer, cfg.ppo.chat_template, path)
             if cfg.ppo.on_long_prompt == "error":
@@ -130,18 +130,20 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
             ppo.held_out_records(len(records), cfg.ppo)  # enough prompts to hold some out
 
 
-def preflight_ppo(cfg: PPOConfig) -> None:
+def preflight_ppo(cfg: PPOConfig, made_here: set[str] | frozenset[str] = frozenset()) -> None:
     """PPO's own checks before anything is written: the estimator and losses (declared, loadable), the
     gold judge, a reward folder that is a real sequence classifier (``models.check_reward_dir``), a
     value model initialised from it with the policy's vocabulary, and an eval file rendered as the
-    policy reads it (a conversational file needs the policy's chat template)."""
+    policy reads it (a conversational file needs the policy's chat template). ``made_here``: the phases of
+    this run ("sft", "reward") that will make the policy or the reward model, which are not checked."""
     resolve_policy_loss(cfg, has_critic=resolve_estimator(cfg).critic), resolve_loss_fn(cfg)
     if cfg.gold:
         load_user_function(cfg.gold, "ppo.gold")
-    reward_dir = cfg.reward and cfg.reward != "gold" and not is_user_spec(cfg.reward)
+    reward_dir = ("reward" not in made_here and cfg.reward and cfg.reward != "gold"
+                  and all(not is_user_spec(s) for s in cfg.reward.split(",")) and "," not in cfg.reward)
     if reward_dir:
         check_reward_dir(cfg.reward)
-    tokenizer = load_tokenizer(cfg.policy) if cfg.policy else None
+    tokenizer = load_tokenizer(cfg.policy) if cfg.policy and "sft" not in made_here else None
     if reward_dir and cfg.policy and cfg.value_model == "separate" and cfg.value_init_from_reward:
         vocab = {name: json.loads((Path(folder) / "config.json").read_text()).get("vocab_size")
                  for name, folder in (("reward", cfg.reward), ("policy", cfg.policy))

@@ -236,7 +236,7 @@ def test_overlong_shaping_reaches_the_scores():
     ({"dual_clip_c": 1.0}, "ppo.dual_clip_c=1.0: expected a number > 1"),
     ({"sapo_tau_neg": 0.0}, "ppo.sapo_tau_neg"),
     ({"dynamic_sampling": True}, "ppo.dynamic_sampling=True: expected false unless group_size >= 2"),
-    ({"overlong_buffer": 24}, "ppo.overlong_buffer=24"),
+    ({"overlong_buffer": 300}, "ppo.overlong_buffer=300: expected an integer in [0, response_length=256)"),
     ({"kl_estimator": "k1", "kl_penalty": "loss"}, "expected KL gradient is exactly 0"),
 ])
 def test_bad_loss_settings_are_one_line(fields, needle):
