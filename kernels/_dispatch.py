@@ -18,6 +18,20 @@ BACKENDS = ("auto", "triton", "torch")
 _TRITON_MODULES = ("kernels.triton_logprob", "kernels.triton_kl")
 
 
+def fp32_math(fn):
+    """Run a kernel's ``forward`` / ``backward`` with autocast off, on every device: the kernels choose
+    their own dtypes (the lm-head product and everything after it accumulate in fp32). Under bf16 autocast
+    the logits would otherwise be rounded to bf16 (0.04 at a logit of 10: a ratio error PPO's clip sees),
+    and a backward called inside the autocast block would mix dtypes."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 class KernelBackendError(RuntimeError):
     """The requested backend cannot run on these tensors (bad name, or wrong Triton mode)."""
 

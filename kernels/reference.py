@@ -66,6 +66,7 @@ class _ChunkedLogprob(torch.autograd.Function):
     """
 
     @staticmethod
+    @_dispatch.fp32_math
     def forward(ctx, hidden, weight, targets, temperature, return_entropy, ignore_index, chunk_size):
         n, v = hidden.shape[0], weight.shape[0]
         inv_t = 1.0 / temperature
@@ -95,6 +96,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @_dispatch.fp32_math
     def backward(ctx, g_lp, g_ent):
         hidden, weight, safe_t, valid, lse, spz = ctx.saved_tensors
         inv_t, c = ctx.inv_t, ctx.chunk
@@ -171,6 +173,7 @@ class _ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
+    @_dispatch.fp32_math
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, chunk_size):
         inv_t = 1.0 / temperature
         c = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_size)
@@ -180,6 +183,7 @@ class _ChunkedKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @_dispatch.fp32_math
     def backward(ctx, g_kl):
         hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl = ctx.saved_tensors
         inv_t, c = ctx.inv_t, ctx.chunk

@@ -190,6 +190,7 @@ class TritonKL(torch.autograd.Function):
     """
 
     @staticmethod
+    @_dispatch.fp32_math
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature):
         kl, lse_p, lse_q = (_dispatch.empty(hidden.shape[0], device=hidden.device) for _ in range(3))  # (N,) each
         _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, kl, lse_p, lse_q)
@@ -198,6 +199,7 @@ class TritonKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @_dispatch.fp32_math
     def backward(ctx, g_kl):
         hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q = ctx.saved_tensors
         n, hdim = hidden.shape

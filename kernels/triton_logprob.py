@@ -284,6 +284,7 @@ class TritonLogprob(torch.autograd.Function):
     """
 
     @staticmethod
+    @_dispatch.fp32_math
     def forward(ctx, hidden, weight, targets, temperature, return_entropy, ignore_index):
         n, hdim = hidden.shape
         v = weight.shape[0]
@@ -304,6 +305,7 @@ class TritonLogprob(torch.autograd.Function):
         return lp, ent
 
     @staticmethod
+    @_dispatch.fp32_math
     def backward(ctx, g_lp, g_ent):
         hidden, weight, targets, lse, spz = ctx.saved_tensors
         n, hdim = hidden.shape

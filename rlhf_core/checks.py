@@ -10,6 +10,9 @@ Invariants of the PPO core:
 - ``check/first_ratio_dev``: max |ρ − 1| on the first minibatch of the first epoch. No weight has
   changed yet, so ρ must be 1: anything else means the training forward is not the policy that
   sampled (dropout on, a stale or differently-loaded policy, precision).
+  Under bf16 autocast (``check/bf16`` = 1) both invariants are judged at looser thresholds (0.1, 0.05):
+  bf16 rounds differently for every batch shape, so two forwards of the same tokens differ (measured on
+  the tiny model: max |ρ − 1| 0.026, mean |Δ log π| 0.007; the "BF16 mismatch", arXiv 2510.26788).
 - ``check/logprob_gap``: mean |log π_rollout − log π_train| over the same tokens: the
   rollout/trainer mismatch (sampling-loop states vs the training forward; in other engines a
   separate inference engine) that biases the ratio.
@@ -47,6 +50,11 @@ class Check:
     mode: str
     source: str  # the function that computes the metric
     meaning: str
+    bf16_threshold: float | None = None  # under bf16 autocast (its own rounding moves the invariants)
+
+    def limit(self, bf16: bool = False) -> float:
+        """The threshold in force: ``bf16_threshold`` for an iteration trained under bf16 (``check/bf16``)."""
+        return self.bf16_threshold if bf16 and self.bf16_threshold is not None else self.threshold
 
     @property
     def per_iteration(self) -> bool:
@@ -62,15 +70,16 @@ class Check:
                 "hacking": f"did not fall by more than {t} from its best while the reward source's score rose",
                 }[self.mode]
 
-    def breached(self, value: float) -> bool:
-        return value > self.threshold if self.mode == "above" else value < self.threshold
+    def breached(self, value: float, bf16: bool = False) -> bool:
+        t = self.limit(bf16)
+        return value > t if self.mode == "above" else value < t
 
 
 CHECKS = (
     Check("check/first_ratio_dev", 1e-2, "above", "ppo.trainer.PPOTrainer.minibatch_step",
-          "the first update's ratio is not 1: the training forward is not the sampling policy"),
+          "the first update's ratio is not 1: the training forward is not the sampling policy", 0.1),
     Check("check/logprob_gap", 1e-3, "above", "ppo.trainer.PPOTrainer.minibatch_step",
-          "rollout and training logprobs of the same tokens differ"),
+          "rollout and training logprobs of the same tokens differ", 0.05),
     Check("check/truncated_fraction", 0.5, "above", "ppo.trainer.PPOTrainer.step",
           "most responses hit response_length without an EOS"),
     Check("perf/skipped_steps", 0.0, "above", "optim.finish_step",
@@ -93,11 +102,13 @@ class Breach:
     check: Check
     iteration: int  # the first breaching iteration, or the last one the verdict covers
     value: float
+    bf16: bool = False  # judged against the bf16 threshold
 
     def line(self) -> str:
         c = self.check
-        how = {"above": f"> {c.threshold:g} (first at iteration {self.iteration}",
-               "below": f"< {c.threshold:g} (first at iteration {self.iteration}",
+        t = f"{c.limit(self.bf16):g}" + (" under bf16" if self.bf16 and c.bf16_threshold is not None else "")
+        how = {"above": f"> {t} (first at iteration {self.iteration}",
+               "below": f"< {t} (first at iteration {self.iteration}",
                "second_half_mean_below": f"< {c.threshold:g} (mean over the second half, to iteration {self.iteration}",
                "below_fraction_of_first": f"< {c.threshold:g} x its first value (first at iteration {self.iteration}",
                "growth": f">= {c.threshold:g} x the second quarter's mean (last quarter, to iteration {self.iteration}",
@@ -107,10 +118,11 @@ class Breach:
 
 
 def step_breaches(metrics: dict[str, Any], iteration: int) -> list[Breach]:
-    """The per-iteration checks this iteration's metrics break."""
-    return [Breach(c, iteration, float(metrics[c.metric])) for c in CHECKS
+    """The per-iteration checks this iteration's metrics break (``check/bf16``: judged at bf16's thresholds)."""
+    bf16 = bool(metrics.get("check/bf16"))
+    return [Breach(c, iteration, float(metrics[c.metric]), bf16) for c in CHECKS
             if c.per_iteration and isinstance(metrics.get(c.metric), (int, float))
-            and c.breached(float(metrics[c.metric]))]
+            and c.breached(float(metrics[c.metric]), bf16)]
 
 
 def warn_breaches(metrics: dict[str, Any], iteration: int, warned: set[str]) -> None:
@@ -128,8 +140,9 @@ def _mean(xs: list[float]) -> float:
 def _judge(c: Check, pts: list[tuple[int, float]], records: list[dict[str, Any]], n: int) -> Breach | None:
     """The verdict of one check on its (iteration, value) points; None when it holds."""
     if c.per_iteration:
-        first = next(((s, v) for s, v in pts if c.breached(v)), None)
-        return Breach(c, *first) if first else None
+        bf16 = {r["step"] for r in records if r.get("check/bf16")}
+        first = next(((s, v) for s, v in pts if c.breached(v, s in bf16)), None)
+        return Breach(c, *first, first[0] in bf16) if first else None
     if c.mode == "second_half_mean_below":
         late = [v for s, v in pts if s > n / 2]
         return Breach(c, pts[-1][0], _mean(late)) if late and _mean(late) < c.threshold else None

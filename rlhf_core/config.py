@@ -79,8 +79,9 @@ class PhaseCommon(ConfigBase):
     parallel: str = opt("ddp", "under torchrun: 'ddp' (a full replica per rank) or 'fsdp2' (fully_shard per "
                                "transformer block: weights, gradients and optimizer state sharded over ranks; "
                                "full models only; PPO shards the policy's trunk, the value head stays replicated)")
-    mixed_precision: str = opt("no", "'no' or 'bf16' (needs parallel='fsdp2': bf16 compute, fp32 weights and "
-                                     "gradient reduction)")
+    mixed_precision: str = opt("no", "'no' or 'bf16': bf16 compute (autocast on one device; FSDP2's MixedPrecisionPolicy "
+                                     "with parallel='fsdp2'), fp32 weights, optimizer state, logprobs, KL and losses; "
+                                     "refused on a device without native bf16 (rlhf_core/precision.py)")
 
     def validate(self) -> None:
         self.check(self.learning_rate > 0, "learning_rate", "a positive number")
@@ -94,8 +95,6 @@ class PhaseCommon(ConfigBase):
         self.check(self.device in ("auto", "cuda", "cpu"), "device", "'auto', 'cuda' or 'cpu'")
         self.check(self.parallel in ("ddp", "fsdp2"), "parallel", "'ddp' or 'fsdp2'")
         self.check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "'no' or 'bf16'")
-        self.check(self.mixed_precision == "no" or self.parallel == "fsdp2", "mixed_precision",
-                   "'no' unless parallel='fsdp2' (bf16 is FSDP2's MixedPrecisionPolicy)")
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
 from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss
 from .user_code import is_user_spec, load_user_function
+from .precision import precision
 from .presets import get_preset
 from .report import write_report
 from .trackers import Trackers, parse_report_to
@@ -180,6 +181,7 @@ def _run_phase(name: str, cfg: PipelineConfig, out: Path, logger: MetricsLogger,
     result.setdefault("wall_seconds", round(time.time() - t0, 2))
     result.setdefault("device", str(D.device(section.device)))  # where the phase ran (rank 0's)
     result.setdefault("world_size", D.world_size())  # processes (torchrun ranks) that trained it
+    result.setdefault("precision", precision(section))  # fp32, or bf16 autocast / FSDP2's
     if D.is_main():
         update_summary(out / "summary.json", name, result)
     return result

@@ -18,7 +18,7 @@ LAYERS = [
     ("rlhf_core.errors", "rlhf_core.config_base", "rlhf_core.config"),
     ("rlhf_core.distributed", "rlhf_core.fsdp", "rlhf_core.checkpoint", "rlhf_core.tracking", "rlhf_core.report",
      "rlhf_core.optim", "rlhf_core.models", "rlhf_core.weights", "rlhf_core.data", "rlhf_core.user_code",
-     "rlhf_core.checks", "rlhf_core.trackers", "rlhf_core.signals"),
+     "rlhf_core.checks", "rlhf_core.trackers", "rlhf_core.signals", "rlhf_core.precision"),
     ("rlhf_core.ppo", "rlhf_core"),  # the package itself re-exports the functional core
     ("rlhf_core.phases", "rlhf_core.testing"),
     ("rlhf_core.presets",),

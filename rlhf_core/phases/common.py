@@ -29,7 +29,8 @@ from ..errors import ConfigError
 from ..models import module_device, save_model
 from ..optim import count_skip, finish_step, make_optimizer
 from ..tracking import MetricsLogger, progress
-from .. import signals
+from .. import precision, signals
+from ..precision import check_bf16
 
 
 def num_threads() -> int:
@@ -55,11 +56,14 @@ def setup_torch(seed: int) -> torch.Generator:
 
 def resolve_device(cfg: Any, phase: str) -> torch.device:
     """``cfg.device`` ('auto' | 'cuda' | 'cpu') as this rank's torch device; one-line ConfigError
-    when a GPU is asked for and torch sees none."""
+    when a GPU is asked for and torch sees none, or bf16 on a device without it (``precision.check_bf16``)."""
     try:
-        return D.device(cfg.device)
+        device = D.device(cfg.device)
     except D.DistributedError as e:
         raise ConfigError(f"{phase}.device: {e}") from None
+    if getattr(cfg, "mixed_precision", "no") == "bf16":
+        check_bf16(device, f"{phase}.mixed_precision")
+    return device
 
 
 def split_eval(items: Sequence[Any], eval_fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
@@ -202,7 +206,8 @@ def train_loop(model: nn.Module, loss_fn: Callable[[list[int]], tuple[torch.Tens
     batches = itertools.islice(batch_indices(n_train, cfg.batch_size, total, generator), loop["step"], None)
     for step, idx in enumerate(progress(batches, total=total - loop["step"], desc=phase), start=loop["step"] + 1):
         # torchrun: each rank takes its contiguous shard of the global batch (rlhf_core/distributed.py)
-        loss, n_tok = loss_fn(list(D.shard(idx)))
+        with precision.autocast(cfg, module_device(model)):  # bf16 forward on one device (mixed_precision)
+            loss, n_tok = loss_fn(list(D.shard(idx)))
         n_tok = int(D.global_count(n_tok))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -138,12 +138,12 @@ class PolicyWithValue(nn.Module, CausalLMView):
         if self.value_head is None:
             return None
         if self.value_trunk is None:
-            return self.value_head(hidden)  # (B, T)
+            return self.value_head(hidden).float()  # (B, T); fp32 also under bf16 autocast
         t = hidden.shape[1]
         full = self.value_trunk(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids_for(attention_mask)).last_hidden_state
         lq = input_ids.shape[1] - t
-        return self.value_head(full[:, lq - 1: lq - 1 + t])  # (B, T)
+        return self.value_head(full[:, lq - 1: lq - 1 + t]).float()  # (B, T)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[CausalLMView]:

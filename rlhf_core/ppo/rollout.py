@@ -245,9 +245,10 @@ def evaluate(policy: PolicyWithValue, tokenizer: Any, prompts: list[str], reward
                                          top_p, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
         texts = decode_responses(tokenizer, response_ids, mask)
         responses += texts
-        sums["eval/scores"] += float(reward_fn(batch, texts, start // batch_size).sum())
-        if gold_fn is not None:
-            sums["eval/gold_reward"] += float(gold_fn(batch, texts, start // batch_size).sum())
+        with torch.autocast(device.type, enabled=False):  # reward models score in fp32 under bf16
+            sums["eval/scores"] += float(reward_fn(batch, texts, start // batch_size).sum())
+            if gold_fn is not None:
+                sums["eval/gold_reward"] += float(gold_fn(batch, texts, start // batch_size).sum())
         exp = score(policy, query_ids, query_mask, response_ids, mask, None, temperature, backend=backend)
         sums["eval/kl_to_ref"] += float(exp.kl_exact.sum())  # type: ignore[union-attr]
         sums["eval/response_length"] += float(mask.sum())
@@ -416,7 +417,8 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
             torch.cuda.synchronize(device)
         t_generate += time.perf_counter() - t_round
         texts = decode_responses(tokenizer, response_ids, mask)
-        raw = reward(prompts, texts, iteration).float()  # (b,) the reward source's scores
+        with torch.autocast(device.type, enabled=False):  # a reward model scores in fp32 under bf16 training
+            raw = reward(prompts, texts, iteration).float()  # (b,) the reward source's scores
         flat = flat_groups(raw, k) if cfg.dynamic_sampling else torch.zeros(len(prompts) // k, dtype=torch.bool)
         rounds.append(dict(prompts=prompts, texts=texts, raw=raw, group_ids=group_ids, query_ids=query_ids,
                            query_mask=query_mask, response_ids=response_ids, mask=mask, has_eos=has_eos,

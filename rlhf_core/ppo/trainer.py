@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import checks, distributed as D, fsdp, signals
+from .. import checks, distributed as D, fsdp, precision, signals
 from ..checkpoint import save_checkpoint
 from ..config import PPOConfig
 from ..errors import DataError, NumericError, RewardError, UserCodeError
@@ -117,7 +117,7 @@ class PPOTrainer(Resumable):
 
     def step(self) -> dict[str, float]:
         """One PPO iteration, numbered like docs/how_ppo_works.md; returns its metrics."""
-        with _naming_iteration(self.iteration + 1):  # user code failing: one line naming the iteration
+        with _naming_iteration(self.iteration + 1), precision.autocast(self.cfg, self.device):  # bf16 on one device
             cfg = self.cfg
             self.iteration += 1
             t_start = self._clock()
@@ -147,6 +147,7 @@ class PPOTrainer(Resumable):
                 "perf/episodes_per_s": cfg.batch_size / elapsed,
                 "perf/tokens_per_s": D.global_count(float(exp.mask.sum())) / elapsed,
                 "perf/skipped_steps": self.skipped_steps,
+                **({"check/bf16": 1.0} if precision.precision(cfg) == "bf16 autocast" else {}),
                 "time/score": t_rollout - t_start - rollout_metrics["time/generate"],
                 "time/rollout": t_rollout - t_start,
                 "time/update": t_update - t_rollout,
@@ -222,10 +223,11 @@ class PPOTrainer(Resumable):
         """Gold reward, reward-source score and KL to the reference on the held-out prompts; the
         responses are kept in ``self.responses[when]`` ("before" training, or the "last" evaluation)."""
         c = self.cfg
-        metrics, self.responses[when] = evaluate(
-            self.policy, self.tokenizer, self.eval_prompts, self.reward, self.gold, max_new_tokens=c.response_length,
-            max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-            seed=c.seed + 7919, backend=c.kernel_backend)  # the same draws at every evaluation
+        with precision.autocast(c, self.device):
+            metrics, self.responses[when] = evaluate(
+                self.policy, self.tokenizer, self.eval_prompts, self.reward, self.gold, max_new_tokens=c.response_length,
+                max_prompt_length=c.max_prompt_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                seed=c.seed + 7919, backend=c.kernel_backend)  # the same draws at every evaluation
         return metrics
 
     def train(self, checkpoint_dir: str | Path | None = None) -> dict[str, float]:
