@@ -33,3 +33,21 @@ def splice_doc(doc: str | Path, name: str, text: str) -> None:
     old = doc.read_text(encoding="utf-8")
     start, stop = old.index(begin) + len(begin), old.index(end)
     doc.write_text(old[:start] + "\n" + text + "\n" + old[stop:], encoding="utf-8")
+
+
+def smollm2_setup(out: Path, sft: Path | None, seed: int = 0) -> tuple[Path, Any, Any]:
+    """(the smollm2 preset's SFT policy, its PipelineConfig, its task) for PPO runs in this process: the SFT
+    policy ``sft``, or OUT/smollm2/sft, trained first when missing (`rlhf pipeline --stop-after sft`)."""
+    from rlhf_core.config import PipelineConfig
+    from rlhf_core.models import load_tokenizer
+    from rlhf_core.presets import get_preset
+
+    if sft is None:
+        sft = out / "smollm2" / "sft"
+        if not sft.is_dir():
+            rlhf("pipeline", "--preset", "smollm2", "--seed", str(seed), "--stop-after", "sft",
+                 "--output-dir", str(out / "smollm2"), "--overwrite")
+    preset = get_preset("smollm2")
+    cfg = PipelineConfig.from_dict(preset.defaults({"seed": seed}))
+    models = {name: locate() for name, locate in preset.models.items()}
+    return sft, cfg, preset.make_task(cfg.task, seed, load_tokenizer(str(models[preset.task_tokenizer])))

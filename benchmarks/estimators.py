@@ -27,7 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, smollm2_setup, splice_doc
 
 ESTIMATORS = {  # name -> extra `rlhf ppo` flags
     "gae": ["--ppo.value_model", "separate", "--ppo.value_init_from_reward", "true"],  # the pipeline's critic
@@ -66,22 +66,11 @@ def tiny_runs(seeds: list[int], out: Path, extra: list[str]) -> list[dict]:
 def smollm2_runs(out: Path, sft: Path | None, iterations: int, seed: int = 0) -> list[dict]:
     """PPO from the smollm2 preset's SFT policy with the exact-answer reward, in this process (the
     `rlhf ppo` command evaluates on the embedded task; this runs the phase with the preset's task)."""
-    from rlhf_core.config import PipelineConfig
-    from rlhf_core.models import load_tokenizer
     from rlhf_core.phases import ppo as phase
-    from rlhf_core.presets import get_preset
     from rlhf_core.tracking import MetricsLogger
 
     base = out / "smollm2"
-    if sft is None:
-        sft = base / "sft"
-        if not sft.is_dir():
-            rlhf("pipeline", "--preset", "smollm2", "--seed", str(seed), "--stop-after", "sft",
-                 "--output-dir", str(base), "--overwrite")
-    preset = get_preset("smollm2")
-    cfg = PipelineConfig.from_dict(preset.defaults({"seed": seed}))
-    models = {name: locate() for name, locate in preset.models.items()}
-    task = preset.make_task(cfg.task, seed, load_tokenizer(str(models[preset.task_tokenizer])))
+    sft, cfg, task = smollm2_setup(out, sft, seed)
     rows = []
     for name, flags in ESTIMATORS.items():
         extra = dict(zip([f.removeprefix("--ppo.") for f in flags[::2]], flags[1::2])) if name != "gae" else {}

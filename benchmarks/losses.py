@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, save_figure, smollm2_setup, splice_doc
 from estimators import curve
 
 GRPO = ["--ppo.advantage_estimator", "grpo", "--ppo.group_size", "4"]
@@ -91,22 +91,11 @@ def smollm2_runs(out: Path, sft: Path | None, iterations: int, rows: list[dict],
                  seed: int = 0) -> list[dict]:
     """PPO from the smollm2 preset's SFT policy with the exact-answer reward, in this process (the preset's
     task supplies the held-out questions and the gold judge)."""
-    from rlhf_core.config import PipelineConfig
-    from rlhf_core.models import load_tokenizer
     from rlhf_core.phases import ppo as phase
-    from rlhf_core.presets import get_preset
     from rlhf_core.tracking import MetricsLogger
 
     base = out / "smollm2"
-    if sft is None:
-        sft = base / "sft"
-        if not sft.is_dir():
-            rlhf("pipeline", "--preset", "smollm2", "--seed", str(seed), "--stop-after", "sft",
-                 "--output-dir", str(base), "--overwrite")
-    preset = get_preset("smollm2")
-    cfg = PipelineConfig.from_dict(preset.defaults({"seed": seed}))
-    models = {name: locate() for name, locate in preset.models.items()}
-    task = preset.make_task(cfg.task, seed, load_tokenizer(str(models[preset.task_tokenizer])))
+    sft, cfg, task = smollm2_setup(out, sft, seed)
     for dynamic in dynamic_modes:
         for name, flags in LOSSES.items():
             flags = flags + (DYNAMIC if dynamic else [])

@@ -10,9 +10,9 @@ Invariants of the PPO core:
 - ``check/first_ratio_dev``: max |ρ − 1| on the first minibatch of the first epoch. No weight has
   changed yet, so ρ must be 1: anything else means the training forward is not the policy that
   sampled (dropout on, a stale or differently-loaded policy, precision).
-  Under bf16 autocast (``check/bf16`` = 1) both invariants are judged at looser thresholds (0.1, 0.05):
+  Under bf16 autocast (``check/bf16`` = 1) both invariants are judged at looser thresholds (0.25, 0.05):
   bf16 rounds differently for every batch shape, so two forwards of the same tokens differ (measured on
-  the tiny model: max |ρ − 1| 0.026, mean |Δ log π| 0.007; the "BF16 mismatch", arXiv 2510.26788).
+  the demo: max |ρ − 1| up to 0.10, mean |Δ log π| 0.014; the "BF16 mismatch", arXiv 2510.26788).
 - ``check/logprob_gap``: mean |log π_rollout − log π_train| over the same tokens: the
   rollout/trainer mismatch (sampling-loop states vs the training forward; in other engines a
   separate inference engine) that biases the ratio.
@@ -77,7 +77,7 @@ class Check:
 
 CHECKS = (
     Check("check/first_ratio_dev", 1e-2, "above", "ppo.trainer.PPOTrainer.minibatch_step",
-          "the first update's ratio is not 1: the training forward is not the sampling policy", 0.1),
+          "the first update's ratio is not 1: the training forward is not the sampling policy", 0.25),
     Check("check/logprob_gap", 1e-3, "above", "ppo.trainer.PPOTrainer.minibatch_step",
           "rollout and training logprobs of the same tokens differ", 0.05),
     Check("check/truncated_fraction", 0.5, "above", "ppo.trainer.PPOTrainer.step",

@@ -58,7 +58,7 @@ def test_a_bf16_ppo_step_keeps_fp32_master_weights_and_judges_its_invariants_at_
     assert all(v.dtype == torch.float32 for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v)
                and v.dim() > 0)
     assert m["check/bf16"] == 1.0 and "check/bf16" not in m_ref
-    assert 0 < m["check/first_ratio_dev"] < 0.1 and m["check/logprob_gap"] < 0.05  # bf16's own mismatch
+    assert 0 < m["check/first_ratio_dev"] < 0.25 and m["check/logprob_gap"] < 0.05  # bf16's own mismatch
     assert m_ref["check/first_ratio_dev"] < 1e-4
     assert not [w for w in recwarn if "check/first_ratio_dev" in str(w.message) or "logprob_gap" in str(w.message)]
 
