@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from doc_runs import DEMO_SIZES, ROOT, rlhf, splice_doc
+from doc_runs import DEMO_SIZES, ROOT, rlhf, smollm2_setup, splice_doc
 
 # What the tiny pipeline's PPO runs with (presets/tiny.py): a critic initialised from the reward model.
 DEMO_PPO = [*DEMO_SIZES, "--ppo.value_model", "separate", "--ppo.value_init_from_reward", "true"]
@@ -39,7 +39,32 @@ def run(base: Path, seed: int, precision: str, out: Path) -> dict:
             "first_ratio_dev": max(r["check/first_ratio_dev"] for r in train)}
 
 
+def smollm2_run(sft: Path, out: Path, precision: str, iterations: int = 20, seed: int = 0) -> dict:
+    """The smollm2 preset's LoRA PPO with the exact-answer reward and grpo advantages (groups of 4), the "ppo"
+    row of benchmarks/losses.py, in ``precision``."""
+    import dataclasses
+
+    from rlhf_core.phases import ppo as phase
+    from rlhf_core.tracking import MetricsLogger
+    sft, cfg, task = smollm2_setup(out, sft, seed)
+    ppo_cfg = dataclasses.replace(
+        cfg.ppo, policy=str(sft), reward=f"{ROOT / 'benchmarks' / 'verifiable_reward.py'}:exact_answer",
+        advantage_estimator="grpo", group_size=4, num_iterations=iterations, eval_every=10, seed=seed,
+        mixed_precision="bf16" if precision == "bf16" else "no")
+    run_dir = out / f"smollm2_{precision}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    t0 = time.time()
+    summary = phase.run(ppo_cfg, run_dir / "ppo", MetricsLogger(run_dir / "metrics.jsonl", echo=False), task=task)
+    return {"task": "smollm2", "precision": precision, "accuracy_before": summary.get("correct_before"),
+            "accuracy_after": summary.get("correct_after"), "gold_before": summary["gold_reward_before"],
+            "gold_after": summary["gold_reward_after"], "kl": summary["kl_to_ref"],
+            "episodes_per_s": summary["episodes_per_s"], "wall_s": time.time() - t0}
+
+
 def markdown(rows: list[dict], command: str) -> str:
+    small = [r for r in rows if r.get("task") == "smollm2"]
+    rows = [r for r in rows if r.get("task") != "smollm2"]
     lines = [f"Command: `{command}` (one core, the machine's other core busy with other runs).", "",
              "| precision | gold reward after PPO (mean ± sd) | exact KL to ref | training episodes/s | "
              "mean \\|Δ log π\\| (check/logprob_gap) | max \\|ρ − 1\\| at the first step | per seed: gold / KL |",
@@ -56,7 +81,17 @@ def markdown(rows: list[dict], command: str) -> str:
                      f"{statistics.mean(r['logprob_gap'] for r in pts):.2e} | "
                      f"{max(r['first_ratio_dev'] for r in pts):.2e} | {per} |")
     before = statistics.mean(r["gold_before"] for r in rows if r["precision"] == "fp32")
-    return "\n".join(lines + ["", f"Gold reward of the SFT policies before PPO: {before:+.3f} (mean over seeds)."])
+    lines += ["", f"Gold reward of the SFT policies before PPO: {before:+.3f} (mean over seeds)."]
+    if small:
+        lines += ["", "SmolLM2-135M, LoRA PPO with grpo advantages and the exact-answer reward (seed 0, 20 iterations "
+                      "x 16 episodes; `--smollm2-sft`):", "",
+                  "| precision | held-out accuracy before → after | gold reward before → after | exact KL to ref | "
+                  "training episodes/s |", "|---|---|---|---|---|"]
+        for r in small:
+            lines.append(f"| {r['precision']} | {r['accuracy_before']:.3f} → {r['accuracy_after']:.3f} | "
+                         f"{r['gold_before']:+.3f} → {r['gold_after']:+.3f} | {r['kl']:.2f} | "
+                         f"{r['episodes_per_s']:.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -65,17 +100,28 @@ def main() -> None:
     ap.add_argument("--base", default="runs/bf16/base", help="folder with seedN/{sft,reward}")
     ap.add_argument("--out", default="runs/bf16")
     ap.add_argument("--from-json", help="re-render docs/precision.md from a bf16.json")
+    ap.add_argument("--smollm2-sft", type=Path, help="also run the smollm2 preset's PPO in both precisions")
     args = ap.parse_args()
     out = Path(args.out)
     if args.from_json:
         rows = json.loads(Path(args.from_json).read_text())
     else:
-        rows = []
+        rows = json.loads((out / "bf16.json").read_text()) if (out / "bf16.json").is_file() else []
+        done = {(r.get("task", "tiny"), r.get("seed"), r["precision"]) for r in rows}
+        if args.smollm2_sft:
+            for precision in ("fp32", "bf16"):
+                if ("smollm2", None, precision) not in done:
+                    rows.append(smollm2_run(args.smollm2_sft, out, precision))
+                    print(rows[-1], flush=True)
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "bf16.json").write_text(json.dumps(rows, indent=1))
         for seed in args.seeds:
             base = Path(args.base) / f"seed{seed}"
             if not (base / "reward").is_dir():
                 rlhf("pipeline", "--seed", str(seed), "--stop-after", "reward", "--output-dir", str(base), "--overwrite")
             for precision in ("fp32", "bf16"):
+                if ("tiny", seed, precision) in done:
+                    continue
                 rows.append(run(base, seed, precision, out))
                 print(rows[-1], flush=True)
                 out.mkdir(parents=True, exist_ok=True)

@@ -137,7 +137,8 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
         if bool(done.all()):  # stop_together: this rank is done, another is not: pads, no draws
             nxt = torch.full_like(done, pad_token_id, dtype=torch.long)  # (B,)
         else:
-            logits = hidden[:, -1] @ weight.T  # (B, V) last position only
+            with torch.autocast(hidden.device.type, enabled=False):  # fp32 logits, as the fused logprob's
+                logits = hidden[:, -1].to(weight.dtype) @ weight.T  # (B, V) last position only
             nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         tokens.append(nxt)
