@@ -197,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RLHFError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        note = settle_replaced(out, replaced, succeeded=False)  # in the same line: one line per error
+        replaced = None
+        print(f"error: {e}" + (f"; {note}" if note else ""), file=sys.stderr)
         return 2
     except OSError as e:  # a disk that fills outside the atomic writes (metrics.jsonl, a tracker's files)
         if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):

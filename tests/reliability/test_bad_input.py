@@ -86,7 +86,7 @@ def test_bad_data_file(case, capsys, tmp_path):
     (["--ppo.on_long_prompt", "drop"], "ppo.on_long_prompt='drop': expected truncate or error"),
     (["--ppo.save_every", "-1"], "ppo.save_every=-1"),
     (["--ppo.device", "gpu"], "ppo.device='gpu': expected 'auto', 'cuda' or 'cpu'"),
-    (["--ppo.mixed_precision", "bf16"], "ppo.mixed_precision='bf16': expected 'no' unless parallel='fsdp2'"),
+    (["--ppo.mixed_precision", "fp16"], "ppo.mixed_precision='fp16': expected 'no' or 'bf16'"),
     (["--ppo.parallel", "fsdp2", "--ppo.value_model", "separate"], "ppo.parallel='fsdp2': expected 'ddp' with"),
     (["--ppo.shard_reference", "true"], "ppo.shard_reference=True: expected false unless parallel='fsdp2'"),
     (["--ppo.shard_reward_model", "true"], "ppo.shard_reward_model=True: expected false unless parallel='fsdp2'"),

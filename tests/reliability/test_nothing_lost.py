@@ -125,7 +125,8 @@ def test_overwrite_keeps_the_finished_run_when_the_new_one_fails_before_its_firs
             "--reward", f"{code}:broken", "--overwrite"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "no such column" in err and "the previous run in" in err and "is kept" in err
+    last = err.strip().splitlines()[-1]  # the error and what happened to the old run: one line
+    assert last.startswith("error: ") and "no such column" in last and "the previous run in" in last and "is kept" in last
     assert snapshot(finished_run) == before
     assert not [p for p in finished_run.parent.iterdir() if ".replaced-" in p.name]  # no leftovers
 
