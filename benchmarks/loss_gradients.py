@@ -12,7 +12,7 @@ an expectation over sampled responses — or over sampled *batches* of responses
    A(y) = score(y) − E_π[score] (a constant baseline).
 2. Estimators × KL placements. For each registered estimator and each (kl_estimator, kl_penalty) pair, every
    batch of k = 3 responses (27³ = 19,683 groups, each with its probability) goes through the trainer's own
-   functions — ``rollout.compute_advantages`` (rewards, KL placement, the estimator with group ids, the KL
+   functions — ``experience_maker.compute_advantages`` (rewards, KL placement, the estimator with group ids, the KL
    loss term's row weights) and ``objective.loss_terms`` (the ppo policy term and the KL loss term under the
    current parameters, from ``kernels.fused_logprobs`` / ``kernels.fused_kl``) — at θ = θ_old, and the
    expected gradient is compared with the gradient of J = E[score] − β·E[Σ_t KL(π(·|s_t)‖π_ref(·|s_t))]
@@ -45,7 +45,7 @@ from rlhf_core.ppo.experience import Experience  # noqa: E402
 from rlhf_core.ppo.extensions import resolve_estimator  # noqa: E402
 from rlhf_core.ppo.losses import POLICY_LOSSES  # noqa: E402
 from rlhf_core.ppo.objective import loss_terms, policy_loss_options  # noqa: E402
-from rlhf_core.ppo.rollout import compute_advantages  # noqa: E402
+from rlhf_core.ppo.experience_maker import compute_advantages  # noqa: E402
 
 # The losses of the table: registered name and the config that selects it (the papers' own bounds).
 LOSSES = {

@@ -943,7 +943,7 @@ state *before* token t.{values_note}
 loop's KV-cache states, the reference's from a full trunk forward (another matmul shape). Per token,
 k1 = logprobs − ref_logprobs: {k1_text}.
 
-## 4. Scores — `reward_sources:checked_reward`, `rollout:compute_scores`
+## 4. Scores — `reward_sources:checked_reward`, `experience_maker:make_experience`
 
 The responses are decoded to text and the reward model reads `prompt + response + EOS` in its own
 tokenizer (`reward_sources:reward_scores`), one scalar per response. `checked_reward` turns an exception,

@@ -1,6 +1,6 @@
 """Experience: one batch of rollouts, every tensor with its shape and meaning.
 
-Made by ``rollout.py`` (generate + score, no grad), completed by the reward/advantage step,
+Made by ``rollout.py`` (generate + score, no grad) and ``experience_maker.py`` (rewards, advantages),
 consumed by the PPO update through ``RolloutBuffer``. Keeping experience making separate from
 training (as OpenRLHF's experience_maker does) lets each half be tested alone.
 

@@ -135,7 +135,7 @@ def loss_terms(*, logprobs: torch.Tensor, values: torch.Tensor | None, entropy: 
     if kl is not None:
         if exp.kl_coef is None:
             raise ValueError("a KL loss term needs Experience.kl_coef, the per-row weight that "
-                             "rollout.compute_advantages sets")
+                             "experience_maker.compute_advantages sets")
         terms["kl"] = (1.0, exp.kl_coef.to(kl.dtype).unsqueeze(-1) * kl)  # (B, T) β_b·kl_t
         terms["kl_raw"] = (0.0, kl)  # logged as loss/kl (the KL itself, not weighted)
     return terms, stats

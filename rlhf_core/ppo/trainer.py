@@ -38,7 +38,8 @@ from .policy import PolicyWithValue
 from .reward_sources import RewardFn, checked_reward
 from .rewards import AdaptiveKLController, FixedKLController
 from .resume import Resumable
-from .rollout import evaluate, make_experience, next_prompt_batch
+from .experience_maker import make_experience
+from .rollout import evaluate, next_prompt_batch
 
 
 @contextlib.contextmanager
@@ -121,7 +122,7 @@ class PPOTrainer(Resumable):
             cfg = self.cfg
             self.iteration += 1
             t_start = self._clock()
-            # 1-7. prompts, generation (dynamic sampling), scores, logprobs, rewards, advantages (rollout.py)
+            # 1-7. prompts, generation (dynamic sampling), scores, logprobs, rewards, advantages (experience_maker.py)
             exp, rollout_metrics, extras = make_experience(
                 self.policy, self.tokenizer, self.reward, self.estimator, cfg, self.kl_ctl.value, self._draw_prompts,
                 self.sample_gen, self.iteration, self.sharded)

@@ -327,7 +327,7 @@ def case_ppo_fsdp2() -> dict:
     from rlhf_core.config import PPOConfig, TinyModelConfig
     from rlhf_core.phases.ppo import save_policy
     from rlhf_core.testing import tiny_setup
-    from rlhf_core.ppo import rollout
+    from rlhf_core.ppo import experience_maker, rollout
     from rlhf_core.ppo.policy import PolicyWithValue
     from rlhf_core.ppo.trainer import PPOTrainer
     tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
@@ -350,17 +350,17 @@ def case_ppo_fsdp2() -> dict:
         t = PPOTrainer(cfg, PolicyWithValue(model), tok,
                        lambda p, r: [len(x) / 10.0 for x in r], task.prompts)
         lengths = []
-        real_generate = rollout.generate
+        real_generate = experience_maker.generate
 
         def spy(*a, **k):
             out = real_generate(*a, **k)
             lengths.append(out[0].shape[1])
             return out
-        rollout.generate = spy  # make_experience (rollout.py) generates
+        experience_maker.generate = spy  # make_experience generates
         try:
             metrics = [t.step(), t.step()]
         finally:
-            rollout.generate = real_generate
+            experience_maker.generate = real_generate
         return t, metrics, lengths
 
     tok_probe, _, _ = tiny_setup(n_prompts=1, n_eval_prompts=1, model_cfg=tiny)

@@ -11,7 +11,7 @@ from rlhf_core.ppo import losses
 from rlhf_core.ppo.experience import Experience
 from rlhf_core.ppo.extensions import resolve_estimator, resolve_policy_loss
 from rlhf_core.ppo.losses import policy_loss_term
-from rlhf_core.ppo.rollout import compute_advantages, flat_groups, overlong_penalty
+from rlhf_core.ppo.experience_maker import compute_advantages, flat_groups, overlong_penalty
 
 from .test_trainer import make_trainer, uneven_experience, weights
 
