@@ -24,6 +24,7 @@ from .experience import Experience
 from .policy import PolicyWithValue
 from .rewards import approx_kl, kl_in_rewards, kl_penalized_rewards, sequence_kls
 from .rollout import decode_responses, encode_prompts, generate, score
+from .utils import masked_mean, masked_var
 
 
 
@@ -53,7 +54,6 @@ def _spread(x: torch.Tensor, mask: torch.Tensor, moments: Callable, global_max: 
 
 
 def _local_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from .utils import masked_mean, masked_var
     return masked_mean(x, mask), masked_var(x, mask, unbiased=False)
 
 
