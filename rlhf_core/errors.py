@@ -2,6 +2,10 @@
 
 The CLI prints ``str(err)`` alone and exits with code 2 (a traceback only with ``--debug``).
 """
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 
 class RLHFError(Exception):
@@ -32,6 +36,18 @@ class RewardError(RLHFError):
 class UserCodeError(RLHFError):
     """The user's own function (an estimator, a policy loss, a loss) broke its contract at run time:
     the message names the function, the iteration and what was wrong."""
+
+
+@contextlib.contextmanager
+def user_code(where: str) -> Iterator[None]:
+    """Run the user's function: an exception it raises becomes one UserCodeError line naming ``where``."""
+    try:
+        yield
+    except UserCodeError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserCodeError(f"{where} raised {type(e).__name__}: {first}") from e
 
 
 class DiskFullError(RLHFError):

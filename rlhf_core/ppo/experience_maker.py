@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import distributed as D
 from ..config import PPOConfig
-from ..errors import UserCodeError
+from ..errors import UserCodeError, user_code
 from .advantages import masked_whiten
 from .experience import Experience
 from .policy import PolicyWithValue
@@ -110,11 +110,8 @@ def compute_advantages(exp: Experience, estimator: Any, cfg: PPOConfig, kl_coef:
         degenerate = flat
     kw = dict(values=exp.values, mask=mask, scores=exp.scores, gamma=cfg.gamma, lam=cfg.lam,
               group_size=cfg.group_size, group_ids=exp.group_ids)
-    try:
+    with user_code(f"ppo.advantage_estimator {estimator.name!r}"):  # (or a built-in refusing its input)
         out = estimator(rewards=rewards, **kw)
-    except Exception as e:  # the user's code (or a built-in estimator refusing its input)
-        raise UserCodeError(f"ppo.advantage_estimator {estimator.name!r} raised {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from e
     advantages, returns = _checked_estimator(estimator.name, out, mask)
     scale = scale * estimator.row_weights(rewards, mask, group_size=cfg.group_size, group_ids=exp.group_ids)
     used = advantages

@@ -25,15 +25,14 @@ entropy terms together; the KL loss term is added to it.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ..config import PPOConfig
-from ..errors import UserCodeError
+from ..errors import UserCodeError, user_code
 from ..user_code import is_user_spec, load_user_function
 from .experience import Experience
 from .losses import (aggregate, aggregation_units, get_policy_loss, ppo_clip_loss, ratio_stats, value_loss_terms)
@@ -74,16 +73,10 @@ def default_policy_loss(config: PPOConfig) -> Callable[..., Any]:
     return get_policy_loss(config.policy_loss) if config.policy_loss else ppo_clip_loss
 
 
-@contextlib.contextmanager
-def _user_code(where: str) -> Iterator[None]:
-    """An exception from the user's function as one UserCodeError line naming it."""
-    try:
-        yield
-    except UserCodeError:
-        raise
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserCodeError(f"{where} raised {type(e).__name__}: {first}") from e
+def _scalar_stats(stats: Any) -> bool:
+    """A user function's stats: a dict of 0-dim tensors or numbers."""
+    return isinstance(stats, dict) and all(isinstance(v, (torch.Tensor, float, int)) and
+                                           torch.as_tensor(v).numel() == 1 for v in stats.values())
 
 
 def _checked(name: str, out: Any, logprobs: torch.Tensor, mask: torch.Tensor
@@ -96,8 +89,7 @@ def _checked(name: str, out: Any, logprobs: torch.Tensor, mask: torch.Tensor
     if not isinstance(per_token, torch.Tensor) or per_token.shape != mask.shape:
         got = tuple(per_token.shape) if isinstance(per_token, torch.Tensor) else type(per_token).__name__
         raise UserCodeError(f"{where} returned a per-token loss of shape {got}; expected (B, T) = {tuple(mask.shape)}")
-    if not isinstance(stats, dict) or not all(isinstance(v, (torch.Tensor, float, int)) and
-                                              torch.as_tensor(v).numel() == 1 for v in stats.values()):
+    if not _scalar_stats(stats):
         raise UserCodeError(f"{where} returned stats that are not a dict of scalars")
     valid = mask.bool()
     if not bool(torch.isfinite(per_token[valid]).all()) and bool(torch.isfinite(logprobs[valid]).all()):
@@ -121,7 +113,7 @@ def loss_terms(*, logprobs: torch.Tensor, values: torch.Tensor | None, entropy: 
     """
     mask = exp.loss_tokens
     name = getattr(policy_loss, "name", getattr(policy_loss, "__name__", "policy_loss"))
-    with _user_code(f"ppo.policy_loss {name!r}"):
+    with user_code(f"ppo.policy_loss {name!r}"):
         out = policy_loss(logprobs=logprobs, old_logprobs=exp.logprobs, advantages=exp.advantages, mask=mask,
                           values=values, **policy_loss_options(config))
     per_token, stats = _checked(name, out, logprobs, mask)
@@ -204,7 +196,7 @@ def micro_batch_loss(policy: PolicyWithValue, part: Experience, config: PPOConfi
         agg = functools.partial(aggregate, mask=mask, aggregation=config.loss_aggregation,
                                 max_length=config.response_length, units=den.units)
         where = f"ppo.loss_fn {getattr(loss_fn, '__name__', 'loss_fn')!r}"
-        with _user_code(where):
+        with user_code(where):
             out = loss_fn(logprobs=logprobs, values=values, entropy=entropy, exp=part, config=config, aggregate=agg)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict)):
             raise UserCodeError(f"{where} returned {type(out).__name__}; expected (loss, stats dict)")
@@ -215,8 +207,7 @@ def micro_batch_loss(policy: PolicyWithValue, part: Experience, config: PPOConfi
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise UserCodeError(f"{where} returned a loss of shape {got}; expected a scalar built with `aggregate` "
                                 f"or a per-token loss of shape (B, T) = {tuple(mask.shape)}")
-        if not all(isinstance(v, (torch.Tensor, float, int)) and torch.as_tensor(v).numel() == 1
-                   for v in stats.values()):
+        if not _scalar_stats(stats):
             raise UserCodeError(f"{where} returned stats that are not a dict of scalars")
         term_stats = {}
         if kl is not None:
