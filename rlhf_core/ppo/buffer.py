@@ -9,6 +9,10 @@ the backward passes reproduces the full-minibatch gradient exactly:
     Σ_k w_k · (Σ_{i∈k} ℓ_i / n_k) = Σ_i ℓ_i / N.
 For the other aggregations n_k counts what their denominator counts (``losses.aggregation_units``):
 the rows with a valid token (seq-mean-token-mean), the rows (seq-mean-token-sum-norm).
+
+The trainer gets the same result the other way round: each micro-batch's terms are divided by the whole
+minibatch's count directly (``objective.Denominators``, ``losses.aggregate(units=...)``), so no weights are
+needed. ``accumulation_weights`` serves a loop whose micro-batch losses are each aggregated on their own.
 """
 
 from __future__ import annotations
