@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402
 from common import HParams, cpu_name  # noqa: E402
-from report_ppo_vs_trl import MATMUL_OPS  # noqa: E402
+from harness import OpProfile  # noqa: E402
 
 ROWS = ("trl", "ours-trl-structure", "ours-best")
 # Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the CPU run ≲ 10 min;
@@ -91,41 +90,6 @@ def scale_hparams(scale: str, args: argparse.Namespace, **extra) -> "HParams":
 # ----------------------------------------------------------------------------------------------
 # Worker: one run in this (fresh) process
 # ----------------------------------------------------------------------------------------------
-class OpProfile:
-    """torch.profiler over the training loop only (TRL's train(), every call of our step()).
-
-    Started at the first call and stopped by :meth:`summary`, so model loading is outside it.
-    The profiled run is slower than an unprofiled one and is not used for the timings.
-    """
-
-    def __init__(self, row: str):
-        if row == "trl":
-            from trl.experimental.ppo import PPOTrainer as cls
-            name = "train"
-        else:
-            from rlhf_core.ppo.trainer import PPOTrainer as cls
-            name = "step"
-        from torch.profiler import profile
-        self.prof, self.started, orig = profile(), False, getattr(cls, name)
-
-        def profiled(trainer, *a, **k):
-            if not self.started:
-                self.prof.start()
-                self.started = True
-            return orig(trainer, *a, **k)
-        setattr(cls, name, profiled)
-
-    def summary(self, n: int = 10) -> dict:
-        """Self CPU seconds of all ops, of the matmul-class ops (MATMUL_OPS) and the top n ops."""
-        self.prof.stop()
-        events = sorted(self.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events) / 1e6
-        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
-        return {"total_op_s": total, "matmul_s": matmul,
-                "top": [{"op": e.key, "calls": e.count, "self_s": e.self_cpu_time_total / 1e6,
-                         "share": e.self_cpu_time_total / 1e6 / total} for e in events[:n]]}
-
-
 def worker(args: argparse.Namespace) -> None:
     import torch
     torch.set_num_threads(args.threads)
@@ -133,7 +97,13 @@ def worker(args: argparse.Namespace) -> None:
     if spec["hp"].get("device") == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_ppo_vs_trl: --device cuda but torch.cuda.is_available() is False")
     hp = HParams(**spec["hp"])
-    prof = OpProfile(args.worker) if spec.get("profile") else None
+    prof = None
+    if spec.get("profile") and args.worker == "trl":
+        from trl.experimental.ppo import PPOTrainer as trl_ppo
+        prof = OpProfile(trl_ppo, "train")
+    elif spec.get("profile"):
+        from rlhf_core.ppo.trainer import PPOTrainer
+        prof = OpProfile(PPOTrainer, "step")
     cpu0 = time.process_time()
     if args.worker == "trl":
         from trl_runner import run_trl
@@ -148,23 +118,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def spawn(row: str, spec: dict, threads: int) -> dict:
-    """Run one row in a fresh interpreter and return its record (raises with its stderr tail)."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", row, "--spec", json.dumps(spec),
-           "--result", result, "--threads", str(threads)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{row} failed:\n{proc.stderr[-3000:]}")
-    rec = json.loads(Path(result).read_text())
-    os.unlink(result)
-    rec["subprocess_wall_s"] = time.perf_counter() - t0
-    rec["loadavg_after"] = os.getloadavg()[0]
-    print(f"  {rec['scale']:9s} {row:19s} {rec['episodes_per_s']:7.2f} ep/s  cpu {rec['cpu_s_train']:6.1f} s  "
-          f"wall {rec['wall_s']:6.1f} s  rss {rec['peak_rss_mb']:6.0f} MB  load {rec['loadavg_after']:.1f}", flush=True)
-    return rec
+    return harness.spawn(str(Path(__file__).resolve()), row, spec, threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,32 +169,7 @@ def curves(args: argparse.Namespace, work: Path) -> list[dict]:
 
 def summarize(runs: list[dict]) -> dict:
     """Medians per (scale, row) and ratios ours/TRL of the medians."""
-    table: dict = {}
-    for scale in sorted({r["scale"] for r in runs}):
-        for row in ROWS:
-            rs = [r for r in runs if r["scale"] == scale and r["row"] == row]
-            if not rs:
-                continue
-            med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
-            table.setdefault(scale, {})[row] = {
-                "n": len(rs), "episodes_per_s": med(lambda r: r["episodes_per_s"]),
-                "tokens_per_s": med(lambda r: r["tokens_per_s"]),
-                "cpu_s_per_episode": med(lambda r: r["cpu_s_train"] / r["episodes"]),
-                "generation_s": med(lambda r: r["time"]["generation"]), "scoring_s": med(lambda r: r["time"]["scoring"]),
-                "update_s": med(lambda r: r["time"]["update"]),
-                "gc_s": med(lambda r: r["time"].get("gc", 0.0)), "wall_s": med(lambda r: r["wall_s"]),
-                "peak_rss_mb": med(lambda r: r["peak_rss_mb"]),
-                **({"peak_gpu_mb": med(lambda r: r["peak_gpu_mb"])} if all("peak_gpu_mb" in r for r in rs) else {}),
-                "episodes_per_s_all": [round(r["episodes_per_s"], 3) for r in rs]}
-        trl = table[scale].get("trl")
-        for row, s in table[scale].items():
-            if trl and row != "trl":
-                s["ratio_vs_trl"] = {"episodes_per_s": s["episodes_per_s"] / trl["episodes_per_s"],
-                                     "cpu_s_per_episode": trl["cpu_s_per_episode"] / s["cpu_s_per_episode"],
-                                     "peak_rss_mb": s["peak_rss_mb"] / trl["peak_rss_mb"]}
-                if "peak_gpu_mb" in s and "peak_gpu_mb" in trl:
-                    s["ratio_vs_trl"]["peak_gpu_mb"] = s["peak_gpu_mb"] / trl["peak_gpu_mb"]
-    return table
+    return harness.summarize(runs, ROWS, "trl")
 
 
 def main(argv: list[str] | None = None) -> None:

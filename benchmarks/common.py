@@ -25,6 +25,10 @@ SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "llama", "hidden": 64, "layers": 2, "heads": 4, "inter": 192, "vocab": 512},
     # GPT-2 shaped, ~10M parameters with the (tied) embeddings: 8·12·256² + 8192·256 + 256·256.
     "gpt2-10m": {"arch": "gpt2", "hidden": 256, "layers": 8, "heads": 4, "inter": 1024, "vocab": 8192},
+    # Llama-shaped, untied embeddings, vocab 8192: 8.4 M (4·(4·256² + 3·256·1024) + 2·8192·256) and
+    # 28.8 M (6·(4·512² + 3·512·1536) + 2·8192·512) parameters; the GRPO benchmark's two CPU scales.
+    "llama-8m": {"arch": "llama", "hidden": 256, "layers": 4, "heads": 4, "inter": 1024, "vocab": 8192},
+    "llama-30m": {"arch": "llama", "hidden": 512, "layers": 6, "heads": 8, "inter": 1536, "vocab": 8192},
     # GPU scales, Pythia-shaped (GPT-NeoX: rotary on 25 % of each head, parallel residual, untied
     # embeddings, vocab 50304), random init: 162 M / 405 M / 1.01 B parameters.
     "pythia-160m": {"arch": "neox", "hidden": 768, "layers": 12, "heads": 12, "inter": 3072, "vocab": 50304},
@@ -54,6 +58,7 @@ class HParams:
     lr: float = 3e-6  # TRL's default; linear decay to 0 over the run in both
     iterations: int = 4  # rollout + update iterations
     seed: int = 0
+    group_size: int = 1  # samples per prompt (GRPO: TRL's num_generations)
     max_prompt_length: int = 32
     device: str = "cpu"  # where both trainers run: "cpu" or "cuda"
     dtype: str = "fp32"  # weights and compute of every model in both: "fp32" or "bf16"

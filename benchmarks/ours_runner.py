@@ -85,9 +85,14 @@ def run_ours(paths: dict[str, str], hp: HParams, scale: str, row: str = "ours-be
     torch.manual_seed(hp.seed)
     trainer = PPOTrainer(build_config(hp, **setting), build_policy(paths, setting["value_model"], hp), tok,
                          reward_fn, prompts)
-    timer, curve = PhaseTimer(), []
     if hp.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    return time_steps(trainer, hp, scale, row)
+
+
+def time_steps(trainer, hp: HParams, scale: str, row: str) -> dict[str, Any]:
+    """``hp.iterations`` calls of ``trainer.step()``, timed; the result record (see common.py)."""
+    timer, curve = PhaseTimer(), []
     sync(hp)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(hp.iterations):
