@@ -68,7 +68,8 @@ def train(estimator, n_iterations: int = 40, seed: int = 0, kl_coef: float = 0.1
     tokenizer, model, task = tiny_setup(n_eval_prompts=8, model_cfg=TINY)
     torch.manual_seed(seed)
     cfg = PPOConfig(num_iterations=n_iterations, batch_size=16, num_mini_batches=2, ppo_epochs=2, response_length=8,
-                    kl_coef=kl_coef, learning_rate=3e-3, eval_every=0, seed=seed)
+                    kl_coef=kl_coef, learning_rate=3e-3, eval_every=0, seed=seed,
+                    measure_kl=True)  # the KL is what this example shows, at kl_coef 0 too
     trainer = PPOTrainer(cfg, PolicyWithValue(model, value_model="none"), tokenizer, letter_e_reward, task.prompts,
                          estimator=estimator)
     return [trainer.step() for _ in range(n_iterations)]

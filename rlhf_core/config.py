@@ -236,6 +236,9 @@ class PPOConfig(LoraFields, PhaseCommon):
     kl_penalty: str = opt("reward", "where the KL penalty goes: 'reward' (-beta*kl_t in each token's reward), "
                                     "'loss' (beta*kl_t as a differentiated loss term) or 'both' (exact only: the "
                                     "next state's KL in the reward, this state's in the loss; docs/kl.md)")
+    measure_kl: bool = opt(False, "at kl_coef 0 (no adaptive controller) still run the reference forward every "
+                                  "rollout to log objective/kl*; off, it is skipped as TRL's GRPO does at beta 0 "
+                                  "(eval/kl_to_ref is measured either way)")
     adaptive_kl: bool = opt(False, "adapt kl_coef toward kl_target (Ziegler et al. 2019)")
     kl_target: float = opt(1.0, "target sequence KL for the adaptive controller")
     kl_horizon: int = opt(10000, "adaptive controller horizon in episodes")

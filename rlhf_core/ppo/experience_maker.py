@@ -201,16 +201,19 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     shaping = overlong_penalty(mask.sum(1).cpu(), cfg.response_length, cfg.overlong_buffer, cfg.overlong_penalty)
     scores = raw - cfg.missing_eos_penalty * (~has_eos.cpu()).float() + shaping  # (B,)
     exp = score(policy, cat["query_ids"], cat["query_mask"], cat["response_ids"], mask, scores, cfg.temperature,
-                cfg.kl_estimator, cfg.kernel_backend, cat["hidden"] if cfg.rollout_logprobs else None)
+                cfg.kl_estimator, cfg.kernel_backend, cat["hidden"] if cfg.rollout_logprobs else None,
+                reference=needs_reference(cfg))
     exp = replace(exp, group_ids=group_ids.to(device),
                   loss_mask=(mask.bool() & has_eos.to(device).unsqueeze(-1)) if cfg.overlong_filter else None)
     exp, info = compute_advantages(exp, estimator, cfg, kl_coef, D.global_masked_moments, D.global_max)
-    seq_kl = {f"objective/kl_{k_}": float(v.mean())
-              for k_, v in sequence_kls(exp.logprobs, exp.ref_logprobs, exp.kl_exact, mask).items()}
+    kls = {}  # not measured without the reference pass
+    if needs_reference(cfg):
+        kls = {f"objective/kl_{k_}": float(v.mean())
+               for k_, v in sequence_kls(exp.logprobs, exp.ref_logprobs, exp.kl_exact, mask).items()}
+        kls["objective/kl"] = float(exp.kl.sum(1).mean())
     eos = float(has_eos.float().mean())
     metrics = {
-        "objective/kl": float(exp.kl.sum(1).mean()),
-        **seq_kl,
+        **kls,
         "objective/scores": float(exp.scores.mean()),
         "objective/rlhf_reward": float(exp.scores.mean()) - kl_coef * float(exp.kl.sum(1).mean()),
         "response/length": float(mask.sum(1).float().mean()),
@@ -229,6 +232,14 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
                                                                          for rd, sel in zip(rounds, rows)) / k)})
     extras = {"prompts": prompts, "responses": texts, "raw_advantages": info["raw_advantages"]}
     return exp, metrics, extras
+
+
+def needs_reference(cfg: PPOConfig) -> bool:
+    """Whether the rollout runs the reference policy: a KL term needs it, ``measure_kl`` asks for it. At
+    ``kl_coef = 0`` without the adaptive controller no KL enters the reward or the loss, so the reference
+    forward is skipped (TRL's GRPO does the same at its default beta = 0); the ``objective/kl*`` metrics
+    are then absent (unmeasured, not zero) and the held-out evaluation still measures ``eval/kl_to_ref``."""
+    return cfg.kl_coef > 0 or cfg.adaptive_kl or cfg.measure_kl
 
 
 def _select_rows(rounds: list[dict[str, Any]], need: int, k: int) -> list[torch.Tensor]:

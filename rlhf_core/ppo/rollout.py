@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from kernels import fused_logprobs_kl
+from kernels import fused_logprobs, fused_logprobs_kl
 
 from .. import distributed as D
 from .experience import Experience
@@ -159,7 +159,7 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
 def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
           response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None,
           temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",
-          hidden: torch.Tensor | None = None) -> Experience:
+          hidden: torch.Tensor | None = None, reference: bool = True) -> Experience:
     """Logprobs and values (policy; none without a critic), ref_logprobs and the exact per-token KL
     (reference) of a rollout.
 
@@ -171,7 +171,9 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
     tokens were drawn from; a fresh forward gives the same numbers up to float rounding.
 
     ``kl`` is set to the exact KL when ``kl_estimator="exact"`` (else None: the trainer applies the
-    k1/k2/k3 estimator).
+    k1/k2/k3 estimator). ``reference=False`` (no KL term to pay: ``needs_reference``) skips the
+    reference forward, as TRL's GRPO at beta = 0 does: ``ref_logprobs`` are the policy's own and
+    ``kl_exact`` is zero — not measured, so the caller must not report it as a KL.
     Shapes: query (B, Lq); response/mask (B, T); scores (B,) or None (zeros, to be replaced by the
     reward once it is computed: the trainer scores the text after this, step 4).
     Returns: an Experience with rewards/advantages/returns left empty (filled by the trainer).
@@ -181,13 +183,19 @@ def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Te
         attn = torch.cat([query_mask.long(), mask.long()], dim=1)  # (B, Lq+T)
     else:
         hidden, ids, attn = response_hidden(policy, query_ids, query_mask, response_ids, mask)  # (B, T, H)
-    with policy.reference() as ref:
-        ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H')
-        ref_weight = ref.lm_head_weight
     b, t, h = hidden.shape
     targets = response_ids.masked_fill(~mask.bool(), IGNORE_INDEX).reshape(-1)  # (B·T,)
-    lp, lq, kl = fused_logprobs_kl(hidden.reshape(b * t, h), policy.lm_head_weight, ref_hidden.reshape(b * t, -1),
-                                   ref_weight, targets, temperature, backend, IGNORE_INDEX)  # (B·T,) each
+    if reference:
+        with policy.reference() as ref:
+            ref_hidden, _, _ = response_hidden(ref, query_ids, query_mask, response_ids, mask)  # (B, T, H')
+            ref_weight = ref.lm_head_weight
+        lp, lq, kl = fused_logprobs_kl(hidden.reshape(b * t, h), policy.lm_head_weight,
+                                       ref_hidden.reshape(b * t, -1), ref_weight, targets, temperature, backend,
+                                       IGNORE_INDEX)  # (B·T,) each
+    else:
+        lp = fused_logprobs(hidden.reshape(b * t, h), policy.lm_head_weight, targets, temperature,
+                            backend=backend, ignore_index=IGNORE_INDEX)  # (B·T,)
+        lq, kl = lp, torch.zeros_like(lp)
     valid = mask.bool()
     logprobs, ref_logprobs = lp.view(b, t) * valid, lq.view(b, t) * valid  # (B, T) each
     kl_exact = kl.view(b, t) * valid  # (B, T)

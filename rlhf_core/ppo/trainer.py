@@ -133,7 +133,7 @@ class PPOTrainer(Resumable):
             update = self.update(RolloutBuffer([exp]))
             t_update = self._clock()
             # 9. KL controller: adapt beta to the sequence KL the penalty uses (equal rows per rank)
-            penalty_kl = D.reduce_metrics({"kl": rollout_metrics["objective/kl"]})["kl"]
+            penalty_kl = D.reduce_metrics({"kl": rollout_metrics.get("objective/kl", 0.0)})["kl"]
             self.kl_ctl.update(penalty_kl, cfg.batch_size)
             # 10. metrics, computed once here (update stats: token means pooled over the minibatch steps)
             self.episodes += cfg.batch_size

@@ -407,3 +407,31 @@ def test_a_custom_loss_may_return_per_token_terms():
         t.step()
     a, b = weights(runs[0]), weights(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kl_coef_zero_skips_the_reference_and_trains_identically():
+    """At kl_coef = 0 no KL term exists, so the rollout never runs the reference (TRL's GRPO at beta
+    = 0 likewise): the run's weights equal those of a run that does pay for the reference pass, and
+    the KL metrics are absent (unmeasured) instead of a false zero."""
+    from rlhf_core.ppo import experience_maker
+    calls = []
+    runs = {}
+    for skip in (True, False):
+        trainer = make_trainer(kl_coef=0.0, advantage_estimator="grpo", group_size=2)
+        ref = trainer.policy.ref_model
+        hook = ref.get_input_embeddings().register_forward_hook(lambda *a: calls.append(skip))
+        orig = experience_maker.needs_reference
+        experience_maker.needs_reference = orig if skip else (lambda cfg: True)
+        try:
+            metrics = [trainer.step() for _ in range(2)]
+        finally:
+            experience_maker.needs_reference = orig
+            hook.remove()
+        runs[skip] = (weights(trainer), metrics)
+    assert True not in calls and False in calls  # the reference ran only where forced
+    for name, w in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][name], w, rtol=0, atol=0, msg=name)
+    assert not any(k.startswith("objective/kl") and k != "objective/kl_coef" for k in runs[True][1][-1])
+    assert runs[False][1][-1]["objective/kl_exact"] > 0  # measured where the reference ran: the policy moved
+    assert experience_maker.needs_reference(PPOConfig(kl_coef=0.0, adaptive_kl=True))
+    assert experience_maker.needs_reference(PPOConfig(kl_coef=0.0, measure_kl=True))
