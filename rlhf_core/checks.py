@@ -15,7 +15,9 @@ Invariants of the PPO core:
   the demo: max |ρ − 1| up to 0.10, mean |Δ log π| 0.014; the "BF16 mismatch", arXiv 2510.26788).
 - ``check/logprob_gap``: mean |log π_rollout − log π_train| over the same tokens: the
   rollout/trainer mismatch (sampling-loop states vs the training forward; in other engines a
-  separate inference engine) that biases the ratio.
+  separate inference engine) that biases the ratio. With ``ppo.rollout_correction`` it is μ (the
+  sampler's logprobs) against π_old (the trainer's forward) over the rollout, with its max in
+  ``check/logprob_gap_max`` (docs/rollout.md).
 - ``check/truncated_fraction``: responses cut at ``response_length`` without an EOS: their score
   judges unfinished text.
 - ``perf/skipped_steps``: optimizer steps skipped for a non-finite loss or gradient (the count so far).
@@ -78,7 +80,8 @@ class Check:
 CHECKS = (
     Check("check/first_ratio_dev", 1e-2, "above", "ppo.trainer.PPOTrainer.minibatch_step",
           "the first update's ratio is not 1: the training forward is not the sampling policy", 0.25),
-    Check("check/logprob_gap", 1e-3, "above", "ppo.trainer.PPOTrainer.minibatch_step",
+    Check("check/logprob_gap", 1e-3, "above", "ppo.trainer.PPOTrainer.minibatch_step or, with a rollout "
+          "correction, ppo.experience_maker.apply_rollout_correction",
           "rollout and training logprobs of the same tokens differ", 0.05),
     Check("check/truncated_fraction", 0.5, "above", "ppo.trainer.PPOTrainer.step",
           "most responses hit response_length without an EOS"),

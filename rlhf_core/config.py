@@ -296,6 +296,16 @@ class PPOConfig(LoraFields, PhaseCommon):
                                           "model (blocks, then the whole classifier) instead of a replica per rank")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
+    rollout_correction: str = opt("none", "correct for a sampling policy mu that is not the trainer's pi_old "
+                                          "(docs/rollout.md): 'none', 'tis' (weight min(rho, C)), 'mis' (rho, 0 "
+                                          "outside [1/C, C]), 'icepop' (rho, 0 outside [low, high]), another "
+                                          "registered name or 'file.py:function'; rho = pi_old/mu, pi_old then "
+                                          "from the trainer's own forward, mu from the sampling loop")
+    rollout_correction_level: str = opt("token", "the correction's ratio per 'token' or per 'sequence' (the "
+                                                 "product over the response)")
+    rollout_correction_threshold: float = opt(2.0, "C of tis and mis (> 1)")
+    rollout_correction_low: float = opt(0.5, "icepop's lower bound (IcePop's alpha, in (0, 1))")
+    rollout_correction_high: float = opt(5.0, "icepop's upper bound (IcePop's beta, > 1)")
     fast_activations: bool = opt(True, "swap GPT-2's five-op tanh GELU for torch's one-kernel "
                                        "F.gelu(approximate='tanh'): the same function, other float rounding")
     eval_every: int = opt(20, "measure the gold reward on held-out prompts every N iterations (0: end only)")
@@ -376,6 +386,16 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(self.parallel == "ddp" or (self.value_model == "shared" and not self.use_lora), "parallel",
                    "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "
                    "value head)")
+        self.check(bool(self.rollout_correction), "rollout_correction", "'none', a name or 'file.py:function'")
+        self.check(self.rollout_correction_level in ("token", "sequence"), "rollout_correction_level",
+                   "token or sequence")
+        self.check(self.rollout_correction_threshold > 1, "rollout_correction_threshold", "a number > 1 (C)")
+        if self.rollout_correction_low > self.rollout_correction_high:
+            raise ConfigError(f"ppo.rollout_correction_low={self.rollout_correction_low:g} > "
+                              f"ppo.rollout_correction_high={self.rollout_correction_high:g}: icepop keeps the "
+                              "ratios in [low, high]")
+        self.check(0 < self.rollout_correction_low < 1, "rollout_correction_low", "a number in (0, 1)")
+        self.check(self.rollout_correction_high > 1, "rollout_correction_high", "a number > 1")
         self.check(self.num_threads >= 0, "num_threads", "an integer >= 0")
         self.check(0 < self.eval_fraction < 1, "eval_fraction", "a fraction in (0, 1)")
         self.check(self.chat_template in ("auto", "always", "never"), "chat_template", "auto, always or never")

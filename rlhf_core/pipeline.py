@@ -35,7 +35,7 @@ from .errors import ConfigError, RLHFError
 from .models import check_reward_dir, load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
-from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss
+from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss, resolve_rollout_correction
 from .user_code import is_user_spec, load_user_function
 from .precision import precision
 from .presets import get_preset
@@ -138,6 +138,7 @@ def preflight_ppo(cfg: PPOConfig, made_here: set[str] | frozenset[str] = frozens
     policy reads it (a conversational file needs the policy's chat template). ``made_here``: the phases of
     this run ("sft", "reward") that will make the policy or the reward model, which are not checked."""
     resolve_policy_loss(cfg, has_critic=resolve_estimator(cfg).critic), resolve_loss_fn(cfg)
+    resolve_rollout_correction(cfg)
     if cfg.gold:
         load_user_function(cfg.gold, "ppo.gold")
     reward_dir = ("reward" not in made_here and cfg.reward and cfg.reward != "gold"

@@ -27,7 +27,7 @@ LAYERS = [
 ]
 # The functional core's math: plain tensors in and out, nothing imported but torch and each other.
 MATH = ("rlhf_core.ppo.advantages", "rlhf_core.ppo.rewards", "rlhf_core.ppo.losses", "rlhf_core.ppo.utils",
-        "rlhf_core.ppo.experience", "rlhf_core.ppo.buffer")
+        "rlhf_core.ppo.experience", "rlhf_core.ppo.buffer", "rlhf_core.ppo.correction")
 
 
 def modules() -> dict[str, Path]:

@@ -33,7 +33,8 @@ class Experience:
         query_mask:    (B, Tq) bool    1 on real prompt tokens
         response_ids:  (B, T)  int64   sampled response token ids a_t, right-padded
         mask:          (B, T)  bool    1 on response tokens through the EOS (or truncation point)
-        logprobs:      (B, T)  float   log π_old(a_t|s_t), the policy that sampled
+        logprobs:      (B, T)  float   log π_old(a_t|s_t): the trainer's policy before the update (without a
+                                       rollout correction, read from the sampling loop: π_old = μ)
         ref_logprobs:  (B, T)  float   log π_ref(a_t|s_t)
         scores:        (B,)    float   sequence-level reward-function / reward-model score
         values:        (B, T)  float   V_old(s_t) from the value head (None without a critic)
@@ -49,6 +50,10 @@ class Experience:
                                        (overlong filtering: truncated responses); None: ``mask``
         kl_coef:       (B,)    float   the KL loss term's weight of each row: β scaled like the row's return
                                        in its advantage (objective.py); None without a KL loss term
+        behavior_logprobs: (B, T) float log μ(a_t|s_t), the policy that sampled (the rollout engine's);
+                                       None when it is π_old itself (no rollout correction)
+        correction_weights: (B, T) float w_t, the rollout correction's detached weight of each token's policy
+                                       term (correction.py; from π_old and μ); None without a correction
     """
 
     query_ids: torch.Tensor  # (B, Tq)
@@ -67,6 +72,8 @@ class Experience:
     group_ids: torch.Tensor | None = None  # (B,)
     loss_mask: torch.Tensor | None = None  # (B, T)
     kl_coef: torch.Tensor | None = None  # (B,)
+    behavior_logprobs: torch.Tensor | None = None  # (B, T)
+    correction_weights: torch.Tensor | None = None  # (B, T)
 
     def __post_init__(self) -> None:
         # Catch a (B, T) / (B, T+1) off-by-one at construction, not as a broadcast deep in a loss.

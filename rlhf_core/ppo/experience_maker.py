@@ -20,12 +20,12 @@ from .. import distributed as D
 from ..config import PPOConfig
 from ..errors import UserCodeError, user_code
 from .advantages import masked_whiten
+from .correction import importance_ratio, logprob_gap, weight_stats
 from .experience import Experience
 from .policy import PolicyWithValue
 from .rewards import approx_kl, kl_in_rewards, kl_penalized_rewards, sequence_kls
-from .rollout import decode_responses, encode_prompts, generate, score
+from .rollout import decode_responses, encode_prompts, generate, sampled_logprobs, score
 from .utils import masked_mean, masked_var
-
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
@@ -128,6 +128,49 @@ def compute_advantages(exp: Experience, estimator: Any, cfg: PPOConfig, kl_coef:
     return exp, {"raw_advantages": advantages, "check/degenerate_advantages": float(degenerate)}
 
 
+def apply_rollout_correction(exp: Experience, correction: Callable[..., torch.Tensor], cfg: PPOConfig,
+                             total: Callable[[float], float] = float, top: Callable[[float], float] = float
+                             ) -> tuple[Experience, dict[str, float]]:
+    """The rollout correction's weights from π_old (``exp.logprobs``) and μ (``exp.behavior_logprobs``), set as
+    ``exp.correction_weights``, and its metrics over the (global) batch.
+
+    Formula: ρ = π_old/μ at ``ppo.rollout_correction_level`` (``correction.importance_ratio``), w = correction(ρ,
+    ...) with ``ppo.rollout_correction_threshold`` / ``_low`` / ``_high``; w is 0 on padding, detached.
+    Metrics: ``check/logprob_gap`` (mean |log μ − log π_old| over valid tokens), ``check/logprob_gap_max``, and
+    over tokens or responses (the level) ``correction/weight_mean``, ``_max``, ``correction/ratio_min``,
+    ``_max``, ``correction/truncated_fraction`` (0 < w < ρ) and ``correction/masked_fraction`` (w = 0).
+
+    Args:
+        total: a sum over ranks (``distributed.global_count``); top: a max over ranks (``global_max``).
+    Shapes: exp's (B, T) fields -> correction_weights (B, T).
+    Raises:
+        UserCodeError: a correction that returns anything but finite weights ≥ 0 of shape (B, T).
+    """
+    mask, level = exp.mask, cfg.rollout_correction_level
+    ratio = importance_ratio(exp.logprobs, exp.behavior_logprobs, mask, level)  # (B, T)
+    where = f"ppo.rollout_correction {cfg.rollout_correction!r}"
+    with user_code(where):
+        w = correction(ratio=ratio, old_logprobs=exp.logprobs, behavior_logprobs=exp.behavior_logprobs, mask=mask,
+                       level=level, threshold=cfg.rollout_correction_threshold, low=cfg.rollout_correction_low,
+                       high=cfg.rollout_correction_high)
+    valid = mask.bool()
+    if not (isinstance(w, torch.Tensor) and w.shape == mask.shape and bool(w[valid].isfinite().all())
+            and bool((w[valid] >= 0).all())):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise UserCodeError(f"{where} returned {got}; expected finite weights >= 0 of shape (B, T) = {tuple(mask.shape)}")
+    w = torch.where(valid, w.detach().to(exp.logprobs.dtype), torch.zeros_like(exp.logprobs))  # (B, T)
+    gap_sum, gap_max, tokens = logprob_gap(exp.behavior_logprobs, exp.logprobs, mask)
+    s = weight_stats(w, ratio, mask, level)
+    units = max(total(s["units"]), 1.0)
+    low = -top(-s["ratio_min"])
+    metrics = {"check/logprob_gap": total(gap_sum) / max(total(tokens), 1.0), "check/logprob_gap_max": top(gap_max),
+               "correction/weight_mean": total(s["weight_sum"]) / units, "correction/weight_max": top(s["weight_max"]),
+               "correction/ratio_max": top(s["ratio_max"]), "correction/ratio_min": low if low < float("inf") else 0.0,
+               "correction/truncated_fraction": total(s["truncated"]) / units,
+               "correction/masked_fraction": total(s["masked"]) / units}
+    return replace(exp, correction_weights=w), metrics
+
+
 def _pad_cat(parts: list[torch.Tensor], left: bool = False, value: float = 0) -> torch.Tensor:
     """Concatenate along rows, padding dim 1 to the longest (on the left for prompts)."""
     width = max(t.shape[1] for t in parts)
@@ -144,7 +187,8 @@ def flat_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..., torch.Tensor], estimator: Any,
                     cfg: PPOConfig, kl_coef: float, draw_prompts: Callable[[], list[str]],
-                    generator: torch.Generator, iteration: int, sharded: bool = False
+                    generator: torch.Generator, iteration: int, sharded: bool = False,
+                    correction: Callable[..., torch.Tensor] | None = None
                     ) -> tuple[Experience, dict[str, Any], dict[str, Any]]:
     """Steps 1–7 of a PPO iteration: a scored, advantaged rollout of this rank's share of the batch.
 
@@ -156,7 +200,10 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
        With ``dynamic_sampling``: groups whose reward-source scores are all equal are dropped and steps
        1–3 repeat on further prompts until this rank's share is full (every rank runs as many rounds,
        at most ``dynamic_sampling_max_rounds``); still short, the first dropped groups fill the rest.
-    4. log π_old and values from the sampling loop's states, the reference's forward and the exact KL.
+    4. log π_old and values from the sampling loop's states, the reference's forward and the exact KL. With a
+       rollout ``correction`` (extensions.resolve_rollout_correction) π_old and the values come from the
+       trainer's own forward, the sampling loop's logprobs are μ (``behavior_logprobs``; a rollout engine
+       hands its own in here) and ``apply_rollout_correction`` sets the weights.
     5–7. rewards, advantages and KL weights (``compute_advantages``); overlong filtering masks the
        truncated responses out of the loss (``loss_mask``).
 
@@ -179,20 +226,22 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_generate += time.perf_counter() - t_round
+        behavior = None if correction is None else sampled_logprobs(
+            policy, hidden, response_ids, mask, cfg.temperature, cfg.kernel_backend)  # (b, T) log μ
         texts = decode_responses(tokenizer, response_ids, mask)
         with torch.autocast(device.type, enabled=False):  # a reward model scores in fp32 under bf16 training
             raw = reward(prompts, texts, iteration).float()  # (b,) the reward source's scores
         flat = flat_groups(raw, k) if cfg.dynamic_sampling else torch.zeros(len(prompts) // k, dtype=torch.bool)
         rounds.append(dict(prompts=prompts, texts=texts, raw=raw, group_ids=group_ids, query_ids=query_ids,
                            query_mask=query_mask, response_ids=response_ids, mask=mask, has_eos=has_eos,
-                           hidden=hidden, flat=flat))
+                           hidden=hidden, flat=flat, behavior=behavior))
         kept_groups, dropped = kept_groups + int((~flat).sum()), dropped + int(flat.sum())
         if D.global_count(int(kept_groups * k < need)) == 0:  # every rank has its share
             break
     rows = _select_rows(rounds, need, k)
     cat = {key: _pad_cat([rd[key][sel] for rd, sel in zip(rounds, rows) if len(sel)], left=key.startswith("query"),
                          value=tokenizer.pad_token_id if key.endswith("_ids") else 0)
-           for key in ("query_ids", "query_mask", "response_ids", "mask", "hidden")}
+           for key in ("query_ids", "query_mask", "response_ids", "mask", "hidden") + ("behavior",) * bool(correction)}
     pick = lambda key: torch.cat([rd[key][sel.to(rd[key].device)] for rd, sel in zip(rounds, rows)])  # noqa: E731
     prompts = [rd["prompts"][i] for rd, sel in zip(rounds, rows) for i in sel.tolist()]
     texts = [rd["texts"][i] for rd, sel in zip(rounds, rows) for i in sel.tolist()]
@@ -201,10 +250,13 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     shaping = overlong_penalty(mask.sum(1).cpu(), cfg.response_length, cfg.overlong_buffer, cfg.overlong_penalty)
     scores = raw - cfg.missing_eos_penalty * (~has_eos.cpu()).float() + shaping  # (B,)
     exp = score(policy, cat["query_ids"], cat["query_mask"], cat["response_ids"], mask, scores, cfg.temperature,
-                cfg.kl_estimator, cfg.kernel_backend, cat["hidden"] if cfg.rollout_logprobs else None,
-                reference=needs_reference(cfg))
-    exp = replace(exp, group_ids=group_ids.to(device),
+                cfg.kl_estimator, cfg.kernel_backend,
+                cat["hidden"] if cfg.rollout_logprobs and correction is None else None, reference=needs_reference(cfg))
+    exp = replace(exp, group_ids=group_ids.to(device), behavior_logprobs=cat.get("behavior"),
                   loss_mask=(mask.bool() & has_eos.to(device).unsqueeze(-1)) if cfg.overlong_filter else None)
+    corrected = {}
+    if correction is not None:
+        exp, corrected = apply_rollout_correction(exp, correction, cfg, D.global_count, D.global_max)
     exp, info = compute_advantages(exp, estimator, cfg, kl_coef, D.global_masked_moments, D.global_max)
     kls = {}  # not measured without the reference pass
     if needs_reference(cfg):
@@ -213,7 +265,7 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
         kls["objective/kl"] = float(exp.kl.sum(1).mean())
     eos = float(has_eos.float().mean())
     metrics = {
-        **kls,
+        **kls, **corrected,
         "objective/scores": float(exp.scores.mean()),
         "objective/rlhf_reward": float(exp.scores.mean()) - kl_coef * float(exp.kl.sum(1).mean()),
         "response/length": float(mask.sum(1).float().mean()),

@@ -1,7 +1,8 @@
 """The places a user changes PPO itself, resolved from the config: the advantage estimator
 (``ppo.advantage_estimator``: a registered name or ``file.py:function``), the policy loss
-(``ppo.policy_loss``: a registered name or ``file.py:function``) and the whole loss (``ppo.loss_fn``:
-empty for the objective's sum of terms, or ``file.py:function``).
+(``ppo.policy_loss``: a registered name or ``file.py:function``), the whole loss (``ppo.loss_fn``:
+empty for the objective's sum of terms, or ``file.py:function``) and the rollout correction
+(``ppo.rollout_correction``: 'none', a registered name or ``file.py:function``).
 
 All are checked here, before a run writes anything (``pipeline.preflight`` and the trainer call
 these): an unknown name, a file that fails to import, an undeclared function, a group estimator with
@@ -20,6 +21,7 @@ from ..config import PPOConfig
 from ..errors import ConfigError
 from ..user_code import is_user_spec, load_user_function
 from .advantages import AdvantageEstimator, estimator_declarations, get_advantage_estimator
+from .correction import RolloutCorrection, get_rollout_correction
 from .losses import PolicyLoss, get_policy_loss, policy_loss_declarations
 from .objective import LossFn
 
@@ -152,3 +154,27 @@ def resolve_loss_fn(cfg: PPOConfig) -> LossFn | None:
     if not is_user_spec(cfg.loss_fn):
         raise ConfigError(f"ppo.loss_fn={cfg.loss_fn!r}: expected '' (the PPO objective) or 'file.py:function'")
     return load_user_function(cfg.loss_fn, "ppo.loss_fn")
+
+
+def resolve_rollout_correction(cfg: PPOConfig, whole_loss: bool | None = None) -> RolloutCorrection | None:
+    """None (``ppo.rollout_correction`` 'none': π_old is the sampling policy), or the correction it names.
+
+    Args:
+        whole_loss: whether a whole-loss replacement is in use (None: ``cfg.loss_fn`` says).
+    Raises:
+        ConfigError: unknown name, a ``file.py:function`` that does not load, or a correction with a whole-loss
+            replacement (``ppo.loss_fn``), which has no policy term for the weights to multiply: not supported yet.
+    """
+    spec = cfg.rollout_correction
+    if spec == "none":
+        return None
+    if whole_loss if whole_loss is not None else bool(cfg.loss_fn):
+        raise ConfigError(f"ppo.rollout_correction={spec!r} is not supported yet with a whole-loss replacement "
+                          "(ppo.loss_fn): its weights multiply the objective's policy term, which loss_fn replaces; "
+                          "name your policy term in ppo.policy_loss instead")
+    if is_user_spec(spec):
+        return load_user_function(spec, "ppo.rollout_correction")
+    try:
+        return get_rollout_correction(spec)
+    except ValueError as e:
+        raise ConfigError(f"ppo.rollout_correction: {e}, or 'none' (or 'file.py:function')") from None

@@ -3,7 +3,8 @@
     loss = aggregate(ℓ^policy_t + vf_coef·ℓ^value_t − ent_coef·H_t + β_b·kl_t)
 
 - ℓ^policy: the registered policy loss ``ppo.policy_loss`` (losses.py: ppo, dual_clip, gspo, cispo,
-  sapo, or ``file.py:function``), per token.
+  sapo, or ``file.py:function``), per token; with a rollout correction (``ppo.rollout_correction``),
+  multiplied by the token's detached weight w_t (``Experience.correction_weights``, correction.py).
 - ℓ^value: the clipped value loss (only with a critic).
 - H: the policy's entropy at each state (from the fused logprob kernel).
 - β_b·kl_t: the KL penalty's loss term, when ``ppo.kl_penalty`` puts it there (``loss`` or ``both``):
@@ -107,7 +108,8 @@ def loss_terms(*, logprobs: torch.Tensor, values: torch.Tensor | None, entropy: 
     rollout; ``policy_loss`` a policy-loss function (losses.py contract).
 
     Returns:
-        terms: name -> (coefficient, per-token values (B, T)): "policy" (1), "value" (vf_coef, with a
+        terms: name -> (coefficient, per-token values (B, T)): "policy" (1; w_t·ℓ_t with a rollout
+            correction's weights), "value" (vf_coef, with a
             critic), "entropy" (−ent_coef), "kl" (1, already β_b·kl_t, when ``kl`` is given).
         stats: masked-mean diagnostics over this micro-batch's loss tokens.
     """
@@ -117,6 +119,8 @@ def loss_terms(*, logprobs: torch.Tensor, values: torch.Tensor | None, entropy: 
         out = policy_loss(logprobs=logprobs, old_logprobs=exp.logprobs, advantages=exp.advantages, mask=mask,
                           values=values, **policy_loss_options(config))
     per_token, stats = _checked(name, out, logprobs, mask)
+    if exp.correction_weights is not None:  # w_t·ℓ_t: the tokens were sampled from μ, not π_old
+        per_token = exp.correction_weights.to(per_token.dtype) * per_token
     stats = {k: torch.as_tensor(v).detach().reshape(()) for k, v in stats.items()}
     terms = {"policy": (1.0, per_token), "entropy": (-config.ent_coef, entropy)}
     stats.update(ratio_stats(logprobs, exp.logprobs, mask))

@@ -156,6 +156,22 @@ def generate(policy: CausalLMView, query_ids: torch.Tensor, query_mask: torch.Te
 
 
 @torch.no_grad()
+def sampled_logprobs(policy: CausalLMView, hidden: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor,
+                     temperature: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """log μ(a_t|s_t) of the sampled tokens from the sampling loop's own states (``generate(...,
+    return_hidden=True)``): the behavior policy's logprobs, as a rollout engine reports them.
+
+    Formula: log softmax(h_t·Wᵀ/temperature)[a_t] through the fused kernel, 0 on padding.
+    Shapes: hidden (B, T, H), response_ids / mask (B, T) -> (B, T).
+    """
+    b, t, h = hidden.shape
+    targets = response_ids.masked_fill(~mask.bool(), IGNORE_INDEX).reshape(-1)  # (B·T,)
+    lp = fused_logprobs(hidden.reshape(b * t, h), policy.lm_head_weight, targets, temperature, backend=backend,
+                        ignore_index=IGNORE_INDEX)  # (B·T,)
+    return lp.view(b, t) * mask.bool()
+
+
+@torch.no_grad()
 def score(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
           response_ids: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor | None,
           temperature: float = 1.0, kl_estimator: str = "k1", backend: str = "auto",

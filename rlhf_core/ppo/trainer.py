@@ -31,7 +31,8 @@ from ..tracking import MeanMetrics, MetricsLogger, progress
 from .advantages import AdvantageEstimator
 from .buffer import RolloutBuffer, micro_batches
 from .experience import Experience
-from .extensions import declared_estimator, resolve_estimator, resolve_loss_fn, resolve_policy_loss
+from .extensions import (declared_estimator, resolve_estimator, resolve_loss_fn, resolve_policy_loss,
+                         resolve_rollout_correction)
 from .losses import PolicyLoss, explained_variance, first_step_invariants
 from .objective import Denominators, LossFn, micro_batch_loss, ppo_loss  # noqa: F401 (ppo_loss: importable here)
 from .policy import PolicyWithValue
@@ -88,6 +89,7 @@ class PPOTrainer(Resumable):
         self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
         self.logger = logger or MetricsLogger(None)
         self.loss_fn = loss_fn or resolve_loss_fn(config)
+        self.correction = resolve_rollout_correction(config, whole_loss=self.loss_fn is not None)  # None: π_old = μ
         self.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         self.device = policy.lm_head_weight.device
@@ -125,7 +127,7 @@ class PPOTrainer(Resumable):
             # 1-7. prompts, generation (dynamic sampling), scores, logprobs, rewards, advantages (experience_maker.py)
             exp, rollout_metrics, extras = make_experience(
                 self.policy, self.tokenizer, self.reward, self.estimator, cfg, self.kl_ctl.value, self._draw_prompts,
-                self.sample_gen, self.iteration, self.sharded)
+                self.sample_gen, self.iteration, self.sharded, self.correction)
             if cfg.trace and self.iteration == 1:
                 self.trace = {**extras, **vars(exp), "kl_coef": self.kl_ctl.value, "kl_row_weights": exp.kl_coef}
             t_rollout = self._clock()
@@ -180,7 +182,7 @@ class PPOTrainer(Resumable):
         divides by the whole minibatch's counts, summed over ranks), so the summed backward passes give
         the un-accumulated one-process gradient. A non-finite loss or gradient skips the step: weights and
         optimizer state stay untouched. ``first``: the first minibatch of the iteration's first epoch, where
-        no weight has moved yet: adds the ``check/first_ratio_dev`` and ``check/logprob_gap`` invariants.
+        no weight has moved yet: adds the ``check/first_ratio_dev`` and (π_old = μ) ``check/logprob_gap`` invariants.
         """
         cfg = self.cfg
         den = Denominators.of(minibatch.loss_tokens, cfg.loss_aggregation, total=D.global_count)
@@ -215,7 +217,7 @@ class PPOTrainer(Resumable):
         if grad_norm is None:
             return None
         stats_sum = D.sum_metrics(stats_sum)
-        if first:
+        if first:  # with a rollout correction, step() reports the rollout's μ-vs-π_old gap instead
             stats_sum["check/logprob_gap"] = D.global_count(gap_sum) / max(D.global_count(minibatch.mask.sum()), 1)
             stats_sum["check/first_ratio_dev"] = D.global_max(ratio_dev)
         return {**stats_sum, "policy/grad_norm": float(grad_norm)}
