@@ -207,3 +207,16 @@ def test_the_experience_keeps_mu_and_pi_old_apart(monkeypatch):
     plain = make_trainer(trace=True)
     plain.step()
     assert plain.trace["behavior_logprobs"] is None and plain.trace["correction_weights"] is None
+
+
+def test_a_correction_named_as_file_py_function_runs(tmp_path, monkeypatch):
+    """docs/rollout.md's example, named as file.py:function: two-sided truncation at [1/C, C]."""
+    (tmp_path / "my_corr.py").write_text("def tis_floor(*, ratio, threshold, **kw):\n"
+                                         "    return ratio.clamp(1 / threshold, threshold)\n")
+    engine_off_by(monkeypatch, 0.3)
+    t = make_trainer(rollout_correction=f"{tmp_path / 'my_corr.py'}:tis_floor", rollout_correction_threshold=1.1,
+                     trace=True)
+    m = t.step()
+    w = t.trace["correction_weights"][t.trace["mask"].bool()]
+    assert float(w.min()) == pytest.approx(1 / 1.1) and float(w.max()) == pytest.approx(1.1)
+    assert m["correction/truncated_fraction"] > 0
