@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smollm2", type=int, default=1,
                    help="rounds on SmolLM2-135M (the smollm2 preset's weights and exact-answer task; 0: skip)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
-    p.add_argument("--curve-iterations", type=int, default=12, help="iterations per learning curve (0: skip)")
-    p.add_argument("--curve-seeds", default="0,1", help="comma-separated seeds for the learning curves")
+    p.add_argument("--curve-iterations", type=int, default=30, help="iterations per learning curve (0: skip)")
+    p.add_argument("--curve-seeds", default="0,1,2", help="comma-separated seeds for the learning curves")
+    p.add_argument("--curve-lr", type=float, default=3e-4, help="learning rate of the learning-curve runs")
     p.add_argument("--profile-scale", default="llama-30m", help="scale of one op-profiled run per row ('' to skip)")
     p.add_argument("--out", default=str(HERE / "results" / "grpo_vs_trl_cpu"), help="output path stem")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -154,7 +155,7 @@ def run_all(args: argparse.Namespace, work: Path) -> tuple[list[dict], list[dict
         for seed in [int(s) for s in args.curve_seeds.split(",")]:
             for row in ROWS:
                 spec = spec_for("tiny", paths, "gold", lambda n, s: task_prompts(n, s)[0], "fp32",
-                                iterations=args.curve_iterations, lr=3e-4, seed=seed, response_length=20)
+                                iterations=args.curve_iterations, lr=args.curve_lr, seed=seed, response_length=20)
                 curves.append(spawn(row, spec, args.threads))
     return runs, profiles, curves, sizes
 
@@ -169,7 +170,7 @@ def markdown(report: dict) -> str:
              f"- Device: {report['device']}; torch threads per run: {report['threads_per_run']}",
              f"- 1-min load average at start / end: {report['loadavg_1min_start']:.1f} / {report['loadavg_1min_end']:.1f}",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
-             f"- Command: `{report['command']}` (total {report['total_wall_s']:.0f} s)",
+             f"- Command: `{report['command']}` at commit {report.get('commit', '?')} (total {report['total_wall_s']:.0f} s)",
              f"- Settings: {hp['batch_size']} episodes per iteration ({hp['batch_size'] // hp['group_size']} prompts x "
              f"{hp['group_size']} generations), {hp['num_mini_batches']} optimizer steps per generation batch, "
              f"{hp['ppo_epochs']} inner epochs (TRL num_iterations), up to {hp['response_length']} new tokens "
@@ -196,12 +197,15 @@ def markdown(report: dict) -> str:
                   "| op | calls | self s | share |", "|---|---:|---:|---:|"]
         lines += [f"| `{t['op']}` | {t['calls']} | {t['self_s']:.2f} | {t['share']:.0%} |" for t in p["top"]] + [""]
     if report["curves"]:
+        n = 5
         lines += ["## Learning curves (tiny policy after 300 supervised steps, gold reward, fp32)", "",
-                  "Mean reward of each iteration's 16 episodes, first three and last three iterations:", "",
-                  "| row | seed | first 3 | last 3 |", "|---|---:|---|---|"]
+                  f"Mean reward of the {n} first and {n} last iterations (16 episodes each) of "
+                  f"{len(report['curves'][0]['curve'])}, lr {report['curves'][0]['hparams']['lr']}:", "",
+                  f"| row | seed | first {n} | last {n} | change |", "|---|---:|---:|---:|---:|"]
         for c in report["curves"]:
-            ys = [f"{y:+.2f}" for _, y in c["curve"]]
-            lines.append(f"| {ROW_NAMES[c['row']]} | {c['hparams']['seed']} | {' '.join(ys[:3])} | {' '.join(ys[-3:])} |")
+            ys = [y for _, y in c["curve"]]
+            a, b = sum(ys[:n]) / len(ys[:n]), sum(ys[-n:]) / len(ys[-n:])
+            lines.append(f"| {ROW_NAMES[c['row']]} | {c['hparams']['seed']} | {a:+.3f} | {b:+.3f} | {b - a:+.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     report = {
         "command": command, "device": cpu_name(), "threads_per_run": args.threads,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=HERE).stdout.strip(),
         "loadavg_1min_start": load0, "loadavg_1min_end": os.getloadavg()[0], "total_wall_s": time.perf_counter() - t0,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": TRL_VERSION},

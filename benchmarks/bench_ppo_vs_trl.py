@@ -37,7 +37,8 @@ ROWS = ("trl", "ours-trl-structure", "ours-best")
 # Per-scale overrides of HParams: the 10M model gets fewer iterations to keep the CPU run ≲ 10 min;
 # the GPU scales roll out 64 episodes of up to 64 tokens per iteration.
 GPU_HP = {"iterations": 4, "batch_size": 64, "num_mini_batches": 4, "response_length": 64}
-SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2},
+SCALE_HP = {"tiny": {"iterations": 4}, "gpt2-10m": {"iterations": 2}, "llama-8m": {"iterations": 2},
+            "llama-30m": {"iterations": 2},
             "pythia-160m": GPU_HP, "pythia-410m": GPU_HP, "pythia-1b": GPU_HP,
             "neox-tiny": {"iterations": 1, "batch_size": 4, "response_length": 6}}
 DEFAULT_SCALES = {"cpu": "tiny,gpt2-10m", "cuda": "pythia-160m,pythia-410m,pythia-1b"}
