@@ -21,7 +21,7 @@ What it reads off each cubin (nothing here is a timing):
 Programs per SM follow from registers × threads (64 Ki registers per SM) and shared memory.
 
 --check fails when a kernel does not compile, needs more shared memory than the limit, spills
-(fp16/bf16/tf32), or runs those dots without tensor cores (no HGMMA on sm_90 — the path Hopper
+(fp16/bf16/tf32), has fp32 atomics (the gradients must be deterministic), or runs those dots without tensor cores (no HGMMA on sm_90 — the path Hopper
 needs for its matmul peak —, no HMMA before it).
 Results: benchmarks/results/kernels_sm<arch>_compile.{json,md}.
 """
@@ -83,23 +83,24 @@ def cases(n: int, h: int, v: int, dtype: torch.dtype, tf32: bool,
     """(name, kernel, positional args, constexpr kwargs) exactly as the launchers pass them,
     with small CPU tensors standing in for the pointers (only dtype and alignment matter)."""
     x = torch.empty(16, 16, dtype=dtype)  # hidden / weight stand-in
-    i64 = torch.empty(16, dtype=torch.int64)
+    dz = torch.empty(16, 16, dtype=torch.float32 if dtype == torch.float32 else dtype)  # dlogits, the GEMM dtype
+    i64 = torch.empty(16, dtype=torch.int64)  # targets, kept-row ids
     f = torch.empty(16)
     cfg = lp_mod.gpu_launch_config(dtype, tf32, shared_kib)
+    c = max(cfg["BLOCK_N"], lp_mod.DZ_CHUNK_ELEMENTS // v // cfg["BLOCK_N"] * cfg["BLOCK_N"])  # backward chunk rows
     strides = (h, 1, h, 1)  # contiguous hidden [N, H] and weight [V, H]
-    inv_t, ign = 1.0 / 0.7, -100
-    lp_fwd = (x, x, i64, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
-    lp_bwd = (x, x, i64, f, f, f, f, f, f, n, v, h, *strides, 1, inv_t, ign)
-    kl_fwd = (x, x, x, x, f, f, f, i64, f, f, n, v, h, h, *strides, *strides, 1, inv_t, ign)
-    kl_bwd = (x, x, x, x, f, f, f, f, f, f, n, v, h, h, *strides, *strides, inv_t)
-    grads = dict(NEED_H=True, NEED_W=True)
+    inv_t = 1.0 / 0.7
+    lp_fwd = (x, x, i64, i64, f, f, f, n, v, h, *strides, 1, inv_t)
+    lp_bwd = (x, x, i64, i64, f, f, f, f, dz, c, v, h, *strides, 1, inv_t)
+    kl_fwd = (x, x, x, x, i64, f, f, f, i64, f, f, n, v, h, h, *strides, *strides, 1, inv_t)
+    kl_bwd = (x, x, x, x, i64, f, f, f, dz, c, v, h, h, *strides, *strides, inv_t)
     return [
         ("logprob_fwd", lp_mod._logprob_fwd_kernel, lp_fwd, cfg),
-        ("logprob_bwd", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=False, **grads, **cfg)),
-        ("logprob_bwd+entropy", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=True, **grads, **cfg)),
+        ("logprob_bwd", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=False, **cfg)),
+        ("logprob_bwd+entropy", lp_mod._logprob_bwd_kernel, lp_bwd, dict(HAS_ENT=True, **cfg)),
         ("kl_fwd", kl_mod._kl_fwd_kernel, kl_fwd, dict(HAS_TARGETS=False, **cfg)),
         ("kl_fwd+logprobs", kl_mod._kl_fwd_kernel, kl_fwd, dict(HAS_TARGETS=True, **cfg)),  # the rollout's pass
-        ("kl_bwd", kl_mod._kl_bwd_kernel, kl_bwd, dict(**grads, **cfg)),
+        ("kl_bwd", kl_mod._kl_bwd_kernel, kl_bwd, cfg),
     ]
 
 
@@ -141,6 +142,8 @@ def problems(row: dict) -> list[str]:
         out.append(f"register spills (stack {row['stack_bytes']} B, local {row['local_bytes']} B)")
     if row["sass"]["MEMBAR.GPU"] or row["sass"]["CCTL.IVALL"]:
         out.append("GPU-wide fences / L1 invalidations (acquire-release atomics where relaxed ones do)")
+    if row["sass"]["atomic_f32"]:  # the backward writes dlogits once per element; GEMMs reduce them
+        out.append(f"{row['sass']['atomic_f32']} fp32 atomics: non-deterministic accumulation")
     if tensor_core and row["arch"] >= 90 and not row["sass"]["HGMMA"]:
         out.append("no HGMMA: the dots are not on Hopper's warpgroup tensor-core path")
     if tensor_core and row["arch"] < 90 and not row["sass"]["HMMA"]:

@@ -33,6 +33,18 @@ def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, what: str) -> None
         )
 
 
+def _check_targets(targets: torch.Tensor, n: int, vocab: int, ignore_index: int, what: str) -> None:
+    """targets [N], each in [0, V) or ignore_index (one host sync): a wrong id would read another
+    row's memory in a kernel, or fail deep inside torch's gather."""
+    if targets.shape != (n,):
+        raise ValueError(f"{what}: targets must be [N]={n}, got {tuple(targets.shape)}")
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{what}: target {int(targets[i])} at row {i} is outside [0, {vocab}) "
+                         f"and is not ignore_index={ignore_index}")
+
+
 def _check_pair(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                 temperature: float, what: str) -> None:
     """Policy and reference inputs of one KL op: each [N, H] x [V, H], the same N and V, T > 0."""
@@ -61,8 +73,8 @@ def fused_logprobs(
     Args:
         hidden: final hidden states, fp32/fp16/bf16, any strides.
         weight: LM-head weight (same dtype family as hidden).
-        targets: token ids (int). Rows equal to ``ignore_index`` give 0 (logprob and entropy)
-            and no gradient. Ids outside [0, V) are not checked (undefined result on Triton).
+        targets: token ids (int) in [0, V). Rows equal to ``ignore_index`` give 0 (logprob and
+            entropy), no gradient, and cost nothing. Other ids outside [0, V): ValueError.
         temperature: T > 0 dividing the logits (the sampling temperature).
         return_entropy: also return the per-row entropy.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton", or "torch".
@@ -76,8 +88,7 @@ def fused_logprobs(
     _check_shapes(hidden, weight, "fused_logprobs")
     if temperature <= 0:
         raise ValueError(f"fused_logprobs: temperature must be > 0, got {temperature}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"fused_logprobs: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, "fused_logprobs")
     # an empty batch needs no kernel launch (a grid of 0 programs is an error in Triton)
     if resolve_backend(backend, hidden, weight, targets) == "torch" or hidden.shape[0] == 0:
         return chunked_logprobs(hidden, weight, targets, temperature, return_entropy, ignore_index)
@@ -92,6 +103,7 @@ def fused_kl(
     ref_weight: torch.Tensor,
     temperature: float = 1.0,
     backend: str = "auto",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact per-token KL(π‖π_ref) over the full vocabulary, from both models' hidden states.
 
@@ -103,16 +115,19 @@ def fused_kl(
         ref_hidden, ref_weight: reference model's; treated as constants (no gradient).
         temperature: T > 0 dividing both sides' logits.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton", or "torch".
+        mask: bool [N]; rows where it is False give 0 and no gradient, and cost nothing (None: all).
     Shapes:
-        hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'] -> kl [N]
+        hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'], mask [N] -> kl [N]
     Returns:
-        float32 ``kl`` [N] for fp32/fp16/bf16 inputs (float64 stays float64 on the torch backend).
+        float32 ``kl`` [N] ≥ 0 for fp32/fp16/bf16 inputs (float64 stays float64 on the torch backend).
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight, temperature, "fused_kl")
+    if mask is not None and mask.shape != hidden.shape[:1]:
+        raise ValueError(f"fused_kl: mask must be [N]={hidden.shape[0]}, got {tuple(mask.shape)}")
     if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight) == "torch" or hidden.shape[0] == 0:
-        return chunked_kl(hidden, weight, ref_hidden, ref_weight, temperature)
+        return chunked_kl(hidden, weight, ref_hidden, ref_weight, temperature, mask=mask)
     mod = load_triton("triton_kl", hidden.device)
-    return mod.triton_kl(hidden, weight, ref_hidden, ref_weight, temperature)
+    return mod.triton_kl(hidden, weight, ref_hidden, ref_weight, temperature, mask)
 
 
 def fused_logprobs_kl(
@@ -138,8 +153,7 @@ def fused_logprobs_kl(
         target == ignore_index (the KL of those rows is computed all the same).
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight, temperature, "fused_logprobs_kl")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"fused_logprobs_kl: targets must be [N]={hidden.shape[0]}, got {tuple(targets.shape)}")
+    _check_targets(targets, hidden.shape[0], weight.shape[0], ignore_index, "fused_logprobs_kl")
     if resolve_backend(backend, hidden, weight, ref_hidden, ref_weight, targets) == "torch" or hidden.shape[0] == 0:
         return chunked_logprobs_kl(hidden, weight, ref_hidden, ref_weight, targets, temperature, ignore_index)
     mod = load_triton("triton_kl", hidden.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from types import ModuleType
 
 import torch
@@ -40,19 +41,48 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Map ``backend`` to "triton" or "torch".
 
     Args:
-        backend: "auto" (Triton when the tensors are on CUDA, else torch), "triton" or "torch".
+        backend: "auto" (Triton when the tensors are on a supported GPU, else torch), "triton" or "torch".
         tensors: the op's inputs; all must share one device.
     Returns:
-        "triton" or "torch".
+        "triton" or "torch". "auto" on a GPU the kernels do not support falls back to torch with
+        one warning per reason; an explicit "triton" there is an error.
     """
     if backend not in BACKENDS:
         raise KernelBackendError(f"backend must be one of {BACKENDS}, got {backend!r}")
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise KernelBackendError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    if backend == "auto":
-        return "triton" if tensors[0].is_cuda else "torch"
-    return backend
+    if backend == "torch" or (backend == "auto" and not tensors[0].is_cuda):
+        return "torch"
+    reason = unsupported(*tensors[:2]) if tensors[0].is_cuda else None
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise KernelBackendError(f"backend='triton': {reason}")
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"kernels: {reason}; using the chunked torch path", RuntimeWarning, stacklevel=3)
+    return "torch"
+
+
+_WARNED: set[str] = set()
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unsupported(hidden: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on these CUDA tensors (None when they can): a ROCm build,
+    a GPU below compute capability 8.0 (no bf16 tensor cores: T4, V100), or an input dtype
+    other than fp32/fp16/bf16 (or two half dtypes mixed)."""
+    if torch.version.hip is not None:
+        return "the Triton kernels are built and checked for NVIDIA GPUs only, not ROCm"
+    major, minor = torch.cuda.get_device_capability(hidden.device)
+    if major < 8:
+        return f"compute capability {major}.{minor} < 8.0 is not supported by the Triton kernels"
+    if hidden.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        return f"dtypes {hidden.dtype}/{weight.dtype} are not fp32/fp16/bf16"
+    if hidden.dtype != weight.dtype and torch.float32 not in (hidden.dtype, weight.dtype):
+        return f"mixed half dtypes {hidden.dtype}/{weight.dtype}"
+    return None
 
 
 def _is_interpreted(module: ModuleType) -> bool:

@@ -14,6 +14,8 @@ Math (z = hidden @ weight.T / T, one row):
     logprob  = z_target - lse
     entropy  = lse - Σ_j p_j z_j,             p = softmax(z)
     KL(p‖q)  = Σ_j p_j (z_j - zq_j) - lse + lse_q
+computed in the forms of ``stable_stats.py`` (no term the size of the logits is subtracted), and
+the gradients reduced with GEMMs per chunk (deterministic). Masked rows are skipped entirely.
 References: Cut Cross-Entropy (Wijmans et al. 2024) for the recompute-in-backward idea;
 Schulman, "Approximating KL divergence" for why the exact KL is worth having.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from kernels import _dispatch
+from kernels.stable_stats import kl_stats, softmax_stats
 
 # ~8M fp32 logits (32 MB) per chunk, and never fewer than MIN_CHUNK_ROWS rows: every chunk streams
 # the whole weight through its GEMMs, which stay bound by reading W (not by FLOPs) below ~256 rows
@@ -47,6 +50,17 @@ def _row_blocks(n_rows: int, vocab: int):
     return (slice(r, min(r + step, n_rows)) for r in range(0, n_rows, step))
 
 
+def _chunks(keep: torch.Tensor, chunk: int):
+    """Index objects for the kept rows, ``chunk`` at a time: slices when every row is kept, else
+    index tensors, so that masked rows cost no FLOPs."""
+    n = keep.numel()
+    rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # (kept,) one host sync
+    total = n if rows is None else rows.numel()
+    for s in range(0, total, chunk):
+        e = min(s + chunk, total)
+        yield slice(s, e) if rows is None else rows[s:e]
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Upcast to the accumulation dtype: float32, or float64 for float64 inputs (gradcheck)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -57,12 +71,34 @@ def _logits(hidden: torch.Tensor, weight32: torch.Tensor, inv_t: float) -> torch
     return (_acc(hidden) @ weight32.T).mul_(inv_t)  # (c, V)
 
 
+def _grad_buffers(ctx, hidden: torch.Tensor, w32: torch.Tensor, dense: bool):
+    """d_hidden (N, H) and the d_weight accumulator (V, H) where needed; skipped rows keep 0."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    alloc = _dispatch.empty if dense else torch.zeros
+    d_hidden = alloc(*hidden.shape, device=hidden.device, dtype=w32.dtype) if need_h else None
+    return d_hidden, torch.zeros_like(w32) if need_w else None
+
+
+def _reduce_grads(dz: torch.Tensor, idx, hidden, w32, d_hidden, d_weight) -> None:
+    """d_hidden[idx] = dz @ W and d_weight += dz^T @ hidden[idx]: GEMMs, deterministic."""
+    if d_hidden is not None:
+        d_hidden[idx] = dz @ w32
+    if d_weight is not None:
+        d_weight.addmm_(dz.T, _acc(hidden[idx]))
+
+
+def _cast_grads(d_hidden, d_weight, hidden, weight):
+    return (d_hidden.to(hidden.dtype) if d_hidden is not None else None,
+            d_weight.to(weight.dtype) if d_weight is not None else None)
+
+
 class _ChunkedLogprob(torch.autograd.Function):
     """Chunked logprob (+ entropy); reproduces, row by row,
 
         z = (hidden @ weight.T).float() / T
         logprob = z.log_softmax(-1).gather(-1, target)     # 0 where target == ignore_index
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    Rows whose target is ``ignore_index`` are skipped (no FLOPs, no gradient).
     """
 
     @staticmethod
@@ -73,148 +109,121 @@ class _ChunkedLogprob(torch.autograd.Function):
         w32 = _acc(weight)  # (V, H) no copy for fp32 inputs
         valid = targets != ignore_index  # (N,)
         safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()  # (N,)
-        lse = _dispatch.empty(n, device=hidden.device, dtype=w32.dtype)  # (N,)
-        spz = hidden.new_zeros(n, dtype=w32.dtype)  # (N,) Σ p z, saved for the entropy grad
-        logprobs = _dispatch.empty(n, device=hidden.device, dtype=w32.dtype)  # (N,)
+        lse = torch.zeros(n, device=hidden.device, dtype=w32.dtype)  # (N,) 0 on skipped rows
+        ent = torch.zeros_like(lse)  # (N,) entropy, also saved for its gradient
+        logprobs = torch.zeros_like(lse)  # (N,)
         c = _chunk_rows(n, v, chunk_size)
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            z = _logits(hidden[s:e], w32, inv_t)  # (c, V)
-            lse_c, spz_c = lse[s:e], spz[s:e]  # (c,) views
-            for b in _row_blocks(e - s, v):
-                lse_c[b] = torch.logsumexp(z[b], dim=-1)
+        for idx in _chunks(valid, c):
+            z = _logits(hidden[idx], w32, inv_t)  # (c, V)
+            st = torch.empty(3, z.shape[0], device=z.device, dtype=z.dtype)  # (3, c): m, log s, entropy
+            for b in _row_blocks(z.shape[0], v):
+                m, log_s, e = softmax_stats(z[b], return_entropy)
+                st[0, b], st[1, b] = m, log_s
                 if return_entropy:
-                    spz_c[b] = torch.linalg.vecdot((z[b] - lse_c[b, None]).exp_(), z[b])  # Σ p z
-            logprobs[s:e] = z.gather(1, safe_t[s:e, None]).squeeze(1) - lse_c
+                    st[2, b] = e
+            lse[idx], ent[idx] = st[0] + st[1], st[2]
+            logprobs[idx] = (z.gather(1, safe_t[idx, None]).squeeze(1) - st[0]) - st[1]
             del z  # before the next chunk's GEMM allocates its own
-        logprobs = torch.where(valid, logprobs, 0.0)
-        entropy = torch.where(valid, lse - spz, 0.0) if return_entropy else logprobs.new_empty(0)
+        entropy = ent if return_entropy else logprobs.new_empty(0)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy)
-        ctx.save_for_backward(hidden, weight, safe_t, valid, lse, spz)
+        ctx.save_for_backward(hidden, weight, safe_t, valid, lse, ent)
         ctx.inv_t, ctx.chunk = inv_t, c
         return logprobs, entropy
 
     @staticmethod
     @_dispatch.fp32_math
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, safe_t, valid, lse, spz = ctx.saved_tensors
-        inv_t, c = ctx.inv_t, ctx.chunk
-        n, v = hidden.shape[0], weight.shape[0]
+        hidden, weight, safe_t, valid, lse, ent = ctx.saved_tensors
+        inv_t, c, v = ctx.inv_t, ctx.chunk, weight.shape[0]
         w32 = _acc(weight)  # (V, H)
-        vmask = valid.to(lse.dtype)  # (N,) ignored rows get no gradient
-        g_lp = (g_lp.to(lse.dtype) if g_lp is not None else torch.zeros_like(lse)) * vmask  # (N,)
-        use_ent = g_ent is not None and g_ent.numel() == n
-        g_ent = g_ent.to(lse.dtype) * vmask if use_ent else None  # (N,)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden = _dispatch.empty(*hidden.shape, device=hidden.device, dtype=w32.dtype) if need_h else None
-        d_weight = torch.zeros_like(w32) if need_w else None  # (V, H) fp32 accumulator
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) logits z, turned into dz in place
-            lse_c, spz_c, g_lp_c = lse[s:e, None], spz[s:e, None], g_lp[s:e, None]  # (c, 1) each
-            for b in _row_blocks(e - s, v):
+        g_lp = g_lp.to(lse.dtype) if g_lp is not None else torch.zeros_like(lse)  # (N,)
+        g_ent = g_ent.to(lse.dtype) if g_ent is not None and g_ent.numel() == lse.numel() else None  # (N,)
+        d_hidden, d_weight = _grad_buffers(ctx, hidden, w32, bool(valid.all()))
+        for idx in _chunks(valid, c):
+            dz = _logits(hidden[idx], w32, inv_t)  # (c, V) logits z, turned into dz in place
+            lse_c, g_lp_c = lse[idx, None], g_lp[idx, None]  # (c, 1) each
+            for b in _row_blocks(dz.shape[0], v):
                 z = dz[b]  # view
                 p = (z - lse_c[b]).exp_()  # (rows, V) block temporary
-                # dlogprob/dz = onehot - p ; dentropy/dz = -p (z - Σ p z)
+                # dlogprob/dz = onehot - p ; dentropy/dz = -p (log p + entropy)
                 if g_ent is not None:
-                    z.sub_(spz_c[b]).mul_(-g_ent[s:e, None][b]).sub_(g_lp_c[b]).mul_(p)
+                    z.sub_(lse_c[b]).add_(ent[idx, None][b]).mul_(-g_ent[idx, None][b]).sub_(g_lp_c[b]).mul_(p)
                 else:
                     torch.mul(p, -g_lp_c[b], out=z)
                 del z, p  # a live view would keep the whole chunk of logits allocated
-            dz.scatter_add_(1, safe_t[s:e, None], g_lp_c)
+            dz.scatter_add_(1, safe_t[idx, None], g_lp_c)
             dz.mul_(inv_t)  # chain rule through z = logits / T
-            if need_h:
-                d_hidden[s:e] = dz @ w32
-            if need_w:
-                d_weight.addmm_(dz.T, _acc(hidden[s:e]))
+            _reduce_grads(dz, idx, hidden, w32, d_hidden, d_weight)
             del dz
-        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
-        d_weight = d_weight.to(weight.dtype) if need_w else None
-        return d_hidden, d_weight, None, None, None, None, None
+        return (*_cast_grads(d_hidden, d_weight, hidden, weight), None, None, None, None, None)
 
 
 def _kl_pass(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-             inv_t: float, chunk: int, safe_targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-    """One pass over row chunks of both models' logits: (lse_p, lse_q, kl, logp[target], logq[target]),
-    each (N,); the last two only with ``safe_targets`` (None otherwise)."""
+             inv_t: float, chunk: int, keep: torch.Tensor,
+             safe_targets: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """One pass over chunks of the kept rows of both models' logits: (lse_p, kl, dbar, logp[target],
+    logq[target]), each (N,) and 0 on rows not kept; the last two only with ``safe_targets``."""
     n, v = hidden.shape[0], weight.shape[0]
     w32, rw32 = _acc(weight), _acc(ref_weight)  # (V, H) each
-    dev, acc = hidden.device, w32.dtype
-    lse_p, lse_q, kl = (_dispatch.empty(n, device=dev, dtype=acc) for _ in range(3))  # (N,) each
+    lse_p, kl, dbar = (torch.zeros(n, device=hidden.device, dtype=w32.dtype) for _ in range(3))  # (N,)
     lp = lq = None
     if safe_targets is not None:
-        lp, lq = (_dispatch.empty(n, device=dev, dtype=acc) for _ in range(2))  # (N,) each
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        zp = _logits(hidden[s:e], w32, inv_t)  # (c, V)
-        zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
-        lp_c, lq_c, kl_c = lse_p[s:e], lse_q[s:e], kl[s:e]  # (c,) views
-        for b in _row_blocks(e - s, v):
-            lp_c[b] = torch.logsumexp(zp[b], dim=-1)
-            lq_c[b] = torch.logsumexp(zq[b], dim=-1)
-        if safe_targets is not None:  # before the KL below turns zp into zp - zq in place
-            lp[s:e] = zp.gather(1, safe_targets[s:e, None]).squeeze(1) - lp_c
-            lq[s:e] = zq.gather(1, safe_targets[s:e, None]).squeeze(1) - lq_c
-        for b in _row_blocks(e - s, v):
-            p = (zp[b] - lp_c[b, None]).exp_()  # (rows, V) block temporary
-            kl_c[b] = torch.linalg.vecdot(p, zp[b].sub_(zq[b])) - lp_c[b] + lq_c[b]
-            del p
+        lp, lq = torch.zeros_like(kl), torch.zeros_like(kl)  # (N,) each
+    for idx in _chunks(keep, chunk):
+        zp = _logits(hidden[idx], w32, inv_t)  # (c, V)
+        zq = _logits(ref_hidden[idx], rw32, inv_t)  # (c, V)
+        out = torch.empty(4, zp.shape[0], device=zp.device, dtype=zp.dtype)  # lse_p, lse_q, kl, dbar
+        for b in _row_blocks(zp.shape[0], v):
+            out[:, b] = torch.stack(kl_stats(zp[b], zq[b]))
+        lse_p[idx], kl[idx], dbar[idx] = out[0], out[2], out[3]
+        if safe_targets is not None:
+            lp[idx] = zp.gather(1, safe_targets[idx, None]).squeeze(1) - out[0]
+            lq[idx] = zq.gather(1, safe_targets[idx, None]).squeeze(1) - out[1]
         del zp, zq
-    return lse_p, lse_q, kl, lp, lq
+    return lse_p, kl, dbar, lp, lq
 
 
 class _ChunkedKL(torch.autograd.Function):
     """Chunked exact KL(π‖π_ref); reproduces, row by row,
 
         lp, lq = (h @ W.T / T).log_softmax(-1), (h_ref @ W_ref.T / T).log_softmax(-1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)            # 0 where mask is False
     Gradients flow to the policy side only (hidden, weight); the reference side is a constant.
     """
 
     @staticmethod
     @_dispatch.fp32_math
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, chunk_size):
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, chunk_size, mask):
         inv_t = 1.0 / temperature
         c = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_size)
-        lse_p, lse_q, kl, _, _ = _kl_pass(hidden, weight, ref_hidden, ref_weight, inv_t, c)
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl)
+        lse_p, kl, dbar, _, _ = _kl_pass(hidden, weight, ref_hidden, ref_weight, inv_t, c, mask)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, lse_p, dbar, mask)
         ctx.inv_t, ctx.chunk = inv_t, c
         return kl
 
     @staticmethod
     @_dispatch.fp32_math
     def backward(ctx, g_kl):
-        hidden, weight, ref_hidden, ref_weight, lse_p, lse_q, kl = ctx.saved_tensors
-        inv_t, c = ctx.inv_t, ctx.chunk
-        n, v = hidden.shape[0], weight.shape[0]
+        hidden, weight, ref_hidden, ref_weight, lse_p, dbar, mask = ctx.saved_tensors
+        inv_t, c, v = ctx.inv_t, ctx.chunk, weight.shape[0]
         w32, rw32 = _acc(weight), _acc(ref_weight)  # (V, H) each
-        g = g_kl.to(kl.dtype)  # (N,)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden = _dispatch.empty(*hidden.shape, device=hidden.device, dtype=w32.dtype) if need_h else None
-        d_weight = torch.zeros_like(w32) if need_w else None  # (V, H)
-        for s in range(0, n, c):
-            e = min(s + c, n)
-            dz = _logits(hidden[s:e], w32, inv_t)  # (c, V) policy logits zp, turned into dz in place
-            zq = _logits(ref_hidden[s:e], rw32, inv_t)  # (c, V)
-            # dKL/dz_j = p_j ((z_j - zq_j) - (lse - lse_q) - KL)
-            lp_c = lse_p[s:e, None]  # (c, 1)
-            shift = lp_c - lse_q[s:e, None] + kl[s:e, None]  # (c, 1)
-            scale = g[s:e, None] * inv_t  # (c, 1)
-            for b in _row_blocks(e - s, v):
+        g = g_kl.to(lse_p.dtype)  # (N,)
+        d_hidden, d_weight = _grad_buffers(ctx, hidden, w32, bool(mask.all()))
+        for idx in _chunks(mask, c):
+            dz = _logits(hidden[idx], w32, inv_t)  # (c, V) policy logits zp, turned into dz in place
+            zq = _logits(ref_hidden[idx], rw32, inv_t)  # (c, V)
+            # dKL/dz_j = p_j (d_j - d̄), d = zp - zq, d̄ = Σ p d
+            lp_c, dbar_c, scale = lse_p[idx, None], dbar[idx, None], g[idx, None] * inv_t  # (c, 1) each
+            for b in _row_blocks(dz.shape[0], v):
                 zp = dz[b]  # view
                 p = (zp - lp_c[b]).exp_()  # (rows, V) block temporary
-                zp.sub_(zq[b]).sub_(shift[b]).mul_(p).mul_(scale[b])
+                zp.sub_(zq[b]).sub_(dbar_c[b]).mul_(p).mul_(scale[b])
                 del zp, p  # a live view would keep the whole chunk of logits allocated
             del zq
-            if need_h:
-                d_hidden[s:e] = dz @ w32
-            if need_w:
-                d_weight.addmm_(dz.T, _acc(hidden[s:e]))
+            _reduce_grads(dz, idx, hidden, w32, d_hidden, d_weight)
             del dz
-        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
-        d_weight = d_weight.to(weight.dtype) if need_w else None
-        return d_hidden, d_weight, None, None, None, None
+        return (*_cast_grads(d_hidden, d_weight, hidden, weight), None, None, None, None, None)
 
 
 def chunked_logprobs(
@@ -259,6 +268,7 @@ def chunked_kl(
     ref_weight: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact per-token KL(π‖π_ref) over the full vocabulary, chunked over rows.
 
@@ -270,12 +280,14 @@ def chunked_kl(
         ref_hidden, ref_weight: reference-model hidden states and LM head (treated as constants).
         temperature: T dividing both sides' logits.
         chunk_size: rows per chunk (default: ~8M logits per chunk, at least 256 rows).
+        mask: bool [N]; rows where it is False give 0 and no gradient, at no cost (None: all rows).
     Shapes:
         hidden/ref_hidden [N, H] (H may differ between the two), weight/ref_weight [V, H] -> kl [N]
     Returns:
-        float32 ``kl`` [N] (float64 for float64 inputs); gradients flow to hidden and weight only.
+        float32 ``kl`` [N] (float64 for float64 inputs), ≥ 0; gradients flow to hidden and weight only.
     """
-    return _ChunkedKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature), chunk_size)
+    keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    return _ChunkedKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature), chunk_size, keep)
 
 
 @torch.no_grad()
@@ -302,7 +314,8 @@ def chunked_logprobs_kl(
     valid = targets != ignore_index  # (N,)
     safe_t = torch.where(valid, targets, torch.zeros_like(targets)).long()  # (N,)
     c = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_size)
-    _, _, kl, lp, lq = _kl_pass(hidden, weight, ref_hidden, ref_weight, 1.0 / temperature, c, safe_t)
+    keep = torch.ones_like(valid)  # the KL of ignored rows is computed all the same
+    _, kl, _, lp, lq = _kl_pass(hidden, weight, ref_hidden, ref_weight, 1.0 / temperature, c, keep, safe_t)
     return torch.where(valid, lp, 0.0), torch.where(valid, lq, 0.0), kl
 
 

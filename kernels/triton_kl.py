@@ -1,16 +1,22 @@
 """Triton exact per-token KL(π‖π_ref) over the full vocabulary, from both models' hidden states.
 
-Forward: one program per block of rows walks the vocabulary in BLOCK_V tiles, computing the policy
-tile z = h @ W^T / T and the reference tile zq = h_ref @ W_ref^T / T, and runs two online softmaxes
-side by side. Besides m_p, s_p, m_q, s_q it keeps t = Σ e^{z - m_p}(z - zq), rescaled together with
-s_p by e^{m_old - m_new} whenever m_p grows. At the end
+Forward: one program per block of kept rows walks the vocabulary in BLOCK_V tiles, computing the
+policy tile z = h @ W^T / T and the reference tile zq = h_ref @ W_ref^T / T, with two online
+softmaxes side by side (m_p, s_p, m_q, s_q). The KL comes from the centred form of
+``stable_stats.py``: with the centre c = m_p − m_q and x = c − (z − zq) it keeps
+D = Σ e^{z−m_p} x and T = Σ e^{z−m_p} φ(x), φ(x) = e^x − 1 − x ≥ 0; when a max grows, the centre
+moves by δ and T ← a_q T + a_p expm1(δ) D + a_p φ(δ) s_p, D ← a_p (D + δ s_p) (a_p, a_q the
+rescalings; a_p e^δ = a_q, so every exponent stays ≤ 0). At the end, with u = D/s_p, v = T/s_p:
 
-    KL = t / s_p - (m_p + log s_p) + (m_q + log s_q)      (= Σ p (z - zq) - lse_p + lse_q)
+    KL = log1p(u + v) − u = log(s_q / s_p) − u      (= Σ p (z − zq) − lse_p + lse_q)
 
-Backward (policy side only; the reference model is frozen in PPO, so ref_hidden/ref_weight are
-constants): dKL/dz_j = p_j ((z_j - zq_j) - (lse_p - lse_q) - KL), then the same atomic
-accumulation of d_hidden / d_weight as the logprob kernel (see triton_logprob.py for why).
-Cost: 4·N·H·V forward (two GEMMs); 8·N·H·V backward (two recomputed, two gradients).
+so near-identical models lose nothing to the size of the logits, and KL ≥ 0 (up to eps·|u|,
+which a final max(·, 0) removes). It saves lse_p and d̄ = Σ p (z − zq) = c − u per row.
+
+Backward (policy side only; the reference model is frozen in PPO): dKL/dz_j = p_j (d_j − d̄), d = z − zq,
+written per chunk of rows into a dlogits buffer and reduced by GEMMs (see triton_logprob.py):
+no atomics, deterministic. Cost: 4·N·H·V forward (two GEMMs); 8·N·H·V backward (two recomputed in
+Triton, two gradient GEMMs).
 
 With ``HAS_TARGETS`` the same forward sweep also gathers both models' logits of the sampled
 tokens: the rollout's log π(a), log π_ref(a) and exact KL in one pass over the vocabulary
@@ -23,7 +29,15 @@ import triton
 import triton.language as tl
 
 from kernels import _dispatch
-from kernels.triton_logprob import _accumulate_grads, _logits_tile, _same_dtype, launch_config
+from kernels.triton_logprob import (_kept_rows, _log1p, _logits_tile, check_dtypes, kept_rows, launch_config,
+                                    on_device, reduce_grads)
+
+
+@triton.jit
+def _phi(x):
+    """φ(x) = e^x − 1 − x ≥ 0, from its Taylor series below |x| = 0.5 (no cancellation there)."""
+    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320))))))
+    return tl.maximum(tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0 - x), 0.0)
 
 
 @triton.jit
@@ -32,13 +46,14 @@ def _kl_fwd_kernel(
     w_ptr,  # (V, H) policy weight
     rh_ptr,  # (N, HR) reference hidden
     rw_ptr,  # (V, HR) reference weight
+    idx_ptr,  # (K,) int64 kept rows
     kl_ptr,  # (N,) fp32 out: KL(p‖q)
     lsep_ptr,  # (N,) fp32 out: policy logsumexp, for backward
-    lseq_ptr,  # (N,) fp32 out: reference logsumexp, for backward
+    dbar_ptr,  # (N,) fp32 out: Σ p (z − zq), for backward
     t_ptr,  # (N,) int targets (read only with HAS_TARGETS)
     lp_ptr,  # (N,) fp32 out: log p(target) (HAS_TARGETS)
     lq_ptr,  # (N,) fp32 out: log q(target) (HAS_TARGETS)
-    N,
+    K,
     V,
     H,
     HR,
@@ -52,7 +67,6 @@ def _kl_fwd_kernel(
     stride_rwh,
     stride_t,
     inv_t,
-    ignore_index,
     HAS_TARGETS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -60,15 +74,15 @@ def _kl_fwd_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < N
+    _, rows, row_ok = _kept_rows(idx_ptr, K, BLOCK_N)
     m_p = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s_p = tl.zeros([BLOCK_N], dtype=tl.float32)
     m_q = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s_q = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z - m_p} (z - zq)
+    dsum = tl.zeros([BLOCK_N], dtype=tl.float32)  # D = Σ e^{z - m_p} x
+    tsum = tl.zeros([BLOCK_N], dtype=tl.float32)  # T = Σ e^{z - m_p} φ(x)
     if HAS_TARGETS:
-        tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=ignore_index)  # (BLOCK_N,)
+        tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=-1)  # (BLOCK_N,) ignored rows match no column
         zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # z[target]
         zqt = tl.zeros([BLOCK_N], dtype=tl.float32)  # zq[target]
     for v0 in range(0, V, BLOCK_V):
@@ -82,27 +96,39 @@ def _kl_fwd_kernel(
             hit = cols[None, :] == tgt[:, None]  # (BLOCK_N, BLOCK_V) the target's column
             zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
             zqt += tl.sum(tl.where(hit, zq, 0.0), axis=1)
-        diff = tl.where(col_ok[None, :], z - zq, 0.0)  # (BLOCK_N, BLOCK_V) finite on padding
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        zq = tl.where(col_ok[None, :], zq, float("-inf"))
-        mp_new = tl.maximum(m_p, tl.max(z, axis=1))
-        alpha = tl.exp(m_p - mp_new)
-        e = tl.exp(z - mp_new[:, None])  # (BLOCK_N, BLOCK_V)
-        s_p = s_p * alpha + tl.sum(e, axis=1)
-        t = t * alpha + tl.sum(e * diff, axis=1)
+        mp_new = tl.maximum(m_p, tl.max(tl.where(col_ok[None, :], z, float("-inf")), axis=1))
+        mq_new = tl.maximum(m_q, tl.max(tl.where(col_ok[None, :], zq, float("-inf")), axis=1))
+        a_p = tl.exp(m_p - mp_new)  # 0 on the first tile
+        a_q = tl.exp(m_q - mq_new)
+        # move the centre c = m_p - m_q by delta: T and D re-expressed around the new centre
+        started = m_p > float("-inf")  # before the first tile the centre is the new one (δ = 0)
+        delta = (mp_new - mq_new) - (tl.where(started, m_p, mp_new) - tl.where(started, m_q, mq_new))
+        small = tl.abs(delta) <= 1.0
+        phi_d = _phi(tl.minimum(tl.maximum(delta, -1.0), 1.0))
+        em1 = tl.where(small, a_p * (phi_d + delta), a_q - a_p)  # a_p expm1(δ)
+        aphi = tl.where(small, a_p * phi_d, a_q - a_p * (1.0 + delta))  # a_p φ(δ)
+        tsum = a_q * tsum + em1 * dsum + aphi * s_p
+        dsum = a_p * (dsum + delta * s_p)
+        w_p = tl.where(col_ok[None, :], tl.exp(z - mp_new[:, None]), 0.0)  # (BLOCK_N, BLOCK_V) ≤ 1
+        w_q = tl.where(col_ok[None, :], tl.exp(zq - mq_new[:, None]), 0.0)
+        x = tl.where(col_ok[None, :], (mp_new - mq_new)[:, None] - (z - zq), 0.0)
+        term = tl.where(x > 1.0, w_q - w_p * (1.0 + x), w_p * _phi(tl.minimum(x, 1.0)))  # w_p φ(x)
+        dsum += tl.sum(w_p * x, axis=1)
+        tsum += tl.sum(term, axis=1)
+        s_p = a_p * s_p + tl.sum(w_p, axis=1)
+        s_q = a_q * s_q + tl.sum(w_q, axis=1)
         m_p = mp_new
-        mq_new = tl.maximum(m_q, tl.max(zq, axis=1))
-        s_q = s_q * tl.exp(m_q - mq_new) + tl.sum(tl.exp(zq - mq_new[:, None]), axis=1)
         m_q = mq_new
+    u = dsum / s_p
+    r = u + tsum / s_p  # s_q / s_p - 1
+    log_ratio = tl.where(tl.abs(r) <= 0.5, _log1p(r), tl.log(s_q) - tl.log(s_p))
     lse_p = m_p + tl.log(s_p)
-    lse_q = m_q + tl.log(s_q)
-    tl.store(kl_ptr + rows, t / s_p - lse_p + lse_q, mask=row_ok)
+    tl.store(kl_ptr + rows, tl.maximum(log_ratio - u, 0.0), mask=row_ok)
     tl.store(lsep_ptr + rows, lse_p, mask=row_ok)
-    tl.store(lseq_ptr + rows, lse_q, mask=row_ok)
+    tl.store(dbar_ptr + rows, (m_p - m_q) - u, mask=row_ok)
     if HAS_TARGETS:
-        valid = tgt != ignore_index
-        tl.store(lp_ptr + rows, tl.where(valid, zt - lse_p, 0.0), mask=row_ok)
-        tl.store(lq_ptr + rows, tl.where(valid, zqt - lse_q, 0.0), mask=row_ok)
+        tl.store(lp_ptr + rows, zt - lse_p, mask=row_ok)
+        tl.store(lq_ptr + rows, zqt - (m_q + tl.log(s_q)), mask=row_ok)
 
 
 @triton.jit
@@ -111,13 +137,12 @@ def _kl_bwd_kernel(
     w_ptr,  # (V, H) policy weight
     rh_ptr,  # (N, HR) reference hidden
     rw_ptr,  # (V, HR) reference weight
-    kl_ptr,  # (N,) fp32 KL from forward
+    idx_ptr,  # (C,) int64 this chunk's kept rows
     lsep_ptr,  # (N,) fp32 policy logsumexp
-    lseq_ptr,  # (N,) fp32 reference logsumexp
+    dbar_ptr,  # (N,) fp32 Σ p (z − zq)
     g_ptr,  # (N,) fp32 upstream grad of KL
-    dh_ptr,  # (N, H) fp32 contiguous, zero-initialised
-    dw_ptr,  # (V, H) fp32 contiguous, zero-initialised
-    N,
+    dz_ptr,  # (C, V) contiguous out: dloss/dlogits of the chunk's rows (GEMM dtype)
+    C,
     V,
     H,
     HR,
@@ -130,31 +155,26 @@ def _kl_bwd_kernel(
     stride_rwv,
     stride_rwh,
     inv_t,
-    NEED_H: tl.constexpr,
-    NEED_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    loc, rows, row_ok = _kept_rows(idx_ptr, C, BLOCK_N)
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    row_ok = rows < N
     col_ok = cols < V
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_N,)
-    kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
     lse_p = tl.load(lsep_ptr + rows, mask=row_ok, other=0.0)
-    lse_q = tl.load(lseq_ptr + rows, mask=row_ok, other=0.0)
+    dbar = tl.load(dbar_ptr + rows, mask=row_ok, other=0.0)
     z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hh,
                      stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
     zq = _logits_tile(rh_ptr, rw_ptr, rows, cols, row_ok, col_ok, HR, stride_rhn, stride_rhh,
                       stride_rwv, stride_rwh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
     p = tl.where(col_ok[None, :], tl.exp(z - lse_p[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
-    shift = lse_p - lse_q + kl  # (BLOCK_N,)
-    dz = p * ((z - zq) - shift[:, None]) * (g * inv_t)[:, None]  # (BLOCK_N, BLOCK_V)
-    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, rows, cols, row_ok, col_ok, H, stride_hn,
-                      stride_hh, stride_wv, stride_wh, NEED_H, NEED_W, BLOCK_H, UPCAST, PRECISION)
+    dz = p * ((z - zq) - dbar[:, None]) * (g * inv_t)[:, None]  # (BLOCK_N, BLOCK_V)
+    tl.store(dz_ptr + loc[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 KERNELS = (_kl_fwd_kernel, _kl_bwd_kernel)
@@ -164,20 +184,22 @@ def _strides(hidden, weight, ref_hidden, ref_weight) -> tuple[int, ...]:
     return (*hidden.stride(), *weight.stride(), *ref_hidden.stride(), *ref_weight.stride())
 
 
-def _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, kl, lse_p, lse_q,
-                targets=None, lp=None, lq=None, ignore_index=-100) -> None:
-    """One forward sweep over the vocabulary; with ``targets`` it also writes both models'
-    log-probabilities of the targets into ``lp`` / ``lq``."""
-    n, hdim = hidden.shape
-    v, hr = weight.shape[0], ref_hidden.shape[1]
+def _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, rows, kl, lse_p, dbar,
+                targets=None, lp=None, lq=None) -> None:
+    """One forward sweep over the vocabulary for the kept ``rows``; with ``targets`` it also writes
+    both models' log-probabilities of the targets into ``lp`` / ``lq``."""
+    if rows.numel() == 0:
+        return
+    hdim, v, hr = hidden.shape[1], weight.shape[0], ref_hidden.shape[1]
     has_t = targets is not None
-    cfg = launch_config(hidden)
-    _kl_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
-        hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q,
-        targets if has_t else kl, lp if has_t else kl, lq if has_t else kl, n, v, hdim, hr,
-        *_strides(hidden, weight, ref_hidden, ref_weight), targets.stride(0) if has_t else 0,
-        1.0 / temperature, ignore_index, HAS_TARGETS=has_t, **cfg,
-    )
+    cfg = launch_config(hidden, weight)
+    with on_device(hidden):
+        _kl_fwd_kernel[(triton.cdiv(rows.numel(), cfg["BLOCK_N"]),)](
+            hidden, weight, ref_hidden, ref_weight, rows, kl, lse_p, dbar,
+            targets if has_t else kl, lp if has_t else kl, lq if has_t else kl, rows.numel(), v, hdim, hr,
+            *_strides(hidden, weight, ref_hidden, ref_weight), targets.stride(0) if has_t else 0,
+            1.0 / temperature, HAS_TARGETS=has_t, **cfg,
+        )
 
 
 class TritonKL(torch.autograd.Function):
@@ -185,38 +207,38 @@ class TritonKL(torch.autograd.Function):
 
         lp = (hidden @ weight.T).float().div(T).log_softmax(-1)
         lq = (ref_hidden @ ref_weight.T).float().div(T).log_softmax(-1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)            # 0 (no FLOPs, no gradient) where mask is False
     with the reference side detached (no gradient to ref_hidden / ref_weight).
     """
 
     @staticmethod
     @_dispatch.fp32_math
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature):
-        kl, lse_p, lse_q = (_dispatch.empty(hidden.shape[0], device=hidden.device) for _ in range(3))  # (N,) each
-        _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, kl, lse_p, lse_q)
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q)
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, temperature, keep):
+        rows = kept_rows(keep)  # (K,)
+        kl, lse_p, dbar = (_dispatch.empty(hidden.shape[0], device=hidden.device) for _ in range(3))  # (N,) each
+        _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, rows, kl, lse_p, dbar)
+        kl.masked_fill_(~keep, 0.0)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, rows, lse_p, dbar)
         ctx.inv_t = 1.0 / temperature
         return kl
 
     @staticmethod
     @_dispatch.fp32_math
     def backward(ctx, g_kl):
-        hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q = ctx.saved_tensors
-        n, hdim = hidden.shape
-        v, hr = weight.shape[0], ref_hidden.shape[1]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden = torch.zeros(n if need_h else 0, hdim, device=hidden.device, dtype=torch.float32)
-        d_weight = torch.zeros(v if need_w else 0, hdim, device=hidden.device, dtype=torch.float32)
-        cfg = launch_config(hidden)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        _kl_bwd_kernel[grid](
-            hidden, weight, ref_hidden, ref_weight, kl, lse_p, lse_q, g_kl.float().contiguous(),
-            d_hidden, d_weight, n, v, hdim, hr, *_strides(hidden, weight, ref_hidden, ref_weight),
-            ctx.inv_t, NEED_H=need_h, NEED_W=need_w, **cfg,
-        )
-        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
-        d_weight = d_weight.to(weight.dtype) if need_w else None
-        return d_hidden, d_weight, None, None, None
+        hidden, weight, ref_hidden, ref_weight, rows, lse_p, dbar = ctx.saved_tensors
+        hdim, v, hr = hidden.shape[1], weight.shape[0], ref_hidden.shape[1]
+        g = g_kl.float().contiguous()  # (N,)
+        cfg = launch_config(hidden, weight)
+
+        def write_dz(dz, idx):
+            grid = (triton.cdiv(idx.numel(), cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+            with on_device(hidden):
+                _kl_bwd_kernel[grid](
+                    hidden, weight, ref_hidden, ref_weight, idx, lse_p, dbar, g, dz, idx.numel(), v, hdim, hr,
+                    *_strides(hidden, weight, ref_hidden, ref_weight), ctx.inv_t, **cfg,
+                )
+
+        return (*reduce_grads(ctx, hidden, weight, rows, cfg, write_dz), None, None, None, None)
 
 
 def triton_kl(
@@ -225,17 +247,19 @@ def triton_kl(
     ref_hidden: torch.Tensor,
     ref_weight: torch.Tensor,
     temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton launcher behind ``kernels.fused_kl(backend="triton")``.
 
     Formula: KL = Σ_j p_j (z_j - zq_j) - lse(z) + lse(zq), z = hidden @ weight.T / T,
-    zq = ref_hidden @ ref_weight.T / T.
-    Shapes: hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'] -> kl [N].
-    Returns: float32 kl; differentiable w.r.t. hidden and weight only.
+    zq = ref_hidden @ ref_weight.T / T (computed in the centred form above).
+    Shapes: hidden [N, H], weight [V, H], ref_hidden [N, H'], ref_weight [V, H'], mask [N] -> kl [N].
+    Returns: float32 kl ≥ 0, 0 where mask is False; differentiable w.r.t. hidden and weight only.
     """
-    _same_dtype(hidden, weight)
-    _same_dtype(ref_hidden, ref_weight)
-    return TritonKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature))
+    check_dtypes(hidden, weight)
+    check_dtypes(ref_hidden, ref_weight)
+    keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device) if mask is None else mask.bool()
+    return TritonKL.apply(hidden, weight, ref_hidden, ref_weight, float(temperature), keep)
 
 
 @torch.no_grad()
@@ -252,10 +276,12 @@ def triton_logprobs_kl(
     vocabulary gives log p(target), log q(target) and the exact KL(p‖q) per row (the rollout's
     scoring; no gradient). Shapes as :func:`triton_kl`, targets [N] -> three [N] float32 tensors;
     rows whose target is ``ignore_index`` read 0 in the two logprobs (their KL is still computed)."""
-    _same_dtype(hidden, weight)
-    _same_dtype(ref_hidden, ref_weight)
+    check_dtypes(hidden, weight)
+    check_dtypes(ref_hidden, ref_weight)
     n, dev = hidden.shape[0], hidden.device
-    kl, lse_p, lse_q, lp, lq = (_dispatch.empty(n, device=dev) for _ in range(5))  # (N,) each
-    _launch_fwd(hidden, weight, ref_hidden, ref_weight, float(temperature), kl, lse_p, lse_q,
-                targets, lp, lq, ignore_index)
-    return lp, lq, kl
+    kl, lse_p, dbar, lp, lq = (_dispatch.empty(n, device=dev) for _ in range(5))  # (N,) each
+    rows = torch.arange(n, device=dev)  # every row: the rollout reports the KL of ignored rows too
+    _launch_fwd(hidden, weight, ref_hidden, ref_weight, float(temperature), rows, kl, lse_p, dbar,
+                targets, lp, lq)
+    ignored = targets == ignore_index
+    return lp.masked_fill_(ignored, 0.0), lq.masked_fill_(ignored, 0.0), kl

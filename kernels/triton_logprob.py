@@ -1,24 +1,27 @@
 """Triton fused linear logprob + entropy: hidden states in, per-token stats out, no [N, V] logits.
 
-Forward: one program per block of rows walks the vocabulary in BLOCK_V tiles; each logits tile
-is a tl.dot over H in BLOCK_H chunks, then folded into an online softmax (running max m, sum of
-exponentials s, and a = Σ e^{z-m}·z for the entropy, both rescaled by e^{m_old-m_new} when m grows).
-It saves lse and Σpz per row (8 bytes/row) for the backward.
+Forward: one program per block of kept rows (an index list: masked rows are never launched) walks
+the vocabulary in BLOCK_V tiles; each logits tile is a tl.dot over H in BLOCK_H chunks, folded into
+an online softmax that keeps, per row, the running max m, s1 = Σ e^{z−m} − 1 (summed without the
+max's own 1, so log1p(s1) keeps its precision at low entropy) and a = Σ e^{z−m} (m − z) ≥ 0, all
+rescaled when m grows: entropy = log1p(s1) + a / (1 + s1), no term the size of the logits
+subtracted (``stable_stats.py`` has the derivation and the torch version). It saves lse and the
+entropy per row (8 bytes/row) for the backward.
 
-Backward: a 2-D grid over (row block, vocab tile). Each program recomputes its logits tile,
-forms dlogits, and adds dlogits @ W into d_hidden and dlogits^T @ hidden into d_weight with
-fp32 tl.atomic_add. Atomics instead of a second pass over vocab blocks because either split
-would recompute the logits a second time (another 2·N·H·V FLOPs) or hold a [BLOCK_N, H]
-accumulator that does not fit in registers at H = 4096; Cut Cross-Entropy makes the same choice.
-The atomics are relaxed: nothing in the kernel reads the accumulators, and the kernel's end orders
-them before any later reader. Triton's default (acq_rel) put a GPU-wide fence and an L1
-invalidation (MEMBAR.ALL.GPU, CCTL.IVALL in the sm_90 SASS) around every accumulation.
-Cost: 2·N·H·V forward; 6·N·H·V backward (2 to recompute, 2 per gradient).
+Backward, per chunk of kept rows: a 2-D grid over (row block, vocab tile) recomputes each logits
+tile and writes its dlogits into a [chunk, V] buffer (each element written once); d_hidden =
+dlogits @ W and d_weight += dlogitsᵀ @ hidden are then GEMMs (cuBLAS on a GPU). No atomics, so
+the gradients are bit-identical run to run; a frozen head skips the d_weight GEMM.
+Cost: 2·N·H·V forward; 6·N·H·V backward (2 to recompute in Triton, 4 in the two GEMMs); memory
+beyond inputs and gradients: the [chunk, V] dlogits buffer (≤ DZ_CHUNK_ELEMENTS) and 8 bytes/row.
 
 bf16 is loaded and converted to fp32 at once under the interpreter (its bf16 math is wrong);
-on a GPU the dots run in the input dtype with an fp32 accumulator (UPCAST=False).
+on a GPU the dots run in the input dtype with an fp32 accumulator (UPCAST=False). Offsets are
+int64 throughout (row, column and H indices), so strided inputs past 2^31 elements address right.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -49,7 +52,7 @@ def _logits_tile(
     """fp32 tile hidden[rows] @ weight[cols].T (no temperature), looping over H."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
-        ks = h0 + tl.arange(0, BLOCK_H)
+        ks = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # int64: ks * stride can pass 2^31
         k_ok = ks < H
         x = tl.load(
             h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
@@ -69,47 +72,18 @@ def _logits_tile(
 
 
 @triton.jit
-def _accumulate_grads(
-    dz,  # (BLOCK_N, BLOCK_V) fp32 dloss/dlogits of this tile, already divided by T
-    h_ptr,  # (N, H) hidden
-    w_ptr,  # (V, H) weight
-    dh_ptr,  # (N, H) fp32 contiguous d_hidden accumulator
-    dw_ptr,  # (V, H) fp32 contiguous d_weight accumulator
-    rows,  # (BLOCK_N,) int64
-    cols,  # (BLOCK_V,) int64
-    row_ok,  # (BLOCK_N,) bool
-    col_ok,  # (BLOCK_V,) bool
-    H,
-    stride_hn,
-    stride_hh,
-    stride_wv,
-    stride_wh,
-    NEED_H: tl.constexpr,
-    NEED_W: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """d_hidden[rows] += dz @ W[cols];  d_weight[cols] += dz^T @ hidden[rows]  (atomics, fp32)."""
-    for h0 in range(0, H, BLOCK_H):
-        ks = h0 + tl.arange(0, BLOCK_H)
-        k_ok = ks < H
-        if NEED_H:
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_V, BLOCK_H)
-            if UPCAST:
-                w = w.to(tl.float32)
-            dh = tl.dot(dz.to(w.dtype), w, input_precision=PRECISION)  # (BLOCK_N, BLOCK_H)
-            tl.atomic_add(dh_ptr + rows[:, None] * H + ks[None, :], dh,
-                          mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-        if NEED_W:
-            x = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hh,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_H)
-            if UPCAST:
-                x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(dz.to(x.dtype)), x, input_precision=PRECISION)  # (BLOCK_V, BLOCK_H)
-            tl.atomic_add(dw_ptr + cols[:, None] * H + ks[None, :], dw,
-                          mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+def _log1p(x):
+    """log(1 + x) to a few ulp for small x (Goldberg's trick: the rounding of 1 + x cancels)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _kept_rows(idx_ptr, n_kept, BLOCK_N: tl.constexpr):
+    """(local positions, their global row ids (int64), in range) of this program's kept rows."""
+    loc = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ok = loc < n_kept
+    return loc, tl.load(idx_ptr + loc, mask=ok, other=0), ok
 
 
 @triton.jit
@@ -117,11 +91,11 @@ def _logprob_fwd_kernel(
     h_ptr,  # (N, H) hidden
     w_ptr,  # (V, H) weight
     t_ptr,  # (N,) int targets
+    idx_ptr,  # (K,) int64 kept rows (target != ignore_index)
     lp_ptr,  # (N,) fp32 out: logprobs
-    ent_ptr,  # (N,) fp32 out: entropy
+    ent_ptr,  # (N,) fp32 out: entropy, also saved for backward
     lse_ptr,  # (N,) fp32 out: logsumexp, for backward
-    spz_ptr,  # (N,) fp32 out: Σ p z, for backward
-    N,
+    K,
     V,
     H,
     stride_hn,
@@ -130,41 +104,40 @@ def _logprob_fwd_kernel(
     stride_wh,
     stride_t,
     inv_t,
-    ignore_index,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < N
-    tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=ignore_index)  # (BLOCK_N,)
+    _, rows, row_ok = _kept_rows(idx_ptr, K, BLOCK_N)
+    tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=0)  # (BLOCK_N,)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m}
-    a = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m} z
+    s1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m} - 1
+    a = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m} (m - z)
     zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # target logit
     for v0 in range(0, V, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hh,
                          stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
         z = tl.where(col_ok[None, :], z, float("-inf"))  # (BLOCK_N, BLOCK_V)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)  # exp(-inf) = 0 on the first tile
-        e = tl.exp(z - m_new[:, None])  # (BLOCK_N, BLOCK_V)
-        s = s * alpha + tl.sum(e, axis=1)
-        # padded columns have e = 0 and z = -inf: multiply by a finite z there (0 * -inf = nan)
-        a = a * alpha + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), axis=1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+        e = tl.exp(z - m_new[:, None])  # (BLOCK_N, BLOCK_V), 0 on padding
+        gap = tl.where(col_ok[None, :], m_new[:, None] - z, 0.0)  # m - z ≥ 0, finite on padding
+        top = z == m_new[:, None]  # the max's own e^0 = 1 is left out of s1
+        n_top = tl.sum(top.to(tl.float32), axis=1)
+        shift = tl.where(m > float("-inf"), m_new - m, 0.0)
+        a = alpha * (a + (1.0 + s1) * shift) + tl.sum(e * gap, axis=1)
+        s1 = tl.where(n_top > 0, alpha + alpha * s1 + tl.sum(tl.where(top, 0.0, e), axis=1) + (n_top - 1.0),
+                      s1 + tl.sum(e, axis=1))
         m = m_new
-    lse = m + tl.log(s)
-    spz = a / s
-    valid = tgt != ignore_index
-    tl.store(lp_ptr + rows, tl.where(valid, zt - lse, 0.0), mask=row_ok)
-    tl.store(ent_ptr + rows, tl.where(valid, lse - spz, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(spz_ptr + rows, spz, mask=row_ok)
+    log_s = _log1p(s1)
+    tl.store(lp_ptr + rows, (zt - m) - log_s, mask=row_ok)
+    tl.store(ent_ptr + rows, log_s + a / (1.0 + s1), mask=row_ok)
+    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
 
 
 @triton.jit
@@ -172,13 +145,13 @@ def _logprob_bwd_kernel(
     h_ptr,  # (N, H) hidden
     w_ptr,  # (V, H) weight
     t_ptr,  # (N,) int targets
+    idx_ptr,  # (C,) int64 this chunk's kept rows
     lse_ptr,  # (N,) fp32 logsumexp from forward
-    spz_ptr,  # (N,) fp32 Σ p z from forward
+    ent_ptr,  # (N,) fp32 entropy from forward
     glp_ptr,  # (N,) fp32 upstream grad of logprobs
     gent_ptr,  # (N,) fp32 upstream grad of entropy (unused unless HAS_ENT)
-    dh_ptr,  # (N, H) fp32 contiguous, zero-initialised: d_hidden accumulator
-    dw_ptr,  # (V, H) fp32 contiguous, zero-initialised: d_weight accumulator
-    N,
+    dz_ptr,  # (C, V) contiguous out: dloss/dlogits of the chunk's rows (GEMM dtype)
+    C,
     V,
     H,
     stride_hn,
@@ -187,61 +160,66 @@ def _logprob_bwd_kernel(
     stride_wh,
     stride_t,
     inv_t,
-    ignore_index,
     HAS_ENT: tl.constexpr,
-    NEED_H: tl.constexpr,
-    NEED_W: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    loc, rows, row_ok = _kept_rows(idx_ptr, C, BLOCK_N)
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    row_ok = rows < N
     col_ok = cols < V
-    tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=ignore_index)  # (BLOCK_N,)
-    keep = row_ok & (tgt != ignore_index)  # ignored rows get no gradient
-    glp = tl.where(keep, tl.load(glp_ptr + rows, mask=row_ok, other=0.0), 0.0)  # (BLOCK_N,)
+    tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=0)  # (BLOCK_N,)
+    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_N,)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_N,)
     z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hh,
                      stride_wv, stride_wh, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION) * inv_t
-    p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)  # (BLOCK_N, BLOCK_V)
+    logp = z - lse[:, None]  # (BLOCK_N, BLOCK_V)
+    p = tl.where(col_ok[None, :], tl.exp(logp), 0.0)
     # dlogprob/dz_j = onehot_j - p_j
     dz = tl.where(cols[None, :] == tgt[:, None], glp[:, None], 0.0) - p * glp[:, None]
     if HAS_ENT:
-        # entropy = lse - Σ p z  =>  d/dz_j = -p_j (z_j - Σ p z)
-        gent = tl.where(keep, tl.load(gent_ptr + rows, mask=row_ok, other=0.0), 0.0)
-        spz = tl.load(spz_ptr + rows, mask=row_ok, other=0.0)
-        dz -= gent[:, None] * p * (z - spz[:, None])
+        # entropy = -Σ p log p  =>  d/dz_j = -p_j (log p_j + entropy)
+        gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        dz -= gent[:, None] * p * (logp + ent[:, None])
     dz = dz * inv_t  # chain rule through z = logits / T
-    _accumulate_grads(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, rows, cols, row_ok, col_ok, H, stride_hn,
-                      stride_hh, stride_wv, stride_wh, NEED_H, NEED_W, BLOCK_H, UPCAST, PRECISION)
+    tl.store(dz_ptr + loc[:, None] * V + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 KERNELS = (_logprob_fwd_kernel, _logprob_bwd_kernel)
 
 
-def launch_config(hidden: torch.Tensor) -> dict:
+def launch_config(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
     """Block sizes and precision flags shared by the logprob and KL launchers.
 
     Under the interpreter: small blocks (so tests cross tile edges) and fp32 math everywhere.
-    On a GPU: see ``gpu_launch_config``, sized for the device's shared memory.
+    On a GPU: ``gpu_launch_config`` for the shared memory the device reports; mixed input dtypes
+    (fp32 hidden, bf16 head) are upcast in the kernel and take the fp32 configuration.
     """
     if hidden.device.type == "cpu":
         return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=32, UPCAST=True, PRECISION="ieee")
-    shared_kib = shared_memory_kib(torch.cuda.get_device_capability(hidden.device))
-    return gpu_launch_config(hidden.dtype, torch.backends.cuda.matmul.allow_tf32, shared_kib)
+    dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+    return gpu_launch_config(dtype, torch.backends.cuda.matmul.allow_tf32, device_shared_kib(hidden.device))
 
 
 # Shared memory one program may use (the opt-in maximum per block), KiB, by compute capability:
-# the CUDA programming guide's table. Unknown minors take their major's .0 entry, else 99.
+# the CUDA programming guide's table. Launches read the device's own property; this table is for
+# compiling ahead of time (benchmarks/kernel_compile_report.py) and for a torch without the property.
 SHARED_KIB = {(8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99, (9, 0): 227, (10, 0): 227, (12, 0): 99}
 
 
 def shared_memory_kib(capability: tuple[int, int]) -> int:
     return SHARED_KIB.get(tuple(capability), SHARED_KIB.get((capability[0], 0), 99))
+
+
+def device_shared_kib(device: torch.device) -> int:
+    """The opt-in shared memory per block of this device, KiB, from its properties."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin // 1024 if optin else shared_memory_kib((props.major, props.minor))
 
 
 def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool, shared_kib: int = 227) -> dict:
@@ -250,11 +228,9 @@ def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool, shared_kib: int = 22
 
     BLOCK_H and the pipeline depth are sized to the shared memory (sizes from compiling every case
     with benchmarks/kernel_compile_report.py, which checks each configuration this returns):
-    - ≥ 160 KiB (H100/H200, A100): 64-wide H steps, 3 stages (bf16 backward 136 KiB on sm_90);
-      tf32 steps by 32, since at 64 its backward needs 240 KiB on sm_90;
+    - ≥ 160 KiB (H100/H200, A100): 64-wide H steps, 3 stages; tf32 steps by 32;
     - smaller (99 KiB: RTX 30/40, A10, L4, L40): 2 stages and H steps of 32, with 32-row blocks
-      for fp32 inputs (so tf32 does not spill); the large-device fp32 backward would need 144 KiB
-      there and fail at its first launch.
+      for fp32 inputs (so tf32 does not spill).
     """
     fp32 = dtype == torch.float32
     tf32 = fp32 and allow_tf32
@@ -266,12 +242,72 @@ def gpu_launch_config(dtype: torch.dtype, allow_tf32: bool, shared_kib: int = 22
                 PRECISION="tf32" if tf32 else "ieee", num_warps=8, num_stages=stages)
 
 
-def _same_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
-    """tl.dot needs one input dtype; a silent cast here would hide a 2x memory cost."""
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"triton backend: expected fp32/fp16/bf16 inputs, got {hidden.dtype}")
-    if hidden.dtype != weight.dtype:
+# The backward's dlogits buffer: at most this many elements per chunk of rows on a GPU (256 MiB in
+# bf16: 1024 rows at V = 128256, enough rows for the gradient GEMMs to run at full speed);
+# under the interpreter 64 rows, so that the tests cross chunk edges.
+DZ_CHUNK_ELEMENTS = 1 << 27
+INTERPRETER_CHUNK_ROWS = 64
+
+
+def chunk_rows(n_kept: int, vocab: int, cfg: dict, device: torch.device) -> int:
+    """Rows per backward chunk: a multiple of BLOCK_N, at least one block, at most the kept rows."""
+    if device.type == "cpu":
+        rows = INTERPRETER_CHUNK_ROWS
+    else:
+        rows = max(cfg["BLOCK_N"], DZ_CHUNK_ELEMENTS // max(vocab, 1) // cfg["BLOCK_N"] * cfg["BLOCK_N"])
+    return max(1, min(rows, n_kept))
+
+
+def on_device(t: torch.Tensor):
+    """Launch under the tensors' own device (Triton launches on the *current* one): cuda:1 inputs
+    with device 0 current would otherwise run in the wrong context."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def kept_rows(keep: torch.Tensor) -> torch.Tensor:
+    """int64 ids of the rows to compute (one host sync): masked rows get no program at all."""
+    return keep.nonzero().squeeze(1)
+
+
+def reduce_grads(ctx, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, cfg: dict,
+                 write_dz) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d_hidden and d_weight by GEMMs over chunks of the kept rows; ``write_dz(dz, idx)`` fills the
+    chunk's [len(idx), V] dlogits. Rows not kept get zero gradient; a frozen head gets no GEMM.
+
+    The GEMMs run in the kernels' dot dtype (fp32 under the interpreter or with mixed inputs), with
+    d_weight summed over chunks in fp32: deterministic, as cuBLAS is for fixed shapes.
+    """
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gd = torch.float32 if cfg["UPCAST"] else hidden.dtype
+    n_kept, v = rows.numel(), weight.shape[0]
+    d_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    w_g = weight.to(gd) if need_h else None  # (V, H), no copy when the dtypes agree
+    acc = None  # (V, H) fp32 d_weight
+    c = chunk_rows(n_kept, v, cfg, hidden.device)
+    dz_buf = torch.empty(c if n_kept else 0, v, device=hidden.device, dtype=gd)  # reused per chunk
+    for s in range(0, n_kept, c):
+        idx = rows[s:s + c]  # (c,)
+        dz = dz_buf[: idx.numel()]  # (c, V)
+        write_dz(dz, idx)
+        if need_h:
+            d_hidden[idx] = (dz @ w_g).to(hidden.dtype)
+        if need_w:
+            part = dz.T @ hidden[idx].to(gd)  # (V, H)
+            acc = part.float() if acc is None else acc.add_(part)
+    d_weight = None
+    if need_w:
+        d_weight = acc.to(weight.dtype) if acc is not None else torch.zeros_like(weight)
+    return d_hidden, d_weight
+
+
+def check_dtypes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if hidden.dtype not in _DTYPES or weight.dtype not in _DTYPES:
+        raise TypeError(f"triton backend: expected fp32/fp16/bf16 inputs, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype and torch.float32 not in (hidden.dtype, weight.dtype):
         raise TypeError(f"triton backend: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one")
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class TritonLogprob(torch.autograd.Function):
@@ -280,7 +316,7 @@ class TritonLogprob(torch.autograd.Function):
         z = (hidden @ weight.T).float() / T
         logprob = z.log_softmax(-1).gather(-1, target[:, None])[:, 0]
         entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
-    with both set to 0 (and no gradient) where target == ignore_index.
+    with both set to 0 (and no gradient, and no FLOPs) where target == ignore_index.
     """
 
     @staticmethod
@@ -288,17 +324,21 @@ class TritonLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, return_entropy, ignore_index):
         n, hdim = hidden.shape
         v = weight.shape[0]
-        dev = hidden.device
-        lp, ent, lse, spz = (_dispatch.empty(n, device=dev) for _ in range(4))  # (N,) each
-        cfg = launch_config(hidden)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-        _logprob_fwd_kernel[grid](
-            hidden, weight, targets, lp, ent, lse, spz, n, v, hdim,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
-            1.0 / temperature, ignore_index, **cfg,
-        )
-        ctx.save_for_backward(hidden, weight, targets, lse, spz)
-        ctx.inv_t, ctx.ignore_index = 1.0 / temperature, ignore_index
+        keep = targets != ignore_index  # (N,)
+        rows = kept_rows(keep)  # (K,)
+        lp, ent, lse = (_dispatch.empty(n, device=hidden.device) for _ in range(3))  # (N,) each
+        cfg = launch_config(hidden, weight)
+        if rows.numel():
+            with on_device(hidden):
+                _logprob_fwd_kernel[(triton.cdiv(rows.numel(), cfg["BLOCK_N"]),)](
+                    hidden, weight, targets, rows, lp, ent, lse, rows.numel(), v, hdim,
+                    hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
+                    1.0 / temperature, **cfg,
+                )
+        lp.masked_fill_(~keep, 0.0)
+        ent.masked_fill_(~keep, 0.0)
+        ctx.save_for_backward(hidden, weight, targets, rows, lse, ent)
+        ctx.inv_t = 1.0 / temperature
         if not return_entropy:
             ent = ent.new_empty(0)
             ctx.mark_non_differentiable(ent)
@@ -307,25 +347,24 @@ class TritonLogprob(torch.autograd.Function):
     @staticmethod
     @_dispatch.fp32_math
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, targets, lse, spz = ctx.saved_tensors
+        hidden, weight, targets, rows, lse, ent = ctx.saved_tensors
         n, hdim = hidden.shape
         v = weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()  # (N,)
         has_ent = g_ent is not None and g_ent.numel() == n
         g_ent = g_ent.float().contiguous() if has_ent else g_lp  # (N,) placeholder when unused
-        d_hidden = torch.zeros(n if need_h else 0, hdim, device=hidden.device, dtype=torch.float32)
-        d_weight = torch.zeros(v if need_w else 0, hdim, device=hidden.device, dtype=torch.float32)
-        cfg = launch_config(hidden)
-        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
-        _logprob_bwd_kernel[grid](
-            hidden, weight, targets, lse, spz, g_lp, g_ent, d_hidden, d_weight, n, v, hdim,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
-            ctx.inv_t, ctx.ignore_index, HAS_ENT=has_ent, NEED_H=need_h, NEED_W=need_w, **cfg,
-        )
-        d_hidden = d_hidden.to(hidden.dtype) if need_h else None
-        d_weight = d_weight.to(weight.dtype) if need_w else None
-        return d_hidden, d_weight, None, None, None, None
+        cfg = launch_config(hidden, weight)
+
+        def write_dz(dz, idx):
+            grid = (triton.cdiv(idx.numel(), cfg["BLOCK_N"]), triton.cdiv(v, cfg["BLOCK_V"]))
+            with on_device(hidden):
+                _logprob_bwd_kernel[grid](
+                    hidden, weight, targets, idx, lse, ent, g_lp, g_ent, dz, idx.numel(), v, hdim,
+                    hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
+                    ctx.inv_t, HAS_ENT=has_ent, **cfg,
+                )
+
+        return (*reduce_grads(ctx, hidden, weight, rows, cfg, write_dz), None, None, None, None)
 
 
 def triton_logprobs(
@@ -343,6 +382,6 @@ def triton_logprobs(
     Shapes: hidden [N, H], weight [V, H], targets [N] -> logprobs [N] (, entropy [N]).
     Returns: float32 logprobs (and entropy); differentiable w.r.t. hidden and weight.
     """
-    _same_dtype(hidden, weight)
+    check_dtypes(hidden, weight)
     lp, ent = TritonLogprob.apply(hidden, weight, targets, float(temperature), return_entropy, ignore_index)
     return (lp, ent) if return_entropy else lp

@@ -26,3 +26,9 @@ def poison_outputs(monkeypatch):
         return torch.full(shape, math.nan, device=device, dtype=dtype)
 
     monkeypatch.setattr(_dispatch, "empty", nan_empty)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "interpreter_heavy: a Triton-interpreter case of several seconds (run by default and in CI; "
+        "-m 'not interpreter_heavy' leaves them out of a quick local run)")

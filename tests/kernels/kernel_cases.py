@@ -30,10 +30,10 @@ def _matrix(g: torch.Generator, rows: int, cols: int, dtype: torch.dtype, stride
     return (torch.randn(rows, 2 * cols, generator=g) * scale).to(dtype).to(DEVICE)[:, ::2]  # (2*cols, 2)
 
 
-def make_inputs(layout: str, dtype: torch.dtype, seed: int = 0) -> dict:
+def make_inputs(layout: str | tuple, dtype: torch.dtype, seed: int = 0) -> dict:
     """hidden [N,H], weight [V,H], targets [N] (every 5th row ignored), ref_hidden [N,H'], ref_weight [V,H'],
-    and upstream grads g_lp, g_ent, g_kl [N] (float64)."""
-    n, h, hr, v, strided = LAYOUTS[layout]
+    and upstream grads g_lp, g_ent, g_kl [N] (float64). ``layout``: a LAYOUTS name or its tuple."""
+    n, h, hr, v, strided = LAYOUTS[layout] if isinstance(layout, str) else layout
     g = torch.Generator().manual_seed(seed)
     targets = torch.randint(0, v, (2 * n,), generator=g)[::2] if strided else torch.randint(0, v, (n,), generator=g)
     targets[1::5] = IGNORE

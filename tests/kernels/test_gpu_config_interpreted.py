@@ -25,7 +25,7 @@ def gpu_config(request, monkeypatch):
     kl_mod = importlib.import_module("kernels.triton_kl")
     used = []
 
-    def config(hidden):
+    def config(hidden, weight):
         cfg = lp_mod.gpu_launch_config(hidden.dtype, allow_tf32=False, shared_kib=request.param)
         cfg.pop("num_warps"), cfg.pop("num_stages")
         used.append(cfg)
