@@ -296,6 +296,8 @@ class PPOConfig(LoraFields, PhaseCommon):
                                           "model (blocks, then the whole classifier) instead of a replica per rank")
     rollout_logprobs: bool = opt(True, "read the old logprobs (and shared-trunk values) from the sampling loop's "
                                        "hidden states instead of a second policy forward")
+    rollout_engine: str = opt("torch", "what samples the rollouts: 'torch' (this engine's KV-cache loop) or 'vllm' "
+                                       "(an in-process vLLM engine, pip install -e .[vllm]; docs/rollout.md)")
     rollout_correction: str = opt("none", "correct for a sampling policy mu that is not the trainer's pi_old "
                                           "(docs/rollout.md): 'none', 'tis' (weight min(rho, C)), 'mis' (rho, 0 "
                                           "outside [1/C, C]), 'icepop' (rho, 0 outside [low, high]), another "
@@ -386,6 +388,7 @@ class PPOConfig(LoraFields, PhaseCommon):
         self.check(self.parallel == "ddp" or (self.value_model == "shared" and not self.use_lora), "parallel",
                    "'ddp' with value_model='separate' or use_lora (fsdp2 shards a full policy with a shared "
                    "value head)")
+        self.check(self.rollout_engine in ("torch", "vllm"), "rollout_engine", "'torch' or 'vllm'")
         self.check(bool(self.rollout_correction), "rollout_correction", "'none', a name or 'file.py:function'")
         self.check(self.rollout_correction_level in ("token", "sequence"), "rollout_correction_level",
                    "token or sequence")

@@ -23,7 +23,10 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from transformers import AutoConfig
 
 from . import distributed as D
 from .checkpoint import check_resume_config, write_json_atomic
@@ -36,6 +39,7 @@ from .models import check_reward_dir, load_tokenizer, merge_adapter
 from .phases import ppo, pretrain, reward_model, sft
 from .phases.common import resolve_device
 from .ppo.extensions import resolve_estimator, resolve_loss_fn, resolve_policy_loss, resolve_rollout_correction
+from .ppo.vllm_engine import check_model, check_settings
 from .user_code import is_user_spec, load_user_function
 from .precision import precision
 from .presets import get_preset
@@ -107,6 +111,13 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     split of the user's prompts."""
     if "ppo" in phases:  # a policy or reward model that an earlier phase of this run makes is not there yet
         preflight_ppo(cfg.ppo, made_here={"sft", "reward"} & set(phases[:-1]))
+    if "ppo" in phases and cfg.ppo.rollout_engine == "vllm":  # vLLM installed, the settings and the model it runs
+        check_settings(cfg.ppo, D.world_size())
+        tiny = "sft" in phases[:-1] or not cfg.ppo.policy  # the preset's Llama, built from cfg.model
+        shape = {"architectures": ["LlamaForCausalLM"], "hidden_size": cfg.model.hidden_size,
+                 "num_attention_heads": cfg.model.num_heads}
+        check_model(SimpleNamespace(**shape) if tiny else AutoConfig.from_pretrained(cfg.ppo.policy),
+                    resolve_device(cfg.ppo, "ppo").type)
     for phase in phases:
         resolve_device(getattr(cfg, phase), phase)
         key, formats = DATA_FIELDS[phase]

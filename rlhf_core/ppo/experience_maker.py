@@ -188,7 +188,7 @@ def flat_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..., torch.Tensor], estimator: Any,
                     cfg: PPOConfig, kl_coef: float, draw_prompts: Callable[[], list[str]],
                     generator: torch.Generator, iteration: int, sharded: bool = False,
-                    correction: Callable[..., torch.Tensor] | None = None
+                    correction: Callable[..., torch.Tensor] | None = None, engine: Any = None
                     ) -> tuple[Experience, dict[str, Any], dict[str, Any]]:
     """Steps 1–7 of a PPO iteration: a scored, advantaged rollout of this rank's share of the batch.
 
@@ -203,7 +203,9 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     4. log π_old and values from the sampling loop's states, the reference's forward and the exact KL. With a
        rollout ``correction`` (extensions.resolve_rollout_correction) π_old and the values come from the
        trainer's own forward, the sampling loop's logprobs are μ (``behavior_logprobs``; a rollout engine
-       hands its own in here) and ``apply_rollout_correction`` sets the weights.
+       hands its own in here) and ``apply_rollout_correction`` sets the weights. With a rollout ``engine``
+       (``vllm_engine.VLLMEngine``: the policy's weights synced in first) the engine samples and its logprobs are
+       μ; π_old and the values then always come from the trainer's forward.
     5–7. rewards, advantages and KL weights (``compute_advantages``); overlong filtering masks the
        truncated responses out of the loss (``loss_mask``).
 
@@ -214,20 +216,26 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     k, need = cfg.group_size, cfg.batch_size // D.world_size()
     rounds: list[dict[str, Any]] = []
     kept_groups, dropped, t_generate = 0, 0, 0.0
+    t_sync = engine.sync(policy.model) if engine is not None else 0.0  # the weights of this iteration's policy
     for r in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
         batch = draw_prompts()
         ids = [r * (cfg.batch_size // k) + i // k for i in range(len(batch))]
         prompts, group_ids = list(D.shard(batch)), torch.tensor(list(D.shard(ids)), dtype=torch.long)
         query_ids, query_mask = encode_prompts(tokenizer, prompts, cfg.max_prompt_length, device)
         t_round = time.perf_counter()
-        response_ids, mask, has_eos, hidden = generate(
-            policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-            tokenizer.eos_token_id, tokenizer.pad_token_id, generator, return_hidden=True, stop_together=sharded)
+        if engine is not None:  # (b, T) ids, mask, (b,) has_eos, (b, T) the engine's log μ; no hidden states
+            response_ids, mask, has_eos, behavior = engine.generate(query_ids, query_mask, generator)
+            hidden = None
+        else:
+            response_ids, mask, has_eos, hidden = generate(
+                policy, query_ids, query_mask, cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
+                tokenizer.eos_token_id, tokenizer.pad_token_id, generator, return_hidden=True, stop_together=sharded)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_generate += time.perf_counter() - t_round
-        behavior = None if correction is None else sampled_logprobs(
-            policy, hidden, response_ids, mask, cfg.temperature, cfg.kernel_backend)  # (b, T) log μ
+        if engine is None:
+            behavior = None if correction is None else sampled_logprobs(
+                policy, hidden, response_ids, mask, cfg.temperature, cfg.kernel_backend)  # (b, T) log μ
         texts = decode_responses(tokenizer, response_ids, mask)
         with torch.autocast(device.type, enabled=False):  # a reward model scores in fp32 under bf16 training
             raw = reward(prompts, texts, iteration).float()  # (b,) the reward source's scores
@@ -241,7 +249,8 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     rows = _select_rows(rounds, need, k)
     cat = {key: _pad_cat([rd[key][sel] for rd, sel in zip(rounds, rows) if len(sel)], left=key.startswith("query"),
                          value=tokenizer.pad_token_id if key.endswith("_ids") else 0)
-           for key in ("query_ids", "query_mask", "response_ids", "mask", "hidden") + ("behavior",) * bool(correction)}
+           for key in ("query_ids", "query_mask", "response_ids", "mask") + ("hidden",) * (engine is None)
+           + ("behavior",) * bool(correction or engine)}
     pick = lambda key: torch.cat([rd[key][sel.to(rd[key].device)] for rd, sel in zip(rounds, rows)])  # noqa: E731
     prompts = [rd["prompts"][i] for rd, sel in zip(rounds, rows) for i in sel.tolist()]
     texts = [rd["texts"][i] for rd, sel in zip(rounds, rows) for i in sel.tolist()]
@@ -251,12 +260,16 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
     scores = raw - cfg.missing_eos_penalty * (~has_eos.cpu()).float() + shaping  # (B,)
     exp = score(policy, cat["query_ids"], cat["query_mask"], cat["response_ids"], mask, scores, cfg.temperature,
                 cfg.kl_estimator, cfg.kernel_backend,
-                cat["hidden"] if cfg.rollout_logprobs and correction is None else None, reference=needs_reference(cfg))
+                cat.get("hidden") if cfg.rollout_logprobs and correction is None else None, reference=needs_reference(cfg))
     exp = replace(exp, group_ids=group_ids.to(device), behavior_logprobs=cat.get("behavior"),
                   loss_mask=(mask.bool() & has_eos.to(device).unsqueeze(-1)) if cfg.overlong_filter else None)
     corrected = {}
     if correction is not None:
         exp, corrected = apply_rollout_correction(exp, correction, cfg, D.global_count, D.global_max)
+    elif engine is not None:  # no weights, but the engine-vs-trainer gap is still measured
+        gap_sum, gap_max, tokens = logprob_gap(exp.behavior_logprobs, exp.logprobs, mask)
+        corrected = {"check/logprob_gap": D.global_count(gap_sum) / max(D.global_count(tokens), 1.0),
+                     "check/logprob_gap_max": D.global_max(gap_max)}
     exp, info = compute_advantages(exp, estimator, cfg, kl_coef, D.global_masked_moments, D.global_max)
     kls = {}  # not measured without the reference pass
     if needs_reference(cfg):
@@ -273,6 +286,7 @@ def make_experience(policy: PolicyWithValue, tokenizer: Any, reward: Callable[..
         "check/truncated_fraction": 1.0 - eos,
         "check/degenerate_advantages": info["check/degenerate_advantages"],
         "time/generate": t_generate,
+        **({"time/weight_sync": t_sync} if engine is not None else {}),
     }
     if cfg.overlong_buffer:
         metrics["response/overlong_penalty"] = float(shaping.mean())

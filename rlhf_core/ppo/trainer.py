@@ -41,6 +41,7 @@ from .rewards import AdaptiveKLController, FixedKLController
 from .resume import Resumable
 from .experience_maker import make_experience
 from .rollout import evaluate, next_prompt_batch
+from .vllm_engine import VLLMEngine, check_settings
 
 
 @contextlib.contextmanager
@@ -94,6 +95,9 @@ class PPOTrainer(Resumable):
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         self.device = policy.lm_head_weight.device
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + D.rank())  # generation
+        check_settings(config, D.world_size())  # --ppo.rollout_engine vllm: an in-process engine samples instead
+        self.engine = (VLLMEngine(policy.model, config, tokenizer.eos_token_id, tokenizer.pad_token_id, policy.is_lora,
+                                  self.device.type) if config.rollout_engine == "vllm" else None)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches
         if config.fast_activations:  # policy, reference, value trunk and a reward model's network
             fast_activations(policy, getattr(reward_fn, "model", None))
@@ -127,7 +131,7 @@ class PPOTrainer(Resumable):
             # 1-7. prompts, generation (dynamic sampling), scores, logprobs, rewards, advantages (experience_maker.py)
             exp, rollout_metrics, extras = make_experience(
                 self.policy, self.tokenizer, self.reward, self.estimator, cfg, self.kl_ctl.value, self._draw_prompts,
-                self.sample_gen, self.iteration, self.sharded, self.correction)
+                self.sample_gen, self.iteration, self.sharded, self.correction, self.engine)
             if cfg.trace and self.iteration == 1:
                 self.trace = {**extras, **vars(exp), "kl_coef": self.kl_ctl.value, "kl_row_weights": exp.kl_coef}
             t_rollout = self._clock()
