@@ -63,9 +63,17 @@ def kl_stats(zp: torch.Tensor, zq: torch.Tensor) -> tuple[torch.Tensor, ...]:
     c = mp - mq  # (rows, 1) the centre
     x = zq.sub(zp).add_(c)  # (rows, V) x = c − (zp − zq)
     u = torch.linalg.vecdot(wp, x) / sp  # (rows,)
-    big = x > 1
-    t = torch.where(big, wq - wp * (1 + x), wp * phi(x.clamp_max(1)))  # (rows, V) w_p φ(x) ≥ 0
-    v = t.sum(-1) / sp  # (rows,)
+    # w_p φ(x) with φ(x) = expm1(x) − x (absolute error eps·|x|); above x = 1 it is w_q − w_p (1 + x),
+    # which cannot overflow; near-identical models have no such x, and skip that pass
+    xc = x.clamp_max(1)  # (rows, V)
+    term = torch.special.expm1(xc).sub_(xc)  # (rows, V) φ(x) for x ≤ 1
+    if bool(x.amax() > 1):
+        term.mul_(wp)
+        term = torch.where(x > 1, wq - wp - wp * x, term)  # (rows, V) w_p φ(x)
+        t = term.sum(-1)
+    else:
+        t = torch.linalg.vecdot(wp, term)  # (rows,)
+    v = t / sp  # (rows,)
     r = u + v  # s_q / s_p − 1
     log_ratio = torch.where(r.abs() <= 0.5, torch.log1p(r), torch.log(sq) - torch.log(sp))
     kl = (log_ratio - u).clamp_min_(0)
