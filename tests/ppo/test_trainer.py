@@ -411,7 +411,8 @@ def test_a_custom_loss_may_return_per_token_terms():
 
 def test_kl_coef_zero_skips_the_reference_and_trains_identically():
     """At kl_coef = 0 no KL term exists, so the rollout never runs the reference (TRL's GRPO at beta
-    = 0 likewise): the run's weights equal those of a run that does pay for the reference pass, and
+    = 0 likewise): the run's weights equal those of a run that does pay for the reference pass (up to
+    the rounding of the policy-only logprob kernel against the paired one), and
     the KL metrics are absent (unmeasured) instead of a false zero."""
     from rlhf_core.ppo import experience_maker
     calls = []
@@ -429,8 +430,8 @@ def test_kl_coef_zero_skips_the_reference_and_trains_identically():
             hook.remove()
         runs[skip] = (weights(trainer), metrics)
     assert True not in calls and False in calls  # the reference ran only where forced
-    for name, w in runs[False][0].items():
-        torch.testing.assert_close(runs[True][0][name], w, rtol=0, atol=0, msg=name)
+    for name, w in runs[False][0].items():  # equal up to rounding: the policy-only logprob pass rounds
+        torch.testing.assert_close(runs[True][0][name], w, rtol=1e-5, atol=1e-6, msg=name)  # as its own
     assert not any(k.startswith("objective/kl") and k != "objective/kl_coef" for k in runs[True][1][-1])
     assert runs[False][1][-1]["objective/kl_exact"] > 0  # measured where the reference ran: the policy moved
     assert experience_maker.needs_reference(PPOConfig(kl_coef=0.0, adaptive_kl=True))
