@@ -19,6 +19,14 @@ compared with
    other row is its bias, stated in the table.
 A(y) = score(y) − E_π_old[score] (a constant baseline).
 
+Off-policy (``off_policy_table``): the same at θ ≠ θ_old (loss_gradients.off_policy_theta, far enough that PPO's
+clip is active on a good share of the tokens), where the code's gradient is compared with
+3. the corrected clipped surrogate written as plain loops, Σ_y μ(y)·(1/T)·Σ_t w_t(y)·min(r_t·A, clip(r_t, 1 − ε,
+   1 + ε)·A), r_t = π_θ/π_old, differentiated by autograd (``corrected_ppo_objective``);
+4. PPO's own update had π_old sampled, ∇ Σ_y π_old(y)·(1/T)·Σ_t min(r_t·A, clip(r_t)·A)
+   (loss_gradients.paper_objective): the sequence-level ratio with nothing cut away gives it exactly at every
+   θ, clip included, because Σ_y μ(y)·π_old(y)/μ(y)·f(y) = Σ_y π_old(y)·f(y) for any f of the response.
+
     python benchmarks/rollout_correction.py          # the tables of docs/rollout.md
 
 tests/ppo/test_rollout_correction.py asserts every claim and that docs/rollout.md shows these numbers.
@@ -34,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kl_gradients import Tree  # noqa: E402
-from loss_gradients import _fmt, _rows, advantages_of  # noqa: E402
+from loss_gradients import _fmt, _rows, advantages_of, off_policy_theta, paper_objective  # noqa: E402
 
 from rlhf_core.config import PPOConfig  # noqa: E402
 from rlhf_core.ppo.correction import ROLLOUT_CORRECTIONS  # noqa: E402
@@ -90,26 +98,34 @@ def code_surrogate(tree: Tree, mu: torch.Tensor, case: str, theta: torch.Tensor)
     return (p_mu * terms["policy"][1].mean(-1)).sum(), changed
 
 
+def plain_weights(tree: Tree, mu: torch.Tensor, case: str) -> list[list[float]]:
+    """w_t(y) of every response, as plain loops from π_old's and μ's logits (independent of rlhf_core)."""
+    name, level, c, low, high = CASES[case]
+    logp, logq = tree.theta.log_softmax(-1), mu.log_softmax(-1)  # (S, V) π_old, μ
+    out = []
+    for y in tree.responses:
+        logs = [float(logp[tree.state[y[:t]], a] - logq[tree.state[y[:t]], a]) for t, a in enumerate(y)]
+        ratios = [math.exp(x) for x in logs] if level == "token" else [math.exp(sum(logs))] * len(y)
+        if name == "none":
+            out.append([1.0] * len(y))
+        elif name == "tis":
+            out.append([min(r, c) for r in ratios])
+        else:
+            lo, hi = (1 / c, c) if name == "mis" else (low, high)
+            out.append([r if lo <= r <= hi else 0.0 for r in ratios])
+    return out
+
+
 def closed_form(tree: Tree, mu: torch.Tensor, case: str) -> torch.Tensor:
     """g = Σ_y μ(y)·(1/T)·Σ_t w_t(y)·A(y)·(e_{a_t} − π_old(·|s_t)) at the states s_t, as plain loops over
     responses and tokens (independent of rlhf_core). Shapes: -> (S, V), the gradient w.r.t. the logits."""
-    name, level, c, low, high = CASES[case]
     logp, logq = tree.theta.log_softmax(-1), mu.log_softmax(-1)  # (S, V) π_old, μ
     prob = logp.exp()
     paths = [[(tree.state[y[:t]], a) for t, a in enumerate(y)] for y in tree.responses]
     p_old = [math.exp(sum(float(logp[s, a]) for s, a in path)) for path in paths]
     baseline = sum(p * float(r) for p, r in zip(p_old, tree.scores))
     g = torch.zeros_like(tree.theta)
-    for path, score in zip(paths, tree.scores.tolist()):
-        logs = [float(logp[s, a] - logq[s, a]) for s, a in path]
-        ratios = [math.exp(x) for x in logs] if level == "token" else [math.exp(sum(logs))] * len(path)
-        if name == "none":
-            weights = [1.0] * len(path)
-        elif name == "tis":
-            weights = [min(r, c) for r in ratios]
-        else:
-            lo, hi = (1 / c, c) if name == "mis" else (low, high)
-            weights = [r if lo <= r <= hi else 0.0 for r in ratios]
+    for path, score, weights in zip(paths, tree.scores.tolist(), plain_weights(tree, mu, case)):
         p_mu = math.exp(sum(float(logq[s, a]) for s, a in path))
         for (s, a), w in zip(path, weights):
             g[s] += p_mu * w * (score - baseline) * (torch.nn.functional.one_hot(torch.tensor(a), tree.vocab) - prob[s])
@@ -137,6 +153,52 @@ def table(seeds: tuple[int, ...] = (0, 1, 2)) -> list[tuple[str, float, float, f
         devs = [deviations(t, case) for t in trees]
         rows.append((case, max(d["closed"] for d in devs), max(d["bias"] for d in devs),
                      min(d["bias"] for d in devs), min(d["changed"] for d in devs)))
+    return rows
+
+
+def corrected_ppo_objective(tree: Tree, mu: torch.Tensor, case: str, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Σ_y μ(y)·(1/T)·Σ_t w_t(y)·min(r_t·A, clip(r_t, 1 − ε, 1 + ε)·A), r_t = π_θ(a_t|s_t)/π_old(a_t|s_t), as loops
+    over responses and tokens (Schulman et al. 2017, eq. 7, with the correction's weights); to maximise."""
+    logp, logp_old, logq = theta.log_softmax(-1), tree.theta.log_softmax(-1), mu.log_softmax(-1)  # (S, V)
+    adv = advantages_of(tree)[:, 0]
+    total = torch.zeros((), dtype=torch.float64)
+    for y, a, weights in zip(tree.responses, adv.tolist(), plain_weights(tree, mu, case)):
+        states = [tree.state[y[:t]] for t in range(len(y))]
+        p_mu = math.exp(sum(float(logq[s, t]) for s, t in zip(states, y)))
+        terms = [w * torch.minimum(r * a, r.clamp(1 - eps, 1 + eps) * a)
+                 for w, r in zip(weights, (torch.exp(logp[s, t] - logp_old[s, t]) for s, t in zip(states, y)))]
+        total = total + p_mu * sum(terms) / len(y)
+    return total
+
+
+def off_policy_deviations(tree: Tree, case: str) -> dict[str, float]:
+    """At θ = off_policy_theta(tree): ‖−∇S − ∇closed‖/‖∇closed‖ (the corrected clipped surrogate as loops),
+    ‖−∇S − ∇PPO_π_old‖/‖∇PPO_π_old‖ (PPO's update had π_old sampled) and the μ-weighted share of tokens the clip
+    stops (policy/clipfrac)."""
+    mu, at = behavior_theta(tree), off_policy_theta(tree)
+    eps = PPOConfig().clip_range
+    theta = at.clone().requires_grad_()
+    surrogate, _ = code_surrogate(tree, mu, case, theta)
+    (code,) = torch.autograd.grad(surrogate, theta)
+    theta = at.clone().requires_grad_()
+    (closed,) = torch.autograd.grad(corrected_ppo_objective(tree, mu, case, theta, eps), theta)
+    theta = at.clone().requires_grad_()
+    (ppo,) = torch.autograd.grad(paper_objective(tree, "ppo", theta), theta)
+    old, new, behavior = _rows(tree, tree.theta), _rows(tree, at), _rows(tree, mu)  # (R, T) each
+    ratio, adv = torch.exp(new - old), advantages_of(tree)
+    stopped = ((adv > 0) & (ratio > 1 + eps)) | ((adv < 0) & (ratio < 1 - eps))  # (R, T) gradient 0 there
+    return {"closed": float((-code - closed).norm() / closed.norm()), "ppo": float((-code - ppo).norm() / ppo.norm()),
+            "clipped": float((behavior.sum(-1).exp().unsqueeze(-1) * stopped.double()).sum(0).mean())}
+
+
+def off_policy_table(seeds: tuple[int, ...] = (0, 1, 2)) -> list[tuple[str, float, float, float, float]]:
+    """(case, min share clipped, max closed-form deviation, min and max deviation from PPO under π_old)."""
+    trees = [Tree(seed=s) for s in seeds]
+    rows = []
+    for case in CASES:
+        devs = [off_policy_deviations(t, case) for t in trees]
+        rows.append((case, min(d["clipped"] for d in devs), max(d["closed"] for d in devs),
+                     min(d["ppo"] for d in devs), max(d["ppo"] for d in devs)))
     return rows
 
 
@@ -175,7 +237,20 @@ def markdown_gaps(rows: list[tuple[float, float, list]]) -> str:
     return "\n".join(lines)
 
 
+def markdown_off_policy(rows: list[tuple[str, float, float, float, float]]) -> str:
+    clipped = min(r[1] for r in rows)
+    lines = [f"At θ ≠ θ_old (PPO's clip stops the gradient of at least {clipped:.0%} of μ's tokens on every tree):",
+             "", "| correction, level, bounds | ‖∇ − ∇ corrected clipped surrogate‖/‖…‖ | "
+             "‖∇ − ∇ PPO had π_old sampled‖/‖…‖ (min – max over trees) |", "|---|---:|---:|"]
+    for case, _, closed, ppo_min, ppo_max in rows:
+        ppo = _fmt(ppo_max) if ppo_max < 1e-12 else f"{ppo_min:.3f} – {ppo_max:.3f}"
+        lines.append(f"| {case} | {_fmt(closed)} | {ppo} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(markdown(table()))
+    print()
+    print(markdown_off_policy(off_policy_table()))
     print()
     print(markdown_gaps(gap_table()))

@@ -151,6 +151,24 @@ def test_ppo_trainer_minibatch_step_on_two_ranks_equals_one_process(tmp_path, kl
     assert r0["prompts"] + r1["prompts"] == r0["ref_prompts"]  # contiguous shards of the global batch
 
 
+@pytest.mark.parametrize("correction", ["tis,token", "mis,sequence", "icepop,token"])
+def test_rollout_correction_on_two_ranks_equals_one_process(tmp_path, correction):
+    """μ ≠ π_old: each rank weighs its rows (per token, or per row at sequence level), the correction's metrics are
+    sums, counts and maxima over both ranks, and the micro-batched gradient equals the one-process minibatch's."""
+    r0, r1 = run_ranks("ppo_trainer", tmp_path, RLHF_TEST_CORRECTION=correction)
+    for name, ref in r0["ref_grads"].items():
+        for r in (r0, r1):
+            torch.testing.assert_close(r["grads"][name], ref, rtol=1e-5, atol=1e-7, msg=name)
+    ref = r0["ref_correction"]
+    assert set(ref) >= {"check/logprob_gap", "check/logprob_gap_max", "correction/weight_mean",
+                        "correction/ratio_min", "correction/ratio_max", "correction/masked_fraction"}
+    assert r0["correction"] == r1["correction"] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    changed = ref["correction/truncated_fraction" if correction.startswith("tis") else "correction/masked_fraction"]
+    assert 0 < changed < 1 and ref["check/logprob_gap"] > 0.05
+    for key in ("loss/policy", "policy/approx_kl", "policy/grad_norm"):
+        assert r0["stats"][key] == r1["stats"][key] == pytest.approx(r0["ref_stats"][key], rel=1e-5, abs=1e-7)
+
+
 def test_dapo_terms_under_torchrun_keep_the_ranks_in_step(tmp_path):
     """Dynamic sampling refills each rank's share in the same number of rounds on every rank (generation,
     scoring and the reductions stay collective), each rank keeps whole groups, and the replicas agree."""

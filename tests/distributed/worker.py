@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -222,13 +223,17 @@ def case_ppo_trainer() -> dict:
     from rlhf_core.config import PPOConfig, TinyModelConfig
     from rlhf_core.testing import tiny_setup
     from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo import experience_maker
     from rlhf_core.ppo.rollout import next_prompt_batch
     from rlhf_core.ppo.trainer import PPOTrainer
     tiny = TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     estimator, penalty = os.environ.get("RLHF_TEST_KL", "k1,reward").split(",")  # the KL penalty's placement
+    correction = os.environ.get("RLHF_TEST_CORRECTION", "none,token").split(",")  # a rollout correction: name,level
     cfg = PPOConfig(batch_size=8, num_mini_batches=2, micro_batch_size=2, ent_coef=0.01, eval_every=0,
                     kl_estimator=estimator, kl_penalty=penalty,
-                    loss_aggregation=os.environ.get("RLHF_TEST_AGG", "token-mean"))
+                    loss_aggregation=os.environ.get("RLHF_TEST_AGG", "token-mean"),
+                    rollout_correction=correction[0], rollout_correction_level=correction[1],
+                    rollout_correction_threshold=1.2, rollout_correction_low=0.8, rollout_correction_high=1.25)
 
     def trainer() -> PPOTrainer:
         tok, model, task = tiny_setup(n_prompts=8, n_eval_prompts=1, model_cfg=tiny)
@@ -246,14 +251,25 @@ def case_ppo_trainer() -> dict:
         batch, _ = next_prompt_batch(t.prompts, t._order, t.cfg.batch_size, t.cfg.group_size, t.shuffle_gen)
         return list(D.shard(batch))
 
+    def corrected(t: PPOTrainer, exp):
+        """μ ≠ π_old (π_old + noise): the correction's weights and its metrics reduced over the ranks."""
+        if t.correction is None:
+            return exp, {}
+        noise = torch.randn(full.mask.shape, generator=torch.Generator().manual_seed(11)) * full.mask  # (B, T)
+        behavior = exp.logprobs + 0.3 * (noise if exp is full else noise[start:end])
+        return experience_maker.apply_rollout_correction(replace(exp, behavior_logprobs=behavior), t.correction, cfg,
+                                                         D.global_count, D.global_max)
+
     t = trainer()
-    exp = ppo_experience(t.policy, torch.Generator().manual_seed(5))
-    start, end = D.shard_bounds(len(exp), D.rank(), D.world_size())
-    stats = t.minibatch_step(exp.index(slice(start, end)))
-    out: dict = {"grads": grads(t), "stats": stats, "prompts": prompts(t)}
+    full = ppo_experience(t.policy, torch.Generator().manual_seed(5))
+    start, end = D.shard_bounds(len(full), D.rank(), D.world_size())
+    exp, corr = corrected(t, full.index(slice(start, end)))
+    stats = t.minibatch_step(exp)
+    out: dict = {"grads": grads(t), "stats": stats, "prompts": prompts(t), "correction": corr}
     if D.is_main():
         with single_process():
             ref = trainer()
+            exp, out["ref_correction"] = corrected(ref, full)
             out["ref_stats"] = ref.minibatch_step(exp)
             out["ref_grads"] = grads(ref)
             out["ref_prompts"] = prompts(ref)

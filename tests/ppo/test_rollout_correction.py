@@ -5,6 +5,8 @@ builds the expectations over responses sampled from a behavior policy μ ≠ π_
   correction's closed form Σ_y μ(y)·(1/T)·Σ_t w_t·A·∇log π (plain loops in the benchmark).
 - Sequence level with nothing cut away (tis C = ∞, mis with bounds no ratio reaches) is exact importance
   sampling: ∇J under π_old. Every other row, no correction included, is biased, and the table states by how much.
+- Off-policy (θ ≠ θ_old, PPO's clip active on a quarter of the tokens): the code trains the corrected clipped
+  surrogate written as loops, and the exact rows give PPO's own update had π_old sampled.
 """
 import importlib.util
 import math
@@ -24,6 +26,11 @@ spec.loader.exec_module(rc)
 @pytest.fixture(scope="module")
 def rows():
     return {case: rest for case, *rest in rc.table()}
+
+
+@pytest.fixture(scope="module")
+def off_rows():
+    return rc.off_policy_table()
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +54,16 @@ def test_only_the_untruncated_sequence_ratio_is_unbiased(rows):
             assert bias_max < 1e-10 and changed == 0.0, case  # exact IS: ∇J under π_old
         else:
             assert bias_min > 0.05, (case, bias_min)  # stated in docs/rollout.md
+
+
+def test_off_policy_each_correction_trains_its_corrected_clipped_surrogate(off_rows):
+    for case, clipped, closed, ppo_min, ppo_max in off_rows:
+        assert clipped > 0.2, (case, clipped)  # the clip is exercised, not only the ratio's linear part
+        assert closed < 1e-10, (case, closed)
+        if case in rc.EXACT:
+            assert ppo_max < 1e-10, case  # exact IS: PPO's update with π_old's samples, clip and all
+        else:
+            assert ppo_min > 0.05, (case, ppo_min)
 
 
 def test_the_bounds_are_exercised(rows):
@@ -91,7 +108,8 @@ def test_behavior_equal_to_pi_old_needs_no_correction():
         assert changed == 0.0 and float((-code * tree.length - true).norm() / true.norm()) < 1e-10, case
 
 
-def test_docs_tables_are_this_computation(rows, gap_rows):
+def test_docs_tables_are_this_computation(rows, off_rows, gap_rows):
     page = (ROOT / "docs" / "rollout.md").read_text(encoding="utf-8")
     assert rc.markdown([(case, *rest) for case, rest in rows.items()]) in page
+    assert rc.markdown_off_policy(off_rows) in page
     assert rc.markdown_gaps(gap_rows) in page
