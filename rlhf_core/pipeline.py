@@ -112,7 +112,7 @@ def preflight(cfg: PipelineConfig, phases: tuple[str, ...]) -> None:
     if "ppo" in phases:  # a policy or reward model that an earlier phase of this run makes is not there yet
         preflight_ppo(cfg.ppo, made_here={"sft", "reward"} & set(phases[:-1]))
     if "ppo" in phases and cfg.ppo.rollout_engine == "vllm":  # vLLM installed, the settings and the model it runs
-        check_settings(cfg.ppo, D.world_size())
+        check_settings(cfg.ppo)
         tiny = "sft" in phases[:-1] or not cfg.ppo.policy  # the preset's Llama, built from cfg.model
         shape = {"architectures": ["LlamaForCausalLM"], "hidden_size": cfg.model.hidden_size,
                  "num_attention_heads": cfg.model.num_heads}

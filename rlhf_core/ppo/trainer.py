@@ -95,7 +95,7 @@ class PPOTrainer(Resumable):
                        if config.adaptive_kl else FixedKLController(config.kl_coef))
         self.device = policy.lm_head_weight.device
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + D.rank())  # generation
-        check_settings(config, D.world_size())  # --ppo.rollout_engine vllm: an in-process engine samples instead
+        check_settings(config)  # --ppo.rollout_engine vllm: an in-process engine per rank samples instead
         self.engine = (VLLMEngine(policy.model, config, tokenizer.eos_token_id, tokenizer.pad_token_id, policy.is_lora,
                                   self.device.type) if config.rollout_engine == "vllm" else None)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)  # prompt order, minibatches

@@ -47,17 +47,32 @@ def import_vllm() -> Any:
     return vllm
 
 
-def check_settings(cfg: PPOConfig, world_size: int = 1) -> None:
-    """The settings the vLLM path does not support yet, each refused in one line (before anything is written)."""
-    if cfg.rollout_engine != "vllm":
+def keep_trainer_process_group() -> None:
+    """Under torchrun the in-process engine joins the trainer's process group (vLLM's world group spans the
+    trainer's ranks; with one GPU-less or tensor-parallel-1 engine per rank no collective runs while sampling). But
+    its shutdown — when the engine is collected, or at exit — calls ``cleanup_dist_env_and_memory``, which destroys
+    the default process group: the rest of the run would continue as world size 1, every rank taking itself for rank
+    0. When the group was there before the engine, the shutdown leaves it alone (vLLM's group objects stay for the
+    next engine of this process, which reuses them)."""
+    import vllm.v1.engine.core as core
+    if getattr(core.cleanup_dist_env_and_memory, "keeps_trainer_group", False):
         return
-    if cfg.parallel == "fsdp2":
-        raise ConfigError("ppo.parallel='fsdp2' with ppo.rollout_engine=vllm is not supported yet (the engine needs "
-                          "the full weights gathered at each sync); use parallel='ddp' or rollout_engine=torch")
-    if world_size > 1:
-        raise ConfigError("ppo.rollout_engine=vllm under torchrun is not supported yet (one engine per rank is not "
-                          "tested); run on one process or use rollout_engine=torch")
-    import_vllm()
+
+    def keep_the_group(*args: Any, **kwargs: Any) -> None:  # installed only under the trainer's own group
+        return None
+
+    keep_the_group.keeps_trainer_group = True
+    core.cleanup_dist_env_and_memory = keep_the_group
+
+
+def check_settings(cfg: PPOConfig) -> None:
+    """Refuse ``rollout_engine=vllm`` in one line when vLLM is missing (before anything is written).
+
+    Every parallel layout is served: one engine per process, so under torchrun each rank samples its own share of
+    the prompts with its own engine (DDP replicas sync their local weights; FSDP2 gathers the full weights at each
+    sync, ``policy_state``)."""
+    if cfg.rollout_engine == "vllm":
+        import_vllm()
 
 
 def check_model(config: Any, device: str = "cpu") -> None:
@@ -80,11 +95,14 @@ def check_model(config: Any, device: str = "cpu") -> None:
 
 
 def policy_state(model: torch.nn.Module, is_lora: bool) -> dict[str, torch.Tensor]:
-    """The LM's weights under HF names, as vLLM's loader reads them; LoRA merged into a copy (the trained
-    model keeps its adapters). The value head is not among them: it lives beside the LM (PolicyWithValue)."""
+    """The LM's full weights under HF names, as vLLM's loader reads them; LoRA merged into a copy (the trained
+    model keeps its adapters). The value head is not among them: it lives beside the LM (PolicyWithValue).
+    Under FSDP2 each shard (a DTensor) is all-gathered, one parameter at a time: a collective, so every rank
+    syncs at the same point (make_experience, before sampling)."""
     if is_lora:
         model = copy.deepcopy(model).merge_and_unload()
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    from ..distributed import is_dtensor
+    return {k: (v.full_tensor() if is_dtensor(v) else v).detach() for k, v in model.state_dict().items()}
 
 
 class VLLMEngine:
@@ -107,6 +125,8 @@ class VLLMEngine:
         check_model(SimpleNamespace(**config), device)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine on CPU
         self.cfg, self.eos, self.pad, self.is_lora = cfg, eos_token_id, pad_token_id, is_lora
+        if torch.distributed.is_initialized():  # torchrun: the group is the trainer's; vLLM must not destroy it
+            keep_trainer_process_group()
         self.dtype = "bfloat16" if cfg.mixed_precision == "bf16" else "float32"
         length = min(cfg.max_prompt_length + cfg.response_length, config.get("max_position_embeddings") or 1 << 30)
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads

@@ -3,6 +3,7 @@ vLLM installed (.venv-vllm, `make vllm-test`) top-1 parity with the torch engine
 trainer's forward before and after an update, LoRA merged weights, and a killed-and-resumed run against an
 uninterrupted one, byte for byte."""
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -40,14 +41,13 @@ def test_missing_vllm_is_one_line_naming_the_extra(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_unsupported_settings_are_refused_by_name():
-    with pytest.raises(ConfigError, match="ppo.parallel='fsdp2' with ppo.rollout_engine=vllm is not supported yet"):
-        vllm_engine.check_settings(PPOConfig(rollout_engine="vllm", parallel="fsdp2"))
-    with pytest.raises(ConfigError, match="under torchrun is not supported yet"):
-        vllm_engine.check_settings(PPOConfig(rollout_engine="vllm"), world_size=2)
+def test_the_engine_name_is_checked_and_every_parallel_layout_is_served(monkeypatch):
     with pytest.raises(ConfigError, match="ppo.rollout_engine='vlm': expected 'torch' or 'vllm'"):
         PPOConfig(rollout_engine="vlm").validate()
-    vllm_engine.check_settings(PPOConfig(parallel="fsdp2"))  # the torch engine: nothing to refuse
+    monkeypatch.setattr(vllm_engine, "import_vllm", lambda: None)  # as if installed
+    for parallel in ("ddp", "fsdp2"):  # one engine per rank; FSDP2 gathers the full weights per sync
+        vllm_engine.check_settings(PPOConfig(rollout_engine="vllm", parallel=parallel))
+    vllm_engine.check_settings(PPOConfig(parallel="fsdp2"))  # the torch engine: nothing to check
 
 
 def cli(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -57,8 +57,6 @@ def cli(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--ppo.rollout_engine", "vllm"], "vLLM is not installed" if not HAS_VLLM else "no kernel for the policy's head size 16"),
-    (["--ppo.rollout_engine", "vllm", "--ppo.parallel", "fsdp2", "--ppo.value_model", "shared"],
-     "ppo.parallel='fsdp2' with ppo.rollout_engine=vllm"),
 ])
 def test_cli_refuses_in_one_line_exit_2_nothing_written(tmp_path, args, message):
     out = tmp_path / "run"
@@ -210,3 +208,29 @@ def test_killed_and_resumed_vllm_run_ends_byte_identical(parts, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("model.safetensors", "value_head.safetensors"):
         assert (ref / "ppo" / name).read_bytes() == (run / "ppo" / name).read_bytes(), name
+
+
+@needs_vllm
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_under_torchrun_each_rank_samples_with_its_own_engine_on_the_current_full_weights(parts, tmp_path, parallel):
+    """2 ranks, each sampling its 4 of the 8 prompts with its own in-process engine. At every iteration every
+    rank's behavior logprobs equal the trainer's forward (the max is over both ranks): each engine got this
+    iteration's weights, under FSDP2 the full weights gathered from the shards (placeholder or stale weights
+    would be nats away). Rank 0 alone writes; the policy trained."""
+    from safetensors.torch import load_file
+    tok, model, _ = parts
+    model.save_pretrained(tmp_path / "policy"), tok.save_pretrained(tmp_path / "policy")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf_core.cli",
+           "ppo", "--policy", str(tmp_path / "policy"), "--output-dir", str(out), *PPO[:4], "--ppo.num_iterations", "3",
+           *PPO[8:], "--ppo.learning_rate", "1e-2", "--ppo.parallel", parallel, "--ppo.save_every", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    iterations = [m for m in lines if "loss/policy" in m]
+    assert [m["step"] for m in iterations] == [1, 2, 3]
+    for m in iterations:
+        assert m["check/logprob_gap_max"] < LOGPROB_TOL and m["time/weight_sync"] > 0, m
+    assert json.loads((out / "summary.json").read_text())["ppo"]["world_size"] == 2
+    before, after = load_file(tmp_path / "policy" / "model.safetensors"), load_file(out / "ppo" / "model.safetensors")
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-3
