@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-_TRITON_MODULES = ("kernels.triton_logprob", "kernels.triton_kl")
+_TRITON_MODULES = ("kernels.triton_logprob", "kernels.triton_kl", "kernels.triton_splits")
 
 
 def fp32_math(fn):

@@ -1,12 +1,14 @@
 """Triton exact per-token KL(π‖π_ref) over the full vocabulary, from both models' hidden states.
 
-Forward: one program per block of kept rows walks the vocabulary in BLOCK_V tiles, computing the
-policy tile z = h @ W^T / T and the reference tile zq = h_ref @ W_ref^T / T, with two online
-softmaxes side by side (m_p, s_p, m_q, s_q). The KL comes from the centred form of
-``stable_stats.py``: with the centre c = m_p − m_q and x = c − (z − zq) it keeps
+Forward: a 2-D grid of (block of kept rows, vocabulary split) programs; each walks its split's
+BLOCK_V tiles, computing the policy tile z = h @ W^T / T and the reference tile
+zq = h_ref @ W_ref^T / T, with two online softmaxes side by side (m_p, s_p, m_q, s_q). The KL
+comes from the centred form of ``stable_stats.py``: with the centre c = m_p − m_q and x = c − (z − zq) it keeps
 D = Σ e^{z−m_p} x and T = Σ e^{z−m_p} φ(x), φ(x) = e^x − 1 − x ≥ 0; when a max grows, the centre
 moves by δ and T ← a_q T + a_p expm1(δ) D + a_p φ(δ) s_p, D ← a_p (D + δ s_p) (a_p, a_q the
-rescalings; a_p e^δ = a_q, so every exponent stays ≤ 0). At the end, with u = D/s_p, v = T/s_p:
+rescalings; a_p e^δ = a_q, so every exponent stays ≤ 0). Each program writes its split's
+(m_p, s_p, m_q, s_q, D, T) to a partials buffer; ``triton_splits.py`` merges the splits with the
+same update and computes, with u = D/s_p, v = T/s_p:
 
     KL = log1p(u + v) − u = log(s_q / s_p) − u      (= Σ p (z − zq) − lse_p + lse_q)
 
@@ -29,15 +31,10 @@ import triton
 import triton.language as tl
 
 from kernels import _dispatch
-from kernels.triton_logprob import (_kept_rows, _log1p, _logits_tile, check_dtypes, kept_rows, launch_config,
-                                    on_device, reduce_grads)
-
-
-@triton.jit
-def _phi(x):
-    """φ(x) = e^x − 1 − x ≥ 0, from its Taylor series below |x| = 0.5 (no cancellation there)."""
-    series = x * x * (0.5 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (1 / 720 + x * (1 / 5040 + x / 40320))))))
-    return tl.maximum(tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0 - x), 0.0)
+from kernels.triton_logprob import (_kept_rows, _logits_tile, check_dtypes, kept_rows, launch_config, on_device,
+                                    reduce_grads)
+from kernels.triton_splits import (KL_STATS, _kl_merge_kernel, _phi, _recentre, _split_range, _store_partials, merge,
+                                   split_plan)
 
 
 @triton.jit
@@ -47,12 +44,8 @@ def _kl_fwd_kernel(
     rh_ptr,  # (N, HR) reference hidden
     rw_ptr,  # (V, HR) reference weight
     idx_ptr,  # (K,) int64 kept rows
-    kl_ptr,  # (N,) fp32 out: KL(p‖q)
-    lsep_ptr,  # (N,) fp32 out: policy logsumexp, for backward
-    dbar_ptr,  # (N,) fp32 out: Σ p (z − zq), for backward
+    part_ptr,  # (6 or 8, S, K) fp32 out: this split's m_p, s_p, m_q, s_q, D, T (, z_t, zq_t) per kept row
     t_ptr,  # (N,) int targets (read only with HAS_TARGETS)
-    lp_ptr,  # (N,) fp32 out: log p(target) (HAS_TARGETS)
-    lq_ptr,  # (N,) fp32 out: log q(target) (HAS_TARGETS)
     K,
     V,
     H,
@@ -67,6 +60,7 @@ def _kl_fwd_kernel(
     stride_rwh,
     stride_t,
     inv_t,
+    tiles_per_split,
     HAS_TARGETS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -75,6 +69,7 @@ def _kl_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     _, rows, row_ok = _kept_rows(idx_ptr, K, BLOCK_N)
+    v_start, v_end = _split_range(V, tiles_per_split, BLOCK_V)
     m_p = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     s_p = tl.zeros([BLOCK_N], dtype=tl.float32)
     m_q = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -85,7 +80,7 @@ def _kl_fwd_kernel(
         tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=-1)  # (BLOCK_N,) ignored rows match no column
         zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # z[target]
         zqt = tl.zeros([BLOCK_N], dtype=tl.float32)  # zq[target]
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hh,
@@ -103,10 +98,7 @@ def _kl_fwd_kernel(
         # move the centre c = m_p - m_q by delta: T and D re-expressed around the new centre
         started = m_p > float("-inf")  # before the first tile the centre is the new one (δ = 0)
         delta = (mp_new - mq_new) - (tl.where(started, m_p, mp_new) - tl.where(started, m_q, mq_new))
-        small = tl.abs(delta) <= 1.0
-        phi_d = _phi(tl.minimum(tl.maximum(delta, -1.0), 1.0))
-        em1 = tl.where(small, a_p * (phi_d + delta), a_q - a_p)  # a_p expm1(δ)
-        aphi = tl.where(small, a_p * phi_d, a_q - a_p * (1.0 + delta))  # a_p φ(δ)
+        em1, aphi = _recentre(a_p, a_q, delta)  # a_p expm1(δ), a_p φ(δ)
         tsum = a_q * tsum + em1 * dsum + aphi * s_p
         dsum = a_p * (dsum + delta * s_p)
         w_p = tl.where(col_ok[None, :], tl.exp(z - mp_new[:, None]), 0.0)  # (BLOCK_N, BLOCK_V) ≤ 1
@@ -119,16 +111,10 @@ def _kl_fwd_kernel(
         s_q = a_q * s_q + tl.sum(w_q, axis=1)
         m_p = mp_new
         m_q = mq_new
-    u = dsum / s_p
-    r = u + tsum / s_p  # s_q / s_p - 1
-    log_ratio = tl.where(tl.abs(r) <= 0.5, _log1p(r), tl.log(s_q) - tl.log(s_p))
-    lse_p = m_p + tl.log(s_p)
-    tl.store(kl_ptr + rows, tl.maximum(log_ratio - u, 0.0), mask=row_ok)
-    tl.store(lsep_ptr + rows, lse_p, mask=row_ok)
-    tl.store(dbar_ptr + rows, (m_p - m_q) - u, mask=row_ok)
     if HAS_TARGETS:
-        tl.store(lp_ptr + rows, zt - lse_p, mask=row_ok)
-        tl.store(lq_ptr + rows, zqt - (m_q + tl.log(s_q)), mask=row_ok)
+        _store_partials(part_ptr, K, m_p, s_p, m_q, s_q, dsum, tsum, zt, zqt, 8, BLOCK_N)
+    else:
+        _store_partials(part_ptr, K, m_p, s_p, m_q, s_q, dsum, tsum, tsum, tsum, 6, BLOCK_N)
 
 
 @triton.jit
@@ -188,18 +174,22 @@ def _launch_fwd(hidden, weight, ref_hidden, ref_weight, temperature, rows, kl, l
                 targets=None, lp=None, lq=None) -> None:
     """One forward sweep over the vocabulary for the kept ``rows``; with ``targets`` it also writes
     both models' log-probabilities of the targets into ``lp`` / ``lq``."""
-    if rows.numel() == 0:
+    k = rows.numel()
+    if k == 0:
         return
     hdim, v, hr = hidden.shape[1], weight.shape[0], ref_hidden.shape[1]
     has_t = targets is not None
     cfg = launch_config(hidden, weight)
+    splits, per = split_plan(k, v, cfg, hidden.device)
+    part = _dispatch.empty(KL_STATS + 2 * has_t, splits, k, device=hidden.device)  # (6 or 8, S, K) partials
     with on_device(hidden):
-        _kl_fwd_kernel[(triton.cdiv(rows.numel(), cfg["BLOCK_N"]),)](
-            hidden, weight, ref_hidden, ref_weight, rows, kl, lse_p, dbar,
-            targets if has_t else kl, lp if has_t else kl, lq if has_t else kl, rows.numel(), v, hdim, hr,
+        _kl_fwd_kernel[(triton.cdiv(k, cfg["BLOCK_N"]), splits)](
+            hidden, weight, ref_hidden, ref_weight, rows, part, targets if has_t else rows, k, v, hdim, hr,
             *_strides(hidden, weight, ref_hidden, ref_weight), targets.stride(0) if has_t else 0,
-            1.0 / temperature, HAS_TARGETS=has_t, **cfg,
+            1.0 / temperature, per, HAS_TARGETS=has_t, **cfg,
         )
+        merge(_kl_merge_kernel, part, rows, kl, lse_p, dbar, lp if has_t else kl, lq if has_t else kl,
+              HAS_TARGETS=has_t)
 
 
 class TritonKL(torch.autograd.Function):

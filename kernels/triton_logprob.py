@@ -1,19 +1,22 @@
 """Triton fused linear logprob + entropy: hidden states in, per-token stats out, no [N, V] logits.
 
-Forward: one program per block of kept rows (an index list: masked rows are never launched) walks
-the vocabulary in BLOCK_V tiles; each logits tile is a tl.dot over H in BLOCK_H chunks, folded into
-an online softmax that keeps, per row, the running max m, s1 = Σ e^{z−m} − 1 (summed without the
-max's own 1, so log1p(s1) keeps its precision at low entropy) and a = Σ e^{z−m} (m − z) ≥ 0, all
-rescaled when m grows: entropy = log1p(s1) + a / (1 + s1), no term the size of the logits
-subtracted (``stable_stats.py`` has the derivation and the torch version). It saves lse and the
-entropy per row (8 bytes/row) for the backward.
+Forward: a 2-D grid of (block of kept rows, vocabulary split) programs (an index list: masked
+rows are never launched); each walks its split's BLOCK_V tiles, each logits tile a tl.dot over H in
+BLOCK_H chunks, folded into an online softmax that keeps, per row, the running max m,
+s1 = Σ e^{z−m} − 1 (summed without the max's own 1, so log1p(s1) keeps its precision at low
+entropy) and a = Σ e^{z−m} (m − z) ≥ 0, all rescaled when m grows. The splits' partial statistics
+are merged with the same rescaling (``triton_splits.py``: the split count, the merge):
+entropy = log1p(s1) + a / (1 + s1), no term the size of the logits subtracted (``stable_stats.py``
+has the derivation and the torch version). It saves lse and the entropy per row (8 bytes/row) for
+the backward.
 
 Backward, per chunk of kept rows: a 2-D grid over (row block, vocab tile) recomputes each logits
 tile and writes its dlogits into a [chunk, V] buffer (each element written once); d_hidden =
 dlogits @ W and d_weight += dlogitsᵀ @ hidden are then GEMMs (cuBLAS on a GPU). No atomics, so
 the gradients are bit-identical run to run; a frozen head skips the d_weight GEMM.
 Cost: 2·N·H·V forward; 6·N·H·V backward (2 to recompute in Triton, 4 in the two GEMMs); memory
-beyond inputs and gradients: the [chunk, V] dlogits buffer (≤ DZ_CHUNK_ELEMENTS) and 8 bytes/row.
+beyond inputs and gradients: the [chunk, V] dlogits buffer (≤ DZ_CHUNK_ELEMENTS), 8 bytes/row, and
+during the forward 16·S bytes per kept row of split partials.
 
 bf16 is loaded and converted to fp32 at once under the interpreter (its bf16 math is wrong);
 on a GPU the dots run in the input dtype with an fp32 accumulator (UPCAST=False). Offsets are
@@ -28,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels import _dispatch
+from kernels.triton_splits import LP_STATS, _logprob_merge_kernel, _split_range, _store_partials, merge, split_plan
 
 
 @triton.jit
@@ -72,13 +76,6 @@ def _logits_tile(
 
 
 @triton.jit
-def _log1p(x):
-    """log(1 + x) to a few ulp for small x (Goldberg's trick: the rounding of 1 + x cancels)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
-
-
-@triton.jit
 def _kept_rows(idx_ptr, n_kept, BLOCK_N: tl.constexpr):
     """(local positions, their global row ids (int64), in range) of this program's kept rows."""
     loc = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -92,9 +89,7 @@ def _logprob_fwd_kernel(
     w_ptr,  # (V, H) weight
     t_ptr,  # (N,) int targets
     idx_ptr,  # (K,) int64 kept rows (target != ignore_index)
-    lp_ptr,  # (N,) fp32 out: logprobs
-    ent_ptr,  # (N,) fp32 out: entropy, also saved for backward
-    lse_ptr,  # (N,) fp32 out: logsumexp, for backward
+    part_ptr,  # (4, S, K) fp32 out: this split's m, s1, a, z_t per kept row
     K,
     V,
     H,
@@ -104,6 +99,7 @@ def _logprob_fwd_kernel(
     stride_wh,
     stride_t,
     inv_t,
+    tiles_per_split,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -111,12 +107,13 @@ def _logprob_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     _, rows, row_ok = _kept_rows(idx_ptr, K, BLOCK_N)
+    v_start, v_end = _split_range(V, tiles_per_split, BLOCK_V)
     tgt = tl.load(t_ptr + rows * stride_t, mask=row_ok, other=0)  # (BLOCK_N,)
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)  # running max
     s1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m} - 1
     a = tl.zeros([BLOCK_N], dtype=tl.float32)  # Σ e^{z-m} (m - z)
-    zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # target logit
-    for v0 in range(0, V, BLOCK_V):
+    zt = tl.zeros([BLOCK_N], dtype=tl.float32)  # target logit (0 unless this split holds it)
+    for v0 in range(v_start, v_end, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_ok = cols < V
         z = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, H, stride_hn, stride_hh,
@@ -134,10 +131,7 @@ def _logprob_fwd_kernel(
         s1 = tl.where(n_top > 0, alpha + alpha * s1 + tl.sum(tl.where(top, 0.0, e), axis=1) + (n_top - 1.0),
                       s1 + tl.sum(e, axis=1))
         m = m_new
-    log_s = _log1p(s1)
-    tl.store(lp_ptr + rows, (zt - m) - log_s, mask=row_ok)
-    tl.store(ent_ptr + rows, log_s + a / (1.0 + s1), mask=row_ok)
-    tl.store(lse_ptr + rows, m + log_s, mask=row_ok)
+    _store_partials(part_ptr, K, m, s1, a, zt, zt, zt, zt, zt, 4, BLOCK_N)
 
 
 @triton.jit
@@ -328,13 +322,17 @@ class TritonLogprob(torch.autograd.Function):
         rows = kept_rows(keep)  # (K,)
         lp, ent, lse = (_dispatch.empty(n, device=hidden.device) for _ in range(3))  # (N,) each
         cfg = launch_config(hidden, weight)
-        if rows.numel():
+        k = rows.numel()
+        if k:
+            splits, per = split_plan(k, v, cfg, hidden.device)
+            part = _dispatch.empty(LP_STATS, splits, k, device=hidden.device)  # (4, S, K) partials
             with on_device(hidden):
-                _logprob_fwd_kernel[(triton.cdiv(rows.numel(), cfg["BLOCK_N"]),)](
-                    hidden, weight, targets, rows, lp, ent, lse, rows.numel(), v, hdim,
+                _logprob_fwd_kernel[(triton.cdiv(k, cfg["BLOCK_N"]), splits)](
+                    hidden, weight, targets, rows, part, k, v, hdim,
                     hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), targets.stride(0),
-                    1.0 / temperature, **cfg,
+                    1.0 / temperature, per, **cfg,
                 )
+                merge(_logprob_merge_kernel, part, rows, lp, ent, lse)
         lp.masked_fill_(~keep, 0.0)
         ent.masked_fill_(~keep, 0.0)
         ctx.save_for_backward(hidden, weight, targets, rows, lse, ent)
