@@ -9,7 +9,11 @@
 #             (RLHF_DIST_BACKEND=gloo; NCCL refuses two ranks on one device), --ppo.parallel fsdp2,
 #             bf16 mixed precision, sharded reference -> benchmarks/results/ppo_fsdp2_cuda.{log,json};
 #   ppo:     PPO vs TRL 1.12 on Pythia-shaped 160M/410M/1B in bf16 -> benchmarks/results/ppo_vs_trl_cuda.*
-#            (needs trl: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl; skipped without it).
+#            (needs trl: run benchmarks/fetch_gpu_wheels.sh here first and carry .whl; skipped without it);
+#   vllm:    generation, torch engine vs the colocated vLLM engine, fp32 and bf16, 8 M and 29 M Llamas, 64 prompts
+#            x 128 tokens -> benchmarks/results/rollout_engines_cuda.{json,md} (needs the CUDA `vllm` package on
+#            that machine: the lent image has none and its ~400 MB wheel does not fit the 64 MiB carry, so this
+#            stage says "skipped" there; VLLM_ARGS narrows it).
 # Usage: bash benchmarks/gpu_check.sh            (env: PY=python to force an interpreter,
 #        BENCH_ARGS="--providers ours_triton torch_eager" to narrow the kernel benchmark,
 #        PPO_ARGS="--scales pythia-1b --repeats 3" to narrow the PPO one, STAGES="ppo" for one stage)
@@ -37,7 +41,7 @@ if [ -d "$ROOT/.whl" ] && ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then   # carrie
   "$PYBIN" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$ROOT"/.whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-STAGES=" ${STAGES:-tests kernels pipeline fsdp2 ppo} "
+STAGES=" ${STAGES:-tests kernels pipeline fsdp2 ppo vllm} "
 unset TRITON_INTERPRET                  # compile the kernels for the GPU
 export RLHF_TEST_DEVICE=cuda HF_HUB_OFFLINE=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # `kernels` importable without an install
@@ -102,6 +106,18 @@ if [[ $STAGES == *" ppo "* ]]; then
     bench_rc=$(( bench_rc != 0 ? bench_rc : ppo_rc ))
   else
     echo "gpu_check: trl/datasets not importable: PPO benchmark skipped (bash benchmarks/fetch_gpu_wheels.sh, carry .whl)"
+  fi
+fi
+if [[ $STAGES == *" vllm "* ]]; then
+  if "$PYBIN" -c "import vllm" 2>/dev/null; then
+    # shellcheck disable=SC2086  # VLLM_ARGS is a word list on purpose
+    "$PYBIN" benchmarks/rollout_engines.py --device cuda --scales llama-8m,llama-30m --prompts 64 --tokens 128 \
+      ${VLLM_ARGS:-} 2>&1 | grep -v -E "Loading weights|Writing model shards" | tee "$OUT_DIR/rollout_engines_cuda.log"
+    vllm_rc=${PIPESTATUS[0]}
+    echo "vllm rows exit code: $vllm_rc" | tee -a "$OUT_DIR/rollout_engines_cuda.log"
+    bench_rc=$(( bench_rc != 0 ? bench_rc : vllm_rc ))
+  else
+    echo "gpu_check: vllm not importable on this machine: vLLM rows skipped (pip install vllm where a GPU has network)"
   fi
 fi
 # Any failure fails the check: the tests first (their exit code), then a missed kernel target or benchmark.

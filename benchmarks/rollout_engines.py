@@ -16,6 +16,15 @@ Results: benchmarks/results/rollout_engines_cpu.{json,md}.
 
 runs ``rlhf pipeline --preset tiny --model.num_heads 2`` with ``--ppo.rollout_engine torch`` and ``vllm`` per
 seed and writes benchmarks/results/rollout_engines_demo.json (gold reward before/after, KL, wall time).
+
+    .venv-vllm/bin/python benchmarks/rollout_engines.py --iteration   # whole PPO iterations, split by phase
+
+times whole PPO iterations per scale, dtype and engine (a fresh process each): ``PPOTrainer.step()`` on
+``--prompts`` prompts with ``--ppo-tokens`` response tokens (EOS enabled, as in training), a value head on the
+shared trunk, one epoch of 2 minibatches, a Python reward; one warm-up iteration, then ``--iterations`` timed ones,
+split by the trainer's own clocks into weight sync, generate, score (π_old, values, reference, reward: with vLLM
+π_old is a full policy forward, the torch engine reads it from its sampling loop) and update.
+Results: benchmarks/results/rollout_engines_iteration_cpu.{json,md}.
 """
 from __future__ import annotations
 
@@ -57,38 +66,83 @@ def load(scale: str, work: Path, n: int) -> tuple[torch.nn.Module, object, list[
             load_tokenizer(paths["tokenizer"]), task_prompts(n)[0])
 
 
-def one(scale: str, dtype: str, engine: str, prompts: int, tokens: int, threads: int, work: Path) -> dict:
+def one(scale: str, dtype: str, engine: str, prompts: int, tokens: int, threads: int, work: Path,
+        device: str = "cpu") -> dict:
     """Time one engine's generation; runs in a fresh process."""
     from rlhf_core.config import PPOConfig
     from rlhf_core.ppo.policy import CausalLMView
     from rlhf_core.ppo.rollout import encode_prompts, generate
     torch.set_num_threads(threads)
     model, tok, texts = load(scale, work, prompts)
-    model.eval()
+    model.eval().to(device)
     cfg = PPOConfig(response_length=tokens, max_prompt_length=64, temperature=1.0,
                     mixed_precision="bf16" if dtype == "bf16" else "no", seed=0)
-    query_ids, query_mask = encode_prompts(tok, texts, cfg.max_prompt_length)
+    query_ids, query_mask = encode_prompts(tok, texts, cfg.max_prompt_length, torch.device(device))
     rec = {"scale": scale, "dtype": dtype, "engine": engine, "prompts": prompts, "tokens": tokens, "threads": threads,
-           "params": sum(p.numel() for p in model.parameters())}
+           "params": sum(p.numel() for p in model.parameters()), "device": device}
     if engine == "vllm":
         from rlhf_core.ppo.vllm_engine import VLLMEngine
-        eng = VLLMEngine(model, cfg, eos_token_id=-1, pad_token_id=tok.pad_token_id)
+        eng = VLLMEngine(model, cfg, eos_token_id=-1, pad_token_id=tok.pad_token_id, device=device)
         rec["startup_s"], rec["sync_s"] = eng.startup_seconds, eng.sync(model)
         run = lambda q, m: eng.generate(q, m, torch.Generator().manual_seed(0))[:2]  # noqa: E731
     else:
-        view, ctx = CausalLMView(model), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+        view, ctx = CausalLMView(model), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
         def run(q, m):
             with ctx:
                 return generate(view, q, m, tokens, 1.0, eos_token_id=-1, pad_token_id=tok.pad_token_id,
                                 generator=torch.Generator().manual_seed(0))[:2]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run(query_ids[:2], query_mask[:2])  # warm-up: first-call allocations, oneDNN primitive creation
+    sync()
     t0 = time.perf_counter()
     ids, mask = run(query_ids, query_mask)
+    sync()
     rec["generate_s"] = time.perf_counter() - t0
     rec["new_tokens"] = int(mask.sum())
     rec["tokens_per_s"] = rec["new_tokens"] / rec["generate_s"]
     return rec
+
+
+def iteration(scale: str, dtype: str, engine: str, prompts: int, tokens: int, threads: int, work: Path,
+              iterations: int) -> dict:
+    """Whole PPO iterations with one engine, split by phase (seconds per iteration, means); a fresh process."""
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ppo.policy import PolicyWithValue
+    from rlhf_core.ppo.trainer import PPOTrainer
+    torch.set_num_threads(threads)
+    model, tok, texts = load(scale, work, prompts)
+    cfg = PPOConfig(rollout_engine=engine, batch_size=prompts, num_mini_batches=2, ppo_epochs=1,
+                    response_length=tokens, max_prompt_length=64, learning_rate=1e-6, eval_every=0,
+                    num_iterations=iterations + 1, mixed_precision="bf16" if dtype == "bf16" else "no", seed=0,
+                    num_threads=threads)
+    trainer = PPOTrainer(cfg, PolicyWithValue(model), tok, lambda p, r: [x.count("e") / max(len(x), 1) for x in r],
+                         texts * 2)
+    trainer.step()  # warm-up: first-call allocations, oneDNN primitives, the engine's first sync
+    runs = [trainer.step() for _ in range(iterations)]
+    mean = lambda k: sum(m.get(k, 0.0) for m in runs) / len(runs)  # noqa: E731
+    rec = {"scale": scale, "dtype": dtype, "engine": engine, "prompts": prompts, "tokens": tokens, "threads": threads,
+           "iterations": iterations, "params": sum(p.numel() for p in model.parameters()),
+           "sync_s": mean("time/weight_sync"), "generate_s": mean("time/generate"),
+           "score_s": mean("time/score") - mean("time/weight_sync"),  # the trainer's time/score holds the sync
+           "update_s": mean("time/update"), "response_tokens": mean("response/length")}
+    rec["iteration_s"] = mean("time/rollout") + rec["update_s"]
+    if engine == "vllm":
+        rec["startup_s"] = trainer.engine.startup_seconds
+    return rec
+
+
+def iteration_table(rows: list[dict]) -> str:
+    out = ["| scale | dtype | engine | tokens / response | weight sync (s) | generate (s) | score (s) | update (s) | "
+           "iteration (s) | vs torch, same dtype |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["scale"], r["dtype"]): r["iteration_s"] for r in rows if r["engine"] == "torch"}
+    for r in rows:
+        key = (r["scale"], r["dtype"])
+        speed = f"{base[key] / r['iteration_s']:.2f}×" if key in base else "—"
+        out.append(f"| {r['scale']} | {r['dtype']} | {r['engine']} | {r['response_tokens']:.1f} | {r['sync_s']:.3f} | "
+                   f"{r['generate_s']:.2f} | "
+                   f"{r['score_s']:.2f} | {r['update_s']:.2f} | {r['iteration_s']:.2f} | {speed} |")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
@@ -133,32 +187,50 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/rlhf-rollout-engines")
     p.add_argument("--out", default=str(RESULTS / "rollout_engines_cpu"))
     p.add_argument("--demo", default="", help="seeds, e.g. 0,1,2: run the demo with each engine instead")
+    p.add_argument("--device", default="cpu", help="cuda: the generation rows on a GPU (benchmarks/gpu_check.sh)")
+    p.add_argument("--iteration", action="store_true", help="time whole PPO iterations split by phase instead")
+    p.add_argument("--ppo-tokens", type=int, default=32, help="response_length of the --iteration runs")
+    p.add_argument("--iterations", type=int, default=2, help="timed PPO iterations per --iteration row")
     p.add_argument("--one", nargs=3, metavar=("SCALE", "DTYPE", "ENGINE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.iteration and args.device != "cpu":
+        raise SystemExit("--iteration times the CPU trainer only; on a GPU run the generation rows (--device cuda)")
     if args.one:
-        print("RESULT " + json.dumps(one(*args.one, args.prompts, args.tokens, args.threads, Path(args.work))))
+        if args.iteration:
+            rec = iteration(*args.one, args.prompts, args.ppo_tokens, args.threads, Path(args.work), args.iterations)
+        else:
+            rec = one(*args.one, args.prompts, args.tokens, args.threads, Path(args.work), args.device)
+        print("RESULT " + json.dumps(rec))
         return
     if args.demo:
         rows = demo([int(x) for x in args.demo.split(",")], Path(args.work))
         (RESULTS / "rollout_engines_demo.json").write_text(json.dumps(rows, indent=1))
         return
+    render = iteration_table if args.iteration else table
     rows = []
     for scale in args.scales.split(","):
         for dtype in args.dtypes.split(","):
             for engine in args.engines.split(","):
                 cmd = [sys.executable, __file__, "--one", scale, dtype, engine, "--prompts", str(args.prompts),
-                       "--tokens", str(args.tokens), "--threads", str(args.threads), "--work", args.work]
+                       "--tokens", str(args.tokens), "--threads", str(args.threads), "--work", args.work,
+                       "--ppo-tokens", str(args.ppo_tokens), "--iterations", str(args.iterations),
+                       "--device", args.device,
+                       *(["--iteration"] if args.iteration else [])]
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
                 if r.returncode or not line:
                     raise SystemExit(f"{scale} {dtype} {engine} failed:\n{r.stderr[-3000:]}")
                 rows.append(json.loads(line[0][7:]))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-    meta = {"cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
+                print(render(rows[-1:]).splitlines()[-1], flush=True)
+    meta = {"cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"), "device": args.device,
+            **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
             "torch": torch.__version__, "command": " ".join(sys.argv)}
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    Path(args.out + ".md").write_text(f"{meta['cpu']}, torch {meta['torch']}, `{meta['command']}`\n\n{table(rows)}\n")
-    print(table(rows))
+    out = args.out
+    if out == p.get_default("out"):  # the default name says what ran: _iteration_cpu, _cuda
+        out = out.replace("_cpu", "_iteration_cpu" if args.iteration else f"_{args.device}")
+    Path(out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(out + ".md").write_text(f"{meta['cpu']}, torch {meta['torch']}, `{meta['command']}`\n\n{render(rows)}\n")
+    print(render(rows))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from ..config import PPOConfig
 from ..errors import ConfigError
 
 INSTALL = "pip install -e .[vllm] -c constraints-vllm.txt (docs/rollout.md)"
+# On a GPU the colocated engine shares the device with training: its weights and KV cache get this share of the
+# GPU memory (vLLM's own default, 0.9, is for a device of its own). Untested: no session has had vLLM on a GPU.
+GPU_MEMORY_SHARE = 0.3
 
 
 def import_vllm() -> Any:
@@ -134,8 +137,9 @@ class VLLMEngine:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):  # vLLM reseeds globally
             (Path(folder) / "config.json").write_text(json.dumps(config))
+            gpu = {"gpu_memory_utilization": GPU_MEMORY_SHARE} if device == "cuda" else {}
             self.llm = vllm.LLM(model=folder, dtype=self.dtype, load_format="dummy", enforce_eager=True,
-                                seed=cfg.seed, max_model_len=length,
+                                seed=cfg.seed, max_model_len=length, **gpu,
                                 skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
                                 enable_prefix_caching=False,  # a cached prefix would outlive a weight sync
                                 generation_config="vllm")  # stop tokens: the tokenizer's EOS only
