@@ -168,9 +168,13 @@ def test_largest_logit_alone_in_the_last_split(tie, force_splits):
         torch.testing.assert_close(kl.double(), (lp64.exp() * (lp64 - lq64)).sum(-1), atol=1e-4, rtol=1e-5)
 
 
-def test_deterministic_mode_runs_and_repeats_bit_for_bit(force_splits):
+def test_deterministic_mode_runs_and_repeats_bit_for_bit(force_splits, monkeypatch):
     """Under torch.use_deterministic_algorithms(True) (which the old fp32 atomics ignored) the
-    kernels run, and two runs give the same forward outputs and gradients bit for bit."""
+    kernels run, and two runs give the same forward outputs and gradients bit for bit. On a GPU,
+    torch refuses any cuBLAS GEMM in that mode (the backward's two) unless CUBLAS_WORKSPACE_CONFIG
+    is set, as a deterministic training run sets it."""
+    if DEVICE == "cuda":
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     case = make_inputs("weird", torch.bfloat16)
     force_splits(4)
     before = torch.are_deterministic_algorithms_enabled()
