@@ -2,6 +2,8 @@
 
     python benchmarks/bench_kernels.py                    # CPU: eager, torch.compile, ours (chunked)
     python benchmarks/bench_kernels.py --device cuda      # GPU: + ours (Triton), Liger, TRL when importable
+    python benchmarks/bench_kernels.py --device cuda --shapes 1024,4096,128256 --modes forward \
+        --providers ours_triton ours_triton_1split        # what the split-vocabulary forward buys
 
 Op (every provider): z = hidden @ weight.T / T; logprob[target] and entropy; loss = Σ g1·logprob + Σ g2·entropy
 (Liger's fused linear cross-entropy computes -logprob only, a little less work: marked in the table).
@@ -86,12 +88,30 @@ def _trl():
     return run
 
 
+def _triton_one_split():
+    """ours_triton with its forward forced to one vocabulary split (the 1-D grid's occupancy: one
+    program per 64 rows): against ours_triton, what the split grid buys (kernels/triton_splits.py)."""
+    import importlib
+
+    splits = importlib.import_module("kernels.triton_splits")
+
+    def run(hidden, weight, targets):
+        before, splits.SPLITS = splits.SPLITS, 1
+        try:
+            return fused_logprobs(hidden, weight, targets, TEMPERATURE, True, "triton")
+        finally:
+            splits.SPLITS = before
+
+    return run
+
+
 PROVIDERS: dict[str, tuple[str, Callable[[], Callable]]] = {
     # name -> (devices it runs on, factory; ImportError in the factory = skipped)
     "torch_eager": ("cpu,cuda", lambda: eager),
     "torch_compile": ("cpu,cuda", _compiled),
     "ours_chunked": ("cpu,cuda", lambda: lambda h, w, t: chunked_logprobs(h, w, t, TEMPERATURE, True)),
     "ours_triton": ("cuda", lambda: lambda h, w, t: fused_logprobs(h, w, t, TEMPERATURE, True, "triton")),
+    "ours_triton_1split": ("cuda", _triton_one_split),
     "liger_flce (CE only)": ("cuda", _liger),
     "liger_flce_none (logprob only)": ("cuda", _liger_none),
     "trl_chunked": ("cuda", _trl),
