@@ -76,11 +76,11 @@ def one(scale: str, dtype: str, engine: str, prompts: int, tokens: int, threads:
     model, tok, texts = load(scale, work, prompts)
     model.eval().to(device)
     cfg = PPOConfig(response_length=tokens, max_prompt_length=64, temperature=1.0,
-                    mixed_precision="bf16" if dtype == "bf16" else "no", seed=0)
+                    mixed_precision="bf16" if dtype == "bf16" else "no", seed=0, vllm_compile=engine == "vllm-compile")
     query_ids, query_mask = encode_prompts(tok, texts, cfg.max_prompt_length, torch.device(device))
     rec = {"scale": scale, "dtype": dtype, "engine": engine, "prompts": prompts, "tokens": tokens, "threads": threads,
            "params": sum(p.numel() for p in model.parameters()), "device": device}
-    if engine == "vllm":
+    if engine.startswith("vllm"):
         from rlhf_core.ppo.vllm_engine import VLLMEngine
         eng = VLLMEngine(model, cfg, eos_token_id=-1, pad_token_id=tok.pad_token_id, device=device)
         rec["startup_s"], rec["sync_s"] = eng.startup_seconds, eng.sync(model)
@@ -180,10 +180,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scales", default="tiny,llama-8m,llama-30m,smollm2")
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--engines", default="torch,vllm")
+    p.add_argument("--engines", default="torch,vllm", help="torch, vllm (eager), vllm-compile (--ppo.vllm_compile)")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="rounds over every row, each run a fresh process; the "
+                                                          "median run is reported")
     p.add_argument("--work", default="/tmp/rlhf-rollout-engines")
     p.add_argument("--out", default=str(RESULTS / "rollout_engines_cpu"))
     p.add_argument("--demo", default="", help="seeds, e.g. 0,1,2: run the demo with each engine instead")
@@ -207,21 +209,27 @@ def main() -> None:
         (RESULTS / "rollout_engines_demo.json").write_text(json.dumps(rows, indent=1))
         return
     render = iteration_table if args.iteration else table
+    timed = "iteration_s" if args.iteration else "generate_s"
+    runs: dict[tuple, list[dict]] = {}  # every row's runs; the rounds alternate the rows, so load hits all alike
+    for _ in range(args.repeats):
+        for key in ((s, d, e) for s in args.scales.split(",") for d in args.dtypes.split(",")
+                    for e in args.engines.split(",")):
+            scale, dtype, engine = key
+            cmd = [sys.executable, __file__, "--one", scale, dtype, engine, "--prompts", str(args.prompts),
+                   "--tokens", str(args.tokens), "--threads", str(args.threads), "--work", args.work,
+                   "--ppo-tokens", str(args.ppo_tokens), "--iterations", str(args.iterations),
+                   "--device", args.device,
+                   *(["--iteration"] if args.iteration else [])]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if r.returncode or not line:
+                raise SystemExit(f"{scale} {dtype} {engine} failed:\n{r.stderr[-3000:]}")
+            runs.setdefault(key, []).append(json.loads(line[0][7:]))
+            print(render(runs[key][-1:]).splitlines()[-1], flush=True)
     rows = []
-    for scale in args.scales.split(","):
-        for dtype in args.dtypes.split(","):
-            for engine in args.engines.split(","):
-                cmd = [sys.executable, __file__, "--one", scale, dtype, engine, "--prompts", str(args.prompts),
-                       "--tokens", str(args.tokens), "--threads", str(args.threads), "--work", args.work,
-                       "--ppo-tokens", str(args.ppo_tokens), "--iterations", str(args.iterations),
-                       "--device", args.device,
-                       *(["--iteration"] if args.iteration else [])]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-                if r.returncode or not line:
-                    raise SystemExit(f"{scale} {dtype} {engine} failed:\n{r.stderr[-3000:]}")
-                rows.append(json.loads(line[0][7:]))
-                print(render(rows[-1:]).splitlines()[-1], flush=True)
+    for recs in runs.values():  # the median run of each row (the lower one of an even count), with every time
+        rec = sorted(recs, key=lambda r: r[timed])[(len(recs) - 1) // 2]
+        rows.append({**rec, "runs": len(recs), f"{timed}_all": [r[timed] for r in recs]})
     meta = {"cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"), "device": args.device,
             **({"gpu": torch.cuda.get_device_name()} if args.device == "cuda" else {}),
             "torch": torch.__version__, "command": " ".join(sys.argv)}

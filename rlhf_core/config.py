@@ -298,6 +298,8 @@ class PPOConfig(LoraFields, PhaseCommon):
                                        "hidden states instead of a second policy forward")
     rollout_engine: str = opt("torch", "what samples the rollouts: 'torch' (this engine's KV-cache loop) or 'vllm' "
                                        "(an in-process vLLM engine, pip install -e .[vllm]; docs/rollout.md)")
+    vllm_compile: bool = opt(False, "rollout_engine vllm: torch.compile the engine's model (vLLM's default) instead "
+                                    "of eager: SmolLM2 on CPU starts in ~80 s instead of ~4 s, then samples 1.1x faster")
     rollout_correction: str = opt("none", "correct for a sampling policy mu that is not the trainer's pi_old "
                                           "(docs/rollout.md): 'none', 'tis' (weight min(rho, C)), 'mis' (rho, 0 "
                                           "outside [1/C, C]), 'icepop' (rho, 0 outside [low, high]), another "

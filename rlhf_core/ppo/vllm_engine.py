@@ -138,7 +138,7 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):  # vLLM reseeds globally
             (Path(folder) / "config.json").write_text(json.dumps(config))
             gpu = {"gpu_memory_utilization": GPU_MEMORY_SHARE} if device == "cuda" else {}
-            self.llm = vllm.LLM(model=folder, dtype=self.dtype, load_format="dummy", enforce_eager=True,
+            self.llm = vllm.LLM(model=folder, dtype=self.dtype, load_format="dummy", enforce_eager=not cfg.vllm_compile,
                                 seed=cfg.seed, max_model_len=length, **gpu,
                                 skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
                                 enable_prefix_caching=False,  # a cached prefix would outlive a weight sync

@@ -146,6 +146,28 @@ def test_an_update_reaches_the_engine_and_old_weights_bring_the_old_output_back(
 
 
 @needs_vllm
+def test_a_compiled_engine_takes_each_sync_too(parts):
+    """--ppo.vllm_compile: the torch.compile'd model reads the reloaded weights (not constants frozen at compile
+    time): behavior logprobs match the forward of whichever weights were synced last."""
+    import copy
+    tok, model, task = parts
+    engine, cfg = engine_for(model, tok, vllm_compile=True)
+    query_ids, query_mask = encode_prompts(tok, task.prompts[:8], cfg.max_prompt_length)
+
+    def gap(synced, other=None):
+        ids, mask, _, behavior = engine.generate(query_ids, query_mask, torch.Generator().manual_seed(0))
+        lp = policy_logprobs(other or synced, tok, query_ids, query_mask, ids, mask, cfg.temperature)
+        return float((behavior - lp).abs().max())
+    assert gap(model) < LOGPROB_TOL
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    engine.sync(moved)
+    assert gap(moved) < LOGPROB_TOL < 1e-2 < gap(moved, other=model)
+
+
+@needs_vllm
 def test_lora_goes_in_merged_and_the_adapters_stay(parts):
     import copy
 
