@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels import _dispatch
-from kernels.triton_splits import LP_STATS, _logprob_merge_kernel, _split_range, _store_partials, merge, split_plan
+from kernels.triton_splits import (LP_STATS, _kept_rows, _logprob_merge_kernel, _split_range, _store_partials, merge,
+                                   split_plan)
 
 
 @triton.jit
@@ -73,14 +74,6 @@ def _logits_tile(
             wt = wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def _kept_rows(idx_ptr, n_kept, BLOCK_N: tl.constexpr):
-    """(local positions, their global row ids (int64), in range) of this program's kept rows."""
-    loc = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    ok = loc < n_kept
-    return loc, tl.load(idx_ptr + loc, mask=ok, other=0), ok
 
 
 @triton.jit

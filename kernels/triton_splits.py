@@ -147,9 +147,10 @@ def _load_partial(part_ptr, stat: tl.constexpr, split, S, loc, ok, K, other: tl.
 
 
 @triton.jit
-def _merge_rows(idx_ptr, K, BLOCK_K: tl.constexpr):
-    loc = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    ok = loc < K
+def _kept_rows(idx_ptr, n_kept, BLOCK_N: tl.constexpr):
+    """(local positions, their global row ids (int64), in range) of this program's kept rows (axis 0)."""
+    loc = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ok = loc < n_kept
     return loc, tl.load(idx_ptr + loc, mask=ok, other=0), ok
 
 
@@ -164,7 +165,7 @@ def _logprob_merge_kernel(
     S,
     BLOCK_K: tl.constexpr,
 ):
-    loc, rows, ok = _merge_rows(idx_ptr, K, BLOCK_K)
+    loc, rows, ok = _kept_rows(idx_ptr, K, BLOCK_K)
     m = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
     for i in range(0, S):
         m = tl.maximum(m, _load_partial(part_ptr, 0, i, S, loc, ok, K, 0.0))
@@ -202,7 +203,7 @@ def _kl_merge_kernel(
     HAS_TARGETS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    loc, rows, ok = _merge_rows(idx_ptr, K, BLOCK_K)
+    loc, rows, ok = _kept_rows(idx_ptr, K, BLOCK_K)
     m_p = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
     m_q = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
     for i in range(0, S):
