@@ -15,7 +15,8 @@ PACKAGES = ("rlhf_core", "kernels")
 # cli -> pipeline -> presets -> phases -> ppo -> (models, data, checkpoint, distributed, ...) -> kernels.
 LAYERS = [
     ("kernels",),
-    ("rlhf_core.errors", "rlhf_core.config_base", "rlhf_core.config"),
+    ("rlhf_core.errors", "rlhf_core.config_base", "rlhf_core.config_common", "rlhf_core.config_ppo",
+     "rlhf_core.config"),
     ("rlhf_core.distributed", "rlhf_core.fsdp", "rlhf_core.checkpoint", "rlhf_core.tracking", "rlhf_core.report",
      "rlhf_core.optim", "rlhf_core.models", "rlhf_core.weights", "rlhf_core.data", "rlhf_core.user_code",
      "rlhf_core.checks", "rlhf_core.trackers", "rlhf_core.signals", "rlhf_core.precision"),
