@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..config import PPOConfig
+from ..distributed import is_dtensor
 from ..errors import ConfigError
 
 INSTALL = "pip install -e .[vllm] -c constraints-vllm.txt (docs/rollout.md)"
@@ -100,11 +101,10 @@ def check_model(config: Any, device: str = "cpu") -> None:
 def policy_state(model: torch.nn.Module, is_lora: bool) -> dict[str, torch.Tensor]:
     """The LM's full weights under HF names, as vLLM's loader reads them; LoRA merged into a copy (the trained
     model keeps its adapters). The value head is not among them: it lives beside the LM (PolicyWithValue).
-    Under FSDP2 each shard (a DTensor) is all-gathered, one parameter at a time: a collective, so every rank
-    syncs at the same point (make_experience, before sampling)."""
+    Under FSDP2 every shard (a DTensor) is all-gathered into a full tensor on each rank (the engine holds a full
+    copy anyway): collectives, so every rank syncs at the same point (make_experience, before sampling)."""
     if is_lora:
         model = copy.deepcopy(model).merge_and_unload()
-    from ..distributed import is_dtensor
     return {k: (v.full_tensor() if is_dtensor(v) else v).detach() for k, v in model.state_dict().items()}
 
 
